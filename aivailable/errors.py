@@ -1,0 +1,73 @@
+"""The node's error hierarchy. Each error carries the HTTP status the API maps it to."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error the node raises on purpose. `http_status` and `code` map it to OpenAI JSON."""
+
+    http_status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+
+class ConfigError(NodeError):
+    """Bad configuration or command-line value; the message names the field. CLI exit code 2."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequest(NodeError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(NodeError):
+    http_status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(NodeError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(NodeError):
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class QueueFullError(NodeError):
+    http_status = 429
+    error_type = "rate_limit_exceeded"
+    code = "queue_full"
+
+
+class ModelUnavailable(NodeError):
+    """The model is known but no replica can take the request now (loading, restarting, failed)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "model_not_ready"
+
+
+class UpstreamError(NodeError):
+    http_status = 502
+    error_type = "server_error"
+    code = "upstream_failed"
+
+
+class PlacementInfeasible(NodeError):
+    def __init__(self, reasons: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in reasons.items()))
+        self.reasons = reasons
