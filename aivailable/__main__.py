@@ -1,0 +1,5 @@
+import sys
+
+from aivailable.cli import main
+
+sys.exit(main())

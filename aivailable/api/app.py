@@ -1,0 +1,132 @@
+"""The node's HTTP surface: OpenAI endpoints, status page, /api/cluster, /health, /metrics."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from importlib import resources
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from aivailable.api.errors import openai_errors, read_json
+from aivailable.api.router import Proxy, body_bytes, check_hops
+from aivailable.api.schemas import parse_request
+from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
+
+if TYPE_CHECKING:
+    from aivailable.node import Node
+
+NODE = web.AppKey("node", object)
+PROXY = web.AppKey("proxy", Proxy)
+
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
+
+
+def _node(request: web.Request) -> Node:
+    return request.app[NODE]  # type: ignore[return-value]
+
+
+@web.middleware
+async def api_keys(request: web.Request, handler):
+    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time)."""
+    keys = _node(request).settings.node.api_keys
+    if keys and request.path.startswith("/v1/"):
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
+        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+            raise AuthenticationError("Incorrect API key provided.")
+    return await handler(request)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    node = _node(request)
+    data = [{"id": m.name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
+             "state": node.model_state(m.name)[0], "embedding": m.embedding, "context_length": m.ctx}
+            for m in node.catalog.values()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    node = _node(request)
+    name = request.match_info["model"]
+    m = node.catalog.get(name)
+    if m is None:
+        raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+    return web.json_response({"id": m.name, "object": "model", "created": node.started_at_unix,
+                              "owned_by": "aivailable", "state": node.model_state(m.name)[0]})
+
+
+async def inference(request: web.Request) -> web.StreamResponse:
+    """Validate, find the model, proxy to a replica."""
+    node = _node(request)
+    kind = _ENDPOINTS[request.path]
+    check_hops(request)
+    req = parse_request(kind, await read_json(request))
+    model = node.catalog.get(req.model)  # type: ignore[attr-defined]
+    if model is None:
+        known = ", ".join(sorted(node.catalog)) or "none"
+        raise ModelNotFound(f"The model '{req.model}' does not exist (models here: {known}).",  # type: ignore
+                            param="model")
+    if kind == "embeddings" and not model.embedding:
+        raise InvalidRequest(f"model '{model.name}' is not an embedding model (set embedding = true for it)",
+                             param="model")
+    if kind != "embeddings" and model.embedding:
+        raise InvalidRequest(f"model '{model.name}' is an embedding model; use /v1/embeddings", param="model")
+    upstreams = node.upstreams(model.name)
+    if not upstreams:
+        node.raise_unavailable(model.name)
+    t0 = time.perf_counter()
+    body = body_bytes(req.model_dump(exclude_unset=True))
+    metrics = node.metrics
+    ttfb = metrics.ttfb.labels(model.name, kind)
+    try:
+        resp = await request.app[PROXY].forward(
+            request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0))
+    except Exception as exc:
+        status = getattr(exc, "http_status", 500)
+        metrics.requests.labels(model.name, kind, str(status)).inc()
+        raise
+    metrics.requests.labels(model.name, kind, str(resp.status)).inc()
+    metrics.latency.labels(model.name, kind).observe(time.perf_counter() - t0)
+    return resp
+
+
+async def health(request: web.Request) -> web.Response:
+    node = _node(request)
+    return web.json_response({"status": "ok", "node_id": node.node_id, "uptime_s": round(node.uptime_s(), 1),
+                              "models_ready": sorted({h.model for h in node.manager.workers.values()
+                                                      if h.state == "ready"})})
+
+
+async def cluster(request: web.Request) -> web.Response:
+    return web.json_response(_node(request).cluster_view())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, ctype = _node(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": ctype})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    html = resources.files("aivailable.api").joinpath("static/index.html").read_text()
+    return web.Response(text=html, content_type="text/html")
+
+
+def build_app(node: Node) -> web.Application:
+    """The node's aiohttp application; `node` provides catalog, replicas and cluster facts."""
+    app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
+    app[NODE] = node
+    app[PROXY] = Proxy()
+    r = app.router
+    r.add_get("/v1/models", list_models)
+    r.add_get("/v1/models/{model}", get_model)
+    for path in _ENDPOINTS:
+        r.add_post(path, inference)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/cluster", cluster)
+    r.add_get("/", status_page)
+    return app

@@ -1,0 +1,79 @@
+"""OpenAI-shaped error responses, and the middleware that makes every failure one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from aiohttp import web
+
+from aivailable.errors import NodeError
+
+log = logging.getLogger("aivailable.api")
+
+
+def error_body(message: str, *, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: NodeError, headers: dict[str, str] | None = None) -> web.Response:
+    """The JSON response for a NodeError, with Retry-After when the error carries one."""
+    hdrs = dict(headers or {})
+    if exc.retry_after is not None:
+        hdrs["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    body = error_body(exc.message, type_=exc.error_type, param=exc.param, code=exc.code)
+    return web.Response(status=exc.http_status, text=json.dumps(body), content_type="application/json",
+                        headers=hdrs)
+
+
+_HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 429: "rate_limit_exceeded"}
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    """Turn NodeErrors, aiohttp HTTP errors and unexpected exceptions into OpenAI error JSON."""
+    try:
+        return await handler(request)
+    except NodeError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status == 413:
+            msg = f"Request body too large: the limit is {request.client_max_size} bytes."
+            code = "request_too_large"
+        elif exc.status == 404:
+            msg, code = f"Unknown path {request.path}.", "not_found"
+        elif exc.status == 405:
+            msg, code = f"Method {request.method} is not allowed on {request.path}.", "method_not_allowed"
+        else:
+            msg, code = exc.reason or "error", None
+        body = error_body(msg, type_=_HTTP_TYPES.get(exc.status, "server_error"), code=code)
+        return web.Response(status=exc.status, text=json.dumps(body), content_type="application/json")
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        body = error_body("Internal error; the node logged the details.", type_="server_error",
+                          code="internal_error")
+        return web.Response(status=500, text=json.dumps(body), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> object:
+    """The request's JSON body; NodeError (400/413) for an empty, oversized or malformed one."""
+    from aivailable.errors import BodyTooLarge, InvalidRequest
+
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        raise BodyTooLarge(f"Request body too large: {request.content_length} bytes, the limit is "
+                           f"{request.client_max_size} bytes.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"Request body too large: the limit is {request.client_max_size} bytes.") from None
+    if not raw:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None

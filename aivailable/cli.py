@@ -1,0 +1,141 @@
+"""Command line: `aivailable up | doctor | status | place` (see CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+
+from aivailable import __version__
+from aivailable.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aivailable", description="Highly available LLM serving on mixed, old GPUs.")
+    p.add_argument("--version", action="version", version=f"aivailable {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a node (OpenAI API + status page on one port)")
+    up.add_argument("--config", metavar="FILE", help="TOML config file")
+    up.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    up.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    up.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="node state (default ~/.local/state/aivailable)")
+    up.add_argument("--model", action="append", default=[], metavar="NAME=PATH[:CTX]", help="serve a GGUF model")
+    up.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", metavar="NAME:VRAM_MIB",
+                    help="declare a simulated GPU (runs on the CPU; for development and tests)")
+    up.add_argument("--demo", action="store_true", default=None,
+                    help="a simulated GPU and the small bundled Gemma 3 270M model")
+    up.add_argument("--join", action="append", metavar="HOST:PORT", help="seed peer(s) to join")
+    up.add_argument("--no-mdns", dest="mdns", action="store_false", default=None, help="disable mDNS discovery")
+    up.add_argument("--cluster-secret", dest="cluster_secret", metavar="S")
+    up.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="F")
+    up.add_argument("--api-key", dest="api_keys", action="append", metavar="K", help="require this client API key")
+    up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
+    up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+
+    doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
+    doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
+    doc.add_argument("--json", action="store_true")
+
+    st = sub.add_parser("status", help="the cluster as a node sees it")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help="a node's address (default %(default)s)")
+    st.add_argument("--json", action="store_true")
+
+    pl = sub.add_parser("place", help="run the placement solver on a scenario file and print placement JSON")
+    pl.add_argument("--scenario", required=True, metavar="FILE.json")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from aivailable.config import load_settings
+    from aivailable.node import run_node
+
+    flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
+                                            "cluster_secret", "cluster_secret_file", "api_keys", "node_id",
+                                            "log_level")}
+    settings = load_settings(args.config, flags, args.model)
+    _setup_logging(settings.node.log_level)
+    if settings.node.demo:
+        settings = _with_demo(settings)
+    _check_models(settings)
+    return asyncio.run(run_node(settings))
+
+
+def _with_demo(settings):
+    from aivailable.config import ModelConfig, Settings
+    from aivailable.demo import DEMO_CTX, DEMO_GPU_SPEC, DEMO_MODEL_NAME, demo_model_path
+
+    node = settings.node
+    if not node.simulate_gpus:
+        node = node.model_copy(update={"simulate_gpus": [DEMO_GPU_SPEC]})
+    models = settings.models
+    if DEMO_MODEL_NAME not in {m.name for m in models}:
+        path = demo_model_path(node.state_path)
+        models = (*models, ModelConfig(name=DEMO_MODEL_NAME, path=str(path), ctx=DEMO_CTX))
+    return Settings(node=node, models=models)
+
+
+def _check_models(settings) -> None:
+    from pathlib import Path
+
+    for i, m in enumerate(settings.models):
+        p = Path(m.path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"models[{i}].path ({m.name}): no such file: {m.path}", param=f"models[{i}].path")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/api/cluster"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            view = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"aivailable status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    from aivailable.status_table import render_status
+
+    render_status(view)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `aivailable` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return _cmd_up(args)
+        if args.command == "doctor":
+            from aivailable.engine.doctor import doctor_command
+
+            return doctor_command(args.simulate_gpus, args.json)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "place":
+            from aivailable.placement.command import place_command
+
+            return place_command(args.scenario)
+    except ConfigError as exc:
+        print(f"aivailable {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

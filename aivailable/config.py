@@ -1,0 +1,213 @@
+"""Node configuration: TOML file < AIVAILABLE_* environment < command-line flags.
+
+Every key is optional; unknown keys and bad values raise ConfigError naming the key (CLI exit 2).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from aivailable.errors import ConfigError
+
+DEFAULT_PORT = 8000
+DEFAULT_STATE_DIR = "~/.local/state/aivailable"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class Affinity(BaseModel):
+    """Where a model's replicas may go: node ids, vendors, GPU names (empty = anywhere)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    nodes: tuple[str, ...] = ()
+    vendors: tuple[str, ...] = ()
+    gpu_names: tuple[str, ...] = ()
+
+
+class ModelConfig(BaseModel):
+    """One catalog entry (TOML `[[models]]` or `--model NAME=PATH[:CTX]`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    path: str
+    ctx: int = Field(default=4096, ge=64, le=1 << 20)
+    parallel: int = Field(default=1, ge=1, le=64)
+    embedding: bool = False
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    pinned: bool = False
+    affinity: Affinity = Affinity()
+    chat_format: str | None = None
+    max_queue: int = Field(default=16, ge=0, le=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+    @classmethod
+    def from_flag(cls, spec: str) -> ModelConfig:
+        """Parse `NAME=PATH[:CTX]` (the `--model` flag)."""
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"--model {spec!r}: expected NAME=PATH[:CTX]", param="--model")
+        path, ctx = rest, None
+        head, colon, tail = rest.rpartition(":")
+        if colon and tail.isdigit():
+            path, ctx = head, int(tail)
+        try:
+            return cls(name=name, path=path, **({"ctx": ctx} if ctx else {}))
+        except ValidationError as exc:
+            raise ConfigError(f"--model {spec!r}: {_describe(exc, '')}", param="--model") from None
+
+
+_toml_node: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("toml_node", default={})
+
+
+class _TomlNode(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_toml_node.get())
+
+
+def _split_list(v: Any) -> Any:
+    if isinstance(v, str):
+        v = v.strip()
+        if v.startswith("["):
+            import json
+
+            return json.loads(v)
+        return [x.strip() for x in v.split(",") if x.strip()]
+    return v
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class NodeConfig(BaseSettings):
+    """The `[node]` table; each key also reads `AIVAILABLE_<KEY>` (lists comma-separated) and a flag."""
+
+    model_config = SettingsConfigDict(env_prefix="AIVAILABLE_", extra="forbid", frozen=True)
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    state_dir: str = DEFAULT_STATE_DIR
+    join: CsvList = []
+    mdns: bool = True
+    simulate_gpus: CsvList = []
+    demo: bool = False
+    cluster_secret: str | None = None
+    cluster_secret_file: str | None = None
+    api_keys: CsvList = []
+    node_id: str | None = None
+    advertise_host: str | None = None
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    log_level: str = "INFO"
+
+    @field_validator("join", "simulate_gpus", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _split_list(v)
+
+    @field_validator("join")
+    @classmethod
+    def _hostports(cls, v: list[str]) -> list[str]:
+        for item in v:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not HOST:PORT")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _TomlNode(settings_cls))
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+
+class Settings(BaseModel):
+    """Everything a node runs with."""
+
+    model_config = ConfigDict(frozen=True)
+    node: NodeConfig
+    models: tuple[ModelConfig, ...] = ()
+
+
+def _describe(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = prefix
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{loc}: {msg}"
+
+
+def load_settings(config_file: str | None, flags: dict[str, Any], flag_models: list[str]) -> Settings:
+    """Merge the TOML file, the environment and the flags (flags win); ConfigError names the bad key."""
+    data: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file).expanduser()
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config {config_file}: no such file", param="--config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config {config_file}: not valid TOML: {exc}", param="--config") from None
+    unknown = set(data) - {"node", "models"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown top-level key (expected [node] and [[models]])",
+                          param=sorted(unknown)[0])
+    node_table = data.get("node", {})
+    if not isinstance(node_table, dict):
+        raise ConfigError("node: must be a table", param="node")
+    token = _toml_node.set(node_table)
+    try:
+        node = NodeConfig(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, "node"), param="node") from None
+    finally:
+        _toml_node.reset(token)
+    models: list[ModelConfig] = []
+    raw_models = data.get("models", [])
+    if not isinstance(raw_models, list):
+        raise ConfigError("models: must be an array of tables ([[models]])", param="models")
+    for i, m in enumerate(raw_models):
+        try:
+            models.append(ModelConfig.model_validate(m))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, f"models[{i}]"), param=f"models[{i}]") from None
+    models.extend(ModelConfig.from_flag(s) for s in flag_models)
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"models: {dupes[0]!r} is defined twice", param="models")
+    return Settings(node=node, models=tuple(models))

@@ -1,0 +1,772 @@
+"""GPU inventory: NVIDIA through NVML, AMD through amdsmi, or simulated GPUs; one `Device` type for all.
+
+Both vendor libraries are optional at run time. Every probe returns a `ProbeResult` with the devices
+it found and a status in plain words; none of them raises, and none writes to the node's stdout.
+
+`--simulate-gpu NAME:VRAM_MIB` declares GPUs that do not exist: workers placed on them run on the
+CPU. When any simulated GPU is given the node uses only simulated GPUs (real ones are not probed),
+so a developer machine with a GPU can run a deterministic simulated cluster; `aivailable doctor`
+still shows both.
+
+The llama.cpp side is here too: which backend llama-cpp-python was compiled with (`detect_backend`),
+which environment pins a worker to its GPUs (`visible_devices_env`, `device_env`), and which devices
+are therefore usable (`usable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from aivailable.errors import ConfigError
+
+Vendor = Literal["nvidia", "amd", "simulated"]
+
+SIMULATE_FLAG = "--simulate-gpu"
+MAX_SIMULATED_VRAM_MIB = 1024 * 1024  # 1 TiB: far above any real card, low enough to catch unit mix-ups
+_SIM_SPEC = re.compile(r"(?P<name>[A-Za-z0-9._-]{1,64}):(?P<vram>[0-9]+)")
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One GPU. `id` is stable on this node ("nvidia:0", "amd:1", "sim:0"); `index` is the vendor's
+    index, the number a visibility variable such as CUDA_VISIBLE_DEVICES takes."""
+
+    id: str
+    index: int
+    vendor: Vendor
+    name: str
+    vram_total_mib: int
+    vram_used_mib: int
+    vram_free_mib: int  # as the driver reports it; NVML's free + used can be less than total
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    driver: str | None = None
+    compute_capability: str | None = None  # NVIDIA "6.1"; AMD gfx target such as "gfx1030"
+
+    def __post_init__(self) -> None:
+        if min(self.vram_total_mib, self.vram_used_mib, self.vram_free_mib) < 0:
+            raise ValueError(f"{self.id}: VRAM figures must not be negative")
+
+    @property
+    def simulated(self) -> bool:
+        """A simulated GPU runs its workers on the CPU and is marked simulated everywhere."""
+        return self.vendor == "simulated"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "index": self.index,
+            "vendor": self.vendor,
+            "name": self.name,
+            "simulated": self.simulated,
+            "vram_total_mib": self.vram_total_mib,
+            "vram_used_mib": self.vram_used_mib,
+            "vram_free_mib": self.vram_free_mib,
+            "uuid": self.uuid,
+            "pci_bus_id": self.pci_bus_id,
+            "driver": self.driver,
+            "compute_capability": self.compute_capability,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What one vendor library said. `available`: the library loaded and talked to the driver."""
+
+    vendor: Vendor
+    library: str
+    available: bool
+    status: str
+    devices: tuple[Device, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vendor": self.vendor,
+            "library": self.library,
+            "available": self.available,
+            "status": self.status,
+            "devices": [d.to_dict() for d in self.devices],
+        }
+
+
+# ---------------------------------------------------------------------------------------- simulated
+
+
+def parse_simulated_gpu(spec: str, index: int, *, param: str = SIMULATE_FLAG) -> Device:
+    """Parse "NAME:VRAM_MIB" into a simulated Device "sim:INDEX"; ConfigError naming `param` if bad."""
+    expected = (
+        "expected NAME:VRAM_MIB, e.g. sim0:8192 (NAME: 1-64 letters, digits, '.', '_' or '-'; "
+        f"VRAM_MIB: a whole number of MiB from 1 to {MAX_SIMULATED_VRAM_MIB})"
+    )
+    match = _SIM_SPEC.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if match is None:
+        raise ConfigError(f"{param}: invalid value {spec!r}: {expected}", param=param)
+    vram = int(match["vram"])
+    if not 1 <= vram <= MAX_SIMULATED_VRAM_MIB:
+        raise ConfigError(f"{param}: invalid VRAM {vram} MiB in {spec!r}: {expected}", param=param)
+    return Device(
+        id=f"sim:{index}",
+        index=index,
+        vendor="simulated",
+        name=match["name"],
+        vram_total_mib=vram,
+        vram_used_mib=0,
+        vram_free_mib=vram,
+    )
+
+
+def parse_simulated_gpus(specs: Sequence[str], *, param: str = SIMULATE_FLAG) -> tuple[Device, ...]:
+    """Parse every spec; names must be unique (case-insensitive)."""
+    devices = tuple(parse_simulated_gpu(spec, i, param=param) for i, spec in enumerate(specs))
+    seen: dict[str, str] = {}
+    for spec, dev in zip(specs, devices, strict=True):
+        key = dev.name.lower()
+        if key in seen:
+            raise ConfigError(
+                f"{param}: duplicate GPU name {dev.name!r} ({seen[key]!r} and {spec!r}); give each a unique NAME",
+                param=param,
+            )
+        seen[key] = spec
+    return devices
+
+
+# ------------------------------------------------------------------------------------------- NVIDIA
+
+_NVML_REASONS = {
+    "NVMLError_LibraryNotFound": "the NVIDIA driver library libnvidia-ml.so.1 was not found (no NVIDIA driver installed)",
+    "NVMLError_DriverNotLoaded": "the NVIDIA kernel driver is not loaded",
+    "NVMLError_NoPermission": "no permission to talk to the NVIDIA driver",
+    "NVMLError_LibRmVersionMismatch": "the NVIDIA driver and its library differ in version (reboot after a driver update)",
+    "NVMLError_GpuIsLost": "a GPU has fallen off the bus",
+}
+
+
+def _nvml_reason(exc: BaseException) -> str:
+    return _NVML_REASONS.get(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+_nvml_ready = False  # NVML stays initialised: nvmlInit can take a second without persistence mode
+
+
+def probe_nvidia() -> ProbeResult:
+    """NVIDIA GPUs through pynvml (distribution nvidia-ml-py). Never raises."""
+    global _nvml_ready
+    try:
+        library = f"pynvml (nvidia-ml-py {importlib.metadata.version('nvidia-ml-py')})"
+    except importlib.metadata.PackageNotFoundError:
+        library = "pynvml"
+    try:
+        import pynvml
+    except ImportError:
+        why = "NVML not available: pynvml is not installed (pip install nvidia-ml-py)"
+        return ProbeResult("nvidia", library, False, why)
+    try:
+        if not _nvml_ready:
+            pynvml.nvmlInit()
+            _nvml_ready = True
+    except Exception as exc:
+        return ProbeResult("nvidia", library, False, f"NVML not available: {_nvml_reason(exc)}")
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        devices, problems = [], []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                devices.append(_nvidia_device(pynvml, i, driver))
+            except Exception as exc:
+                problems.append(f"GPU {i} skipped: {_nvml_reason(exc)}")
+        status = f"NVML driver {driver}: {len(devices)} NVIDIA GPU(s)"
+        return ProbeResult("nvidia", library, True, "; ".join([status, *problems]), tuple(devices))
+    except Exception as exc:
+        return ProbeResult("nvidia", library, False, f"NVML failed: {_nvml_reason(exc)}")
+
+
+def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    cc = None
+    with contextlib.suppress(Exception):
+        cc = "{}.{}".format(*pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+    uuid = bus = None
+    with contextlib.suppress(Exception):
+        uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+    with contextlib.suppress(Exception):
+        bus = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+    return Device(
+        id=f"nvidia:{i}",
+        index=i,
+        vendor="nvidia",
+        name=_text(pynvml.nvmlDeviceGetName(handle)),
+        vram_total_mib=int(mem.total) // _MIB,
+        vram_used_mib=int(mem.used) // _MIB,
+        vram_free_mib=int(mem.free) // _MIB,
+        uuid=uuid,
+        pci_bus_id=bus,
+        driver=driver,
+        compute_capability=cc,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- AMD
+
+
+@contextlib.contextmanager
+def captured_stdout() -> Iterator[list[str]]:
+    """Divert stdout, Python's and the C library's (file descriptor 1), into a list of one string.
+
+    Importing amdsmi without ROCm prints to stdout, partly from C; the node's stdout must stay clean.
+    Process-wide while active: other threads' stdout is diverted too, so use it only at start-up.
+    """
+    captured: list[str] = []
+    for stream in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()  # type: ignore[union-attr]
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all: only Python-level output can be diverted
+        saved = -1
+    buf = io.StringIO()
+    with tempfile.TemporaryFile() as tmp, contextlib.redirect_stdout(buf):
+        if saved >= 0:
+            os.dup2(tmp.fileno(), 1)
+        try:
+            yield captured
+        finally:
+            with contextlib.suppress(Exception):
+                sys.__stdout__.flush()  # type: ignore[union-attr]
+            with contextlib.suppress(Exception):
+                ctypes.CDLL(None).fflush(None)  # C stdio buffers still point at the temporary file
+            if saved >= 0:
+                os.dup2(saved, 1)
+                os.close(saved)
+            tmp.seek(0)
+            captured.append(buf.getvalue() + tmp.read().decode(errors="replace"))
+
+
+_amdsmi_session: tuple[Any, str] | None = None  # (initialised module, "") or (None, why not)
+
+
+def _open_amdsmi() -> tuple[Any, str]:
+    """Import and initialise amdsmi once per process, with stdout captured: both print without ROCm."""
+    global _amdsmi_session
+    if _amdsmi_session is None:
+        if importlib.util.find_spec("amdsmi") is None:
+            _amdsmi_session = (
+                None,
+                "amdsmi is not installed (on a ROCm machine: pip install 'aivailable[amd]')",
+            )
+            return _amdsmi_session
+        with captured_stdout() as out:
+            module, why = _import_amdsmi()
+        said = " ".join(out[0].split())
+        _amdsmi_session = (module, why + (f"; it printed: {said[:300]}" if module is None and said else ""))
+    return _amdsmi_session
+
+
+def _import_amdsmi() -> tuple[Any, str]:
+    # amdsmi without ROCm raises KeyError, OSError or worse, even SystemExit: none may stop the node.
+    try:
+        module = importlib.import_module("amdsmi")
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return None, f"amdsmi is installed but fails to load (ROCm missing?): {type(exc).__name__}: {exc}"
+    try:
+        module.amdsmi_init()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        return None, f"amdsmi cannot talk to the driver (amdgpu not loaded?): {type(exc).__name__}: {exc}"
+    return module, ""
+
+
+def probe_amd() -> ProbeResult:
+    """AMD GPUs through amdsmi (ROCm). Never raises; never writes to stdout."""
+    amdsmi, why = _open_amdsmi()
+    if amdsmi is None:
+        return ProbeResult("amd", "amdsmi", False, f"amdsmi not available: {why}")
+    try:
+        devices, problems = [], []
+        for i, handle in enumerate(amdsmi.amdsmi_get_processor_handles()):
+            try:
+                devices.append(_amd_device(amdsmi, i, handle))
+            except Exception as exc:
+                problems.append(f"GPU {i} skipped: {type(exc).__name__}: {exc}")
+        status = f"amdsmi: {len(devices)} AMD GPU(s)"
+        return ProbeResult("amd", "amdsmi", True, "; ".join([status, *problems]), tuple(devices))
+    except Exception as exc:
+        return ProbeResult("amd", "amdsmi", False, f"amdsmi failed: {type(exc).__name__}: {exc}")
+
+
+def release_vendor_libraries() -> None:
+    """Shut NVML and amdsmi down (at node exit; a later probe opens them again)."""
+    global _nvml_ready, _amdsmi_session
+    if _nvml_ready:
+        with contextlib.suppress(Exception):
+            importlib.import_module("pynvml").nvmlShutdown()
+        _nvml_ready = False
+    if _amdsmi_session is not None and _amdsmi_session[0] is not None:
+        with contextlib.suppress(Exception):
+            _amdsmi_session[0].amdsmi_shut_down()
+    _amdsmi_session = None
+
+
+def _amd_device(amdsmi: Any, i: int, handle: Any) -> Device:
+    def opt(fn: str, *keys: str) -> Any:
+        with contextlib.suppress(Exception):
+            value = getattr(amdsmi, fn)(handle)
+            for key in keys:
+                value = value[key]
+            return value
+        return None
+
+    vram = amdsmi.amdsmi_get_gpu_vram_usage(handle)  # MB
+    asic = opt("amdsmi_get_gpu_asic_info") or {}
+    target = asic.get("target_graphics_version")
+    return Device(
+        id=f"amd:{i}",
+        index=i,
+        vendor="amd",
+        name=str(asic.get("market_name") or f"AMD GPU {i}"),
+        vram_total_mib=int(vram["vram_total"]),
+        vram_used_mib=int(vram["vram_used"]),
+        vram_free_mib=max(0, int(vram["vram_total"]) - int(vram["vram_used"])),
+        uuid=opt("amdsmi_get_gpu_device_uuid"),
+        pci_bus_id=opt("amdsmi_get_gpu_device_bdf"),
+        driver=opt("amdsmi_get_gpu_driver_info", "driver_version"),
+        compute_capability=str(target) if target else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------- llama.cpp
+
+
+class Backend(StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    ROCM = "rocm"
+    VULKAN = "vulkan"
+    METAL = "metal"
+    SYCL = "sycl"
+    OPENCL = "opencl"
+
+
+BACKEND_LABEL = {
+    Backend.CPU: "CPU",
+    Backend.CUDA: "CUDA",
+    Backend.ROCM: "ROCm (HIP)",
+    Backend.VULKAN: "Vulkan",
+    Backend.METAL: "Metal",
+    Backend.SYCL: "SYCL",
+    Backend.OPENCL: "OpenCL",
+}
+_GPU_PREFERENCE = (Backend.CUDA, Backend.ROCM, Backend.VULKAN, Backend.SYCL, Backend.METAL, Backend.OPENCL)
+# libggml-<x>.so file names and ggml registry names, lower case, to backends.
+_BACKEND_NAMES = {
+    "cuda": Backend.CUDA,
+    "hip": Backend.ROCM,
+    "rocm": Backend.ROCM,
+    "vulkan": Backend.VULKAN,
+    "metal": Backend.METAL,
+    "mtl": Backend.METAL,
+    "sycl": Backend.SYCL,
+    "opencl": Backend.OPENCL,
+}
+_LIB_BACKEND = re.compile(r"ggml-(?P<name>[a-z]+)\.(?:so|dylib|dll)$", re.IGNORECASE)
+_SHARED_LIB = re.compile(r"\.(?:so|dylib|dll)$")  # versioned twins (libggml.so.0) are left out
+
+
+@dataclass(frozen=True, slots=True)
+class GgmlDevice:
+    """A device as llama.cpp's ggml registry sees it at run time."""
+
+    name: str
+    description: str
+    kind: str  # "cpu" | "gpu" | "igpu" | "accel"
+    vram_total_mib: int
+    vram_free_mib: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """Which llama.cpp backend(s) llama-cpp-python was compiled with, and what it sees at run time."""
+
+    installed: bool
+    version: str | None = None
+    compiled: tuple[Backend, ...] = ()  # GPU backends; empty means CPU only
+    gpu_offload: bool | None = None  # llama_supports_gpu_offload(); None: not checked
+    lib_dir: str | None = None
+    libraries: tuple[str, ...] = ()
+    runtime_devices: tuple[GgmlDevice, ...] | None = None  # None: runtime check not run or failed
+    problem: str | None = None  # why llama-cpp-python cannot be used, or why the runtime check failed
+    loadable: bool | None = None  # None: not checked
+
+    @property
+    def primary(self) -> Backend:
+        """The backend workers run on: the preferred compiled GPU backend, else CPU."""
+        return next((b for b in _GPU_PREFERENCE if b in self.compiled), Backend.CPU)
+
+    def summary(self) -> str:
+        """In words: "CPU only", "CUDA", "CUDA + Vulkan", "llama-cpp-python not installed"."""
+        if not self.installed:
+            return "llama-cpp-python not installed"
+        if not self.compiled:
+            return "CPU only"
+        return " + ".join(BACKEND_LABEL[b] for b in self.compiled)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed,
+            "loadable": self.loadable,
+            "version": self.version,
+            "compiled": [b.value for b in self.compiled],
+            "primary": self.primary.value,
+            "summary": self.summary(),
+            "gpu_offload": self.gpu_offload,
+            "lib_dir": self.lib_dir,
+            "libraries": list(self.libraries),
+            "runtime_devices": None
+            if self.runtime_devices is None
+            else [
+                {
+                    "name": d.name,
+                    "description": d.description,
+                    "kind": d.kind,
+                    "vram_total_mib": d.vram_total_mib,
+                    "vram_free_mib": d.vram_free_mib,
+                }
+                for d in self.runtime_devices
+            ],
+            "problem": self.problem,
+            "visibility_vars": list(visibility_vars(self.primary)),
+        }
+
+
+def _llama_cpp_dir() -> Path | None:
+    try:
+        spec = importlib.util.find_spec("llama_cpp")  # finds without importing
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# Run in a child: a CUDA or ROCm build may crash or hang while it initialises, and must not leave a
+# GPU context in the node. ggml functions are reached through llama-cpp-python's own libggml handle.
+_RUNTIME_PROBE = r"""
+import ctypes, json, sys
+out = {}
+try:
+    import llama_cpp
+    out["gpu_offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+    try:
+        from llama_cpp._ggml import libggml as lib
+    except ImportError:  # dlsym on libllama's handle also finds its libggml dependency's symbols
+        lib = llama_cpp.llama_cpp._lib
+    c_p, c_s, c_str = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
+    for fn, res, args in [("ggml_backend_reg_count", c_s, []), ("ggml_backend_reg_get", c_p, [c_s]),
+                          ("ggml_backend_reg_name", c_str, [c_p]), ("ggml_backend_dev_count", c_s, []),
+                          ("ggml_backend_dev_get", c_p, [c_s]), ("ggml_backend_dev_name", c_str, [c_p]),
+                          ("ggml_backend_dev_description", c_str, [c_p]), ("ggml_backend_dev_type", ctypes.c_int, [c_p]),
+                          ("ggml_backend_dev_memory", None, [c_p, ctypes.POINTER(c_s), ctypes.POINTER(c_s)])]:
+        f = getattr(lib, fn); f.restype = res; f.argtypes = args
+    out["registries"] = [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode()
+                         for i in range(lib.ggml_backend_reg_count())]
+    devs = []
+    for i in range(lib.ggml_backend_dev_count()):
+        d = lib.ggml_backend_dev_get(i)
+        free, total = c_s(0), c_s(0)
+        lib.ggml_backend_dev_memory(d, ctypes.byref(free), ctypes.byref(total))
+        devs.append([lib.ggml_backend_dev_name(d).decode(errors="replace"),
+                     (lib.ggml_backend_dev_description(d) or b"").decode(errors="replace"),
+                     lib.ggml_backend_dev_type(d), total.value, free.value])
+    out["devices"] = devs
+except BaseException as exc:
+    out["error"] = f"{type(exc).__name__}: {exc}"
+sys.stdout.write("\n@@AIVAILABLE@@" + json.dumps(out) + "\n")
+"""
+# enum ggml_backend_dev_type as of llama-cpp-python 0.3.36 (before mid-2025 ggml had no IGPU: 2 was ACCEL)
+_GGML_KINDS = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
+
+
+def _runtime_probe(timeout: float) -> dict[str, Any]:
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUNTIME_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"llama.cpp did not answer within {timeout:g} s"}
+    except OSError as exc:
+        return {"error": f"could not start Python: {exc}"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("@@AIVAILABLE@@"):
+            with contextlib.suppress(ValueError):
+                return json.loads(line.removeprefix("@@AIVAILABLE@@"))
+    tail = " ".join(proc.stderr.split()[-40:])
+    return {"error": f"llama.cpp check exited with code {proc.returncode}: {tail}"}
+
+
+def detect_backend(*, runtime: bool = True, timeout: float = 60.0) -> BackendInfo:
+    """Find llama-cpp-python's compiled backends from its libraries, then (if `runtime`) load it in a
+    child process and ask ggml which backends and devices it has. Never raises."""
+    pkg = _llama_cpp_dir()
+    if pkg is None:
+        return BackendInfo(installed=False, problem="llama-cpp-python not installed", loadable=False)
+    version = None
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        version = importlib.metadata.version("llama_cpp_python")
+    lib_dir = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or pkg / "lib")
+    libraries = tuple(
+        sorted(p.name for p in lib_dir.glob("*") if _SHARED_LIB.search(p.name)) if lib_dir.is_dir() else ()
+    )
+    found = {_BACKEND_NAMES.get(m["name"].lower()) for lib in libraries if (m := _LIB_BACKEND.search(lib))}
+    info = BackendInfo(installed=True, version=version, lib_dir=str(lib_dir), libraries=libraries)
+    if not runtime:
+        return replace(info, compiled=tuple(b for b in _GPU_PREFERENCE if b in found))
+    probe = _runtime_probe(timeout)
+    found |= {_BACKEND_NAMES.get(r.lower()) for r in probe.get("registries", ())}
+    devices = None
+    if "devices" in probe:
+        devices = tuple(
+            GgmlDevice(name, desc, _GGML_KINDS.get(kind, str(kind)), total // _MIB, free // _MIB)
+            for name, desc, kind, total, free in probe["devices"]
+        )
+    loadable, error = "gpu_offload" in probe, probe.get("error")
+    if error:
+        error = (
+            f"llama-cpp-python fails to load: {error}" if not loadable else f"llama.cpp check failed: {error}"
+        )
+    return replace(
+        info,
+        compiled=tuple(b for b in _GPU_PREFERENCE if b in found),
+        gpu_offload=probe.get("gpu_offload"),
+        runtime_devices=devices,
+        problem=error,
+        loadable=loadable,
+    )
+
+
+# ------------------------------------------------------------------------------------- visibility
+
+# Every variable AIvailable sets on a worker. A worker's environment should start from the node's with
+# these removed, then take `visible_devices_env`/`device_env` on top.
+GPU_ENV_VARS = (
+    "CUDA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "HIP_VISIBLE_DEVICES",
+    "ROCR_VISIBLE_DEVICES",
+    "GGML_VK_VISIBLE_DEVICES",
+)
+_HIDE_ALL = {
+    "CUDA_VISIBLE_DEVICES": "-1",  # HIP honours this one too
+    "HIP_VISIBLE_DEVICES": "-1",
+    "ROCR_VISIBLE_DEVICES": "-1",
+    "GGML_VK_VISIBLE_DEVICES": "",  # ggml reads a list of numbers; an empty one selects no device
+}
+
+
+def visibility_vars(backend: Backend) -> tuple[str, ...]:
+    """The environment variables that pin a worker to its GPUs under `backend` (empty: none)."""
+    return {
+        Backend.CUDA: ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"),
+        Backend.ROCM: ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"),
+        Backend.VULKAN: ("GGML_VK_VISIBLE_DEVICES",),
+    }.get(backend, ())
+
+
+def visible_devices_env(backend: Backend, indices: Sequence[int]) -> dict[str, str]:
+    """Environment for a worker that may use only the GPUs `indices` (vendor indices) under `backend`;
+    GPUs of every other backend are hidden, so a build with two GPU backends cannot double-count.
+
+    No indices, or the CPU backend: every GPU is hidden, so a worker for a simulated GPU cannot touch
+    a real one. CUDA numbers GPUs fastest-first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, which makes them
+    match NVML's (and nvidia-smi's) numbers. ROCR_VISIBLE_DEVICES picks the physical GPUs and HIP then
+    numbers them from 0, so HIP_VISIBLE_DEVICES lists 0..n-1 (setting both to the physical indices
+    would hide GPU 1 and up); CUDA_VISIBLE_DEVICES is left out there because HIP honours it too.
+    Vulkan uses its own enumeration order, which matches the vendor's on single-vendor machines.
+    """
+    if len(set(indices)) != len(indices) or any(not isinstance(i, int) or i < 0 for i in indices):
+        raise ValueError(f"GPU indices must be distinct non-negative integers, got {list(indices)}")
+    if not indices or backend is Backend.CPU:
+        return dict(_HIDE_ALL)
+    joined = ",".join(str(i) for i in indices)
+    if backend is Backend.CUDA:
+        return _HIDE_ALL | {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": joined}
+    if backend is Backend.ROCM:
+        hip = ",".join(str(i) for i in range(len(indices)))
+        return {"GGML_VK_VISIBLE_DEVICES": "", "ROCR_VISIBLE_DEVICES": joined, "HIP_VISIBLE_DEVICES": hip}
+    if backend is Backend.VULKAN:
+        return _HIDE_ALL | {"GGML_VK_VISIBLE_DEVICES": joined}
+    raise ValueError(f"AIvailable cannot pin a worker to GPUs with the {BACKEND_LABEL[backend]} backend")
+
+
+def device_env(backend: BackendInfo | Backend, devices: Sequence[Device]) -> dict[str, str]:
+    """Visibility environment for a worker placed on `devices`: all simulated (every GPU hidden), or
+    real GPUs that one backend serves (ValueError otherwise). Given a `BackendInfo`, each GPU gets the
+    compiled backend that serves its vendor (`backend_for`); given a `Backend`, that one."""
+    if all(d.simulated for d in devices):
+        return dict(_HIDE_ALL)
+    if isinstance(backend, Backend):
+        runs_on: set[Backend | None] = {None if d.simulated else backend for d in devices}
+        runs_on |= {None} if len({d.vendor for d in devices}) > 1 else set()
+    else:
+        runs_on = {None if d.simulated else backend_for(d, backend) for d in devices}
+    chosen = runs_on.pop() if len(runs_on) == 1 else None
+    if chosen is None:
+        raise ValueError(f"no single llama.cpp backend serves GPUs {[d.id for d in devices]}")
+    return visible_devices_env(chosen, [d.index for d in devices])
+
+
+_MIN_CUDA_CC = (5, 0)  # llama.cpp's CUDA backend (and CUDA 12) start at Maxwell
+_REBUILD = {"nvidia": "-DGGML_CUDA=on", "amd": "-DGGML_HIP=on"}
+_SERVES = {"nvidia": (Backend.CUDA, Backend.VULKAN), "amd": (Backend.ROCM, Backend.VULKAN)}
+
+
+def backend_for(device: Device, backend: BackendInfo) -> Backend | None:
+    """The compiled llama.cpp backend that drives this real GPU (vendor's own first), or None."""
+    return next((b for b in _SERVES.get(device.vendor, ()) if b in backend.compiled), None)
+
+
+def usable(device: Device, backend: BackendInfo) -> tuple[bool, str]:
+    """Whether llama.cpp as installed can run models on `device`, and why (plain words)."""
+    if not backend.installed:
+        return False, "llama-cpp-python is not installed"
+    if backend.loadable is False:
+        return False, backend.problem or "llama-cpp-python fails to load"
+    if device.simulated:
+        return True, "simulated GPU: its workers run on the CPU"
+    runs_on = backend_for(device, backend)
+    if runs_on is None:
+        built = "CPU only" if not backend.compiled else f"{backend.summary()} only"
+        return False, (
+            f"llama.cpp here was built for {built}; rebuild llama-cpp-python with "
+            f"CMAKE_ARGS={_REBUILD[device.vendor]} (or -DGGML_VULKAN=on) to use this {device.name}"
+        )
+    if runs_on is Backend.CUDA and device.compute_capability:
+        major, _, minor = device.compute_capability.partition(".")
+        if major.isdigit() and minor.isdigit() and (int(major), int(minor)) < _MIN_CUDA_CC:
+            return False, (
+                f"compute capability {device.compute_capability} is older than llama.cpp's CUDA backend "
+                "supports (5.0); a Vulkan build (CMAKE_ARGS=-DGGML_VULKAN=on) may run it"
+            )
+    seen, prefix = backend.runtime_devices, runs_on.value  # ggml names devices CUDA0, ROCm0, Vulkan0
+    if seen is not None and not any(
+        d.kind in ("gpu", "igpu") and d.name.lower().startswith(prefix) for d in seen
+    ):
+        return False, f"llama.cpp's {BACKEND_LABEL[runs_on]} backend finds no GPU at run time"
+    return True, f"runs with llama.cpp's {BACKEND_LABEL[runs_on]} backend"
+
+
+# ---------------------------------------------------------------------------------------- inventory
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """This node's GPUs, the llama.cpp backend, and what each vendor probe said."""
+
+    devices: tuple[Device, ...]
+    backend: BackendInfo
+    probes: tuple[ProbeResult, ...] = ()  # empty when the GPUs are simulated
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.devices) and all(d.simulated for d in self.devices)
+
+    def get(self, device_id: str) -> Device:
+        """The device with this id; KeyError if there is none."""
+        for d in self.devices:
+            if d.id == device_id:
+                return d
+        raise KeyError(device_id)
+
+    def usable_devices(self) -> tuple[Device, ...]:
+        return tuple(d for d in self.devices if usable(d, self.backend)[0])
+
+    def with_usage(self, used_mib: Mapping[str, int]) -> Inventory:
+        """Set simulated GPUs' used VRAM to what the engine has claimed on them (device id -> MiB;
+        absent: 0). Real GPUs keep their measured figures; `refresh` re-measures them."""
+        if any(v < 0 for v in used_mib.values()):
+            raise ValueError(f"claimed VRAM must not be negative: {dict(used_mib)}")
+        devices = tuple(
+            replace(
+                d, vram_used_mib=(u := int(used_mib.get(d.id, 0))), vram_free_mib=max(0, d.vram_total_mib - u)
+            )
+            if d.simulated
+            else d
+            for d in self.devices
+        )
+        return replace(self, devices=devices)
+
+    def refresh(self, claims: Mapping[str, int]) -> Inventory:
+        """Re-measure real GPUs' used/free VRAM through their vendor library; apply `claims` to
+        simulated ones. A real GPU that no longer answers (or changed its index) keeps its last figures."""
+        vendors = {d.vendor for d in self.devices}
+        fresh: dict[str, Device] = {}
+        for vendor, probe in (("nvidia", probe_nvidia), ("amd", probe_amd)):
+            if vendor in vendors:
+                fresh.update({d.id: d for d in probe().devices})
+        devices = tuple(
+            replace(d, vram_used_mib=f.vram_used_mib, vram_free_mib=f.vram_free_mib)
+            if (f := fresh.get(d.id)) is not None and (f.uuid, f.pci_bus_id) == (d.uuid, d.pci_bus_id)
+            else d
+            for d in self.devices
+        )
+        return replace(self, devices=devices).with_usage(claims)
+
+    def to_dict(self) -> dict[str, Any]:
+        def row(d: Device) -> dict[str, Any]:
+            ok, reason = usable(d, self.backend)
+            return d.to_dict() | {"usable": ok, "reason": reason}
+
+        return {
+            "devices": [row(d) for d in self.devices],
+            "backend": self.backend.to_dict(),
+            "probes": [p.to_dict() for p in self.probes],
+        }
+
+
+def probe_all() -> tuple[ProbeResult, ...]:
+    """Every vendor probe, NVIDIA first."""
+    return probe_nvidia(), probe_amd()
+
+
+def discover(
+    simulate: Sequence[str] = (), *, backend: BackendInfo | None = None, param: str = SIMULATE_FLAG
+) -> Inventory:
+    """This node's inventory: only the simulated GPUs when any are given, else the real ones.
+
+    Raises ConfigError naming `param` (--simulate-gpu, or the config key the specs came from) for a
+    bad spec; anything else is reported in the inventory, not raised.
+    """
+    simulated = parse_simulated_gpus(simulate, param=param)
+    backend = backend if backend is not None else detect_backend()
+    if simulated:
+        return Inventory(simulated, backend)
+    probes = probe_all()
+    return Inventory(tuple(d for p in probes for d in p.devices), backend, probes)

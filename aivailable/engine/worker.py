@@ -1,0 +1,286 @@
+"""Worker process: one model on its GPU(s), served as OpenAI endpoints on a unix socket.
+
+Started by engine.manager as `python -m aivailable.engine.worker SPEC_JSON` with the backend's
+visible-devices variable already set. Protocol with the manager: after loading, the worker prints
+one JSON line on stdout, `{"event": "ready", ...}` or `{"event": "failed", "reason": ...}` (then
+exits 3); everything else goes to stderr. Requests run FIFO, one at a time per slot, with a bounded
+queue (429 + Retry-After when full); a client that disconnects stops its generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from aivailable.api.errors import error_response, openai_errors, read_json
+from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse, usage
+from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from aivailable.engine.runner import GenParams, LoadError, Runner
+from aivailable.engine.spec import WorkerSpec
+from aivailable.errors import QueueFullError
+
+log = logging.getLogger("aivailable.worker")
+EXIT_LOAD_FAILED = 3
+
+
+class FifoGate:
+    """Admits requests in arrival order to `slots` concurrent runs; at most `max_waiting` wait."""
+
+    def __init__(self, slots: int, max_waiting: int):
+        self.slots, self.max_waiting = slots, max_waiting
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.mean_duration_s = 2.0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.active < self.slots and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            wait = self.mean_duration_s * (len(self._waiters) + 1) / self.slots
+            raise QueueFullError(
+                f"model queue is full ({len(self._waiters)} waiting, {self.active} running); retry later",
+                retry_after=wait)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self.release()  # we were handed a slot but left: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to the next waiter
+                return
+        self.active -= 1
+
+    def record(self, duration_s: float) -> None:
+        self.mean_duration_s = 0.8 * self.mean_duration_s + 0.2 * duration_s
+
+
+class Worker:
+    """The aiohttp side of a worker: admission, streaming, cancellation; the Runner does the work."""
+
+    def __init__(self, spec: WorkerSpec, runner: Runner):
+        self.spec, self.runner = spec, runner
+        self.gate = FifoGate(spec.parallel, spec.max_queue)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0,
+                      "prompt_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
+        self.last_tps = 0.0
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[openai_errors], client_max_size=8 << 20)
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            "state": "ready", "model": self.spec.model, "pid": os.getpid(),
+            "active": self.gate.active, "queued": self.gate.waiting, "slots": self.spec.parallel,
+            "tokens_per_s": round(self.last_tps, 2), **self.stats,
+        })
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = parse_request("chat", await read_json(request))
+        assert isinstance(req, ChatCompletionRequest)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        params = self._params(req, req.token_limit())
+        params.json_mode = bool(req.response_format and req.response_format.type == "json_object")
+        return await self._generate(request, req, ChatShape(req.model), params,
+                                    lambda: self.runner.chat_prompt(messages))
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = parse_request("completions", await read_json(request))
+        assert isinstance(req, CompletionRequest)
+        params = self._params(req, req.max_tokens)
+        prompt = req.prompt
+        assert isinstance(prompt, str)
+        return await self._generate(request, req, CompletionShape(req.model), params,
+                                    lambda: (self.runner.text_prompt(prompt), []))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        req = parse_request("embeddings", await read_json(request))
+        assert isinstance(req, EmbeddingRequest)
+        await self.gate.acquire()
+        try:
+            inputs = req.input
+            assert isinstance(inputs, list)
+            vectors, n_tokens = await self._run(self.runner.embed, inputs)
+        finally:
+            self.gate.release()
+        self.stats["requests"] += 1
+        self.stats["completed"] += 1
+        self.stats["prompt_tokens"] += n_tokens
+        return web.json_response(embeddings_body(req.model, vectors, n_tokens, req.encoding_format))
+
+    @staticmethod
+    def _params(req, max_tokens: int | None) -> GenParams:
+        return GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                         min_p=req.min_p, repeat_penalty=req.repeat_penalty,
+                         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                         stop=list(req.stop or []), seed=req.seed)
+
+    async def _generate(self, request, req, shape, params: GenParams, prep) -> web.StreamResponse:
+        await self.gate.acquire()
+        released = False
+        cancel = threading.Event()
+        self.stats["requests"] += 1
+        try:
+            tokens, stops = await self._run(prep)
+            params.stop = params.stop + stops
+            loop = asyncio.get_running_loop()
+            deltas: asyncio.Queue[str | None] = asyncio.Queue()
+
+            def emit(text: str) -> None:
+                loop.call_soon_threadsafe(deltas.put_nowait, text)
+
+            def work():
+                try:
+                    return self.runner.generate(tokens, params, cancel, emit)
+                finally:
+                    loop.call_soon_threadsafe(deltas.put_nowait, None)
+
+            job = loop.run_in_executor(self.pool, work)
+            # The llama thread may outlive this handler (client gone): release only when it is done.
+            job.add_done_callback(lambda _f: self.gate.release())
+            released = True
+            if req.stream:
+                resp = await self._stream(request, req, shape, deltas, job)
+            else:
+                parts = []
+                while (d := await deltas.get()) is not None:
+                    parts.append(d)
+                result = await job
+                resp = web.json_response(shape.full("".join(parts), result.finish_reason,
+                                                    usage(result.prompt_tokens, result.completion_tokens)))
+            result = job.result()
+            self._account(result)
+            return resp
+        except BaseException:
+            cancel.set()
+            if not isinstance(sys.exc_info()[1], asyncio.CancelledError):
+                self.stats["errors"] += 1
+            else:
+                self.stats["cancelled"] += 1
+            raise
+        finally:
+            if not released:
+                self.gate.release()
+
+    async def _stream(self, request, req, shape, deltas: asyncio.Queue, job) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        include_usage = req.include_usage()
+        first = shape.first_chunk()
+        if include_usage:
+            for c in (first,):
+                if c is not None:
+                    c["usage"] = None
+        if first is not None:
+            await resp.write(sse(first))
+        while (d := await deltas.get()) is not None:
+            chunk = shape.delta_chunk(d)
+            if include_usage:
+                chunk["usage"] = None
+            await resp.write(sse(chunk))
+        result = await job
+        fin = shape.finish_chunk(result.finish_reason)
+        if include_usage:
+            fin["usage"] = None
+        await resp.write(sse(fin))
+        if include_usage:
+            await resp.write(sse(shape.usage_chunk(usage(result.prompt_tokens, result.completion_tokens))))
+        await resp.write(sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    def _account(self, result) -> None:
+        s = self.stats
+        s["completed"] += 1
+        s["prompt_tokens"] += result.prompt_tokens
+        s["completion_tokens"] += result.completion_tokens
+        s["busy_s"] += result.duration_s
+        self.gate.record(result.duration_s)
+        gen_s = result.duration_s - result.ttft_s
+        if result.completion_tokens > 1 and gen_s > 0:
+            self.last_tps = (result.completion_tokens - 1) / gen_s
+
+
+def _announce(event: dict) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def _serve(worker: Worker) -> None:
+    runner = web.AppRunner(worker.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    if os.path.exists(worker.spec.socket):
+        os.unlink(worker.spec.socket)
+    site = web.UnixSite(runner, worker.spec.socket)
+    await site.start()
+    rep = worker.runner.load_report
+    _announce({"event": "ready", "pid": os.getpid(), "socket": worker.spec.socket,
+               "gpu_mib": rep.gpu_mib if rep else None, "host_mib": rep.host_mib if rep else None,
+               "offloaded_layers": rep.offloaded_layers if rep else None,
+               "total_layers": rep.total_layers if rep else None,
+               "chat_template": worker.runner.template.source if worker.runner.template else None})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Exit with the node: if our parent dies, stdin hits EOF.
+    loop.add_reader(sys.stdin.fileno(), lambda: (sys.stdin.buffer.read1(65536) or stop.set()))
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=os.environ.get("AIVAILABLE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    spec = WorkerSpec.model_validate_json(argv[0])
+    runner = Runner(spec)
+    t0 = time.monotonic()
+    try:
+        runner.load()
+    except LoadError as exc:
+        _announce({"event": "failed", "reason": exc.message})
+        return EXIT_LOAD_FAILED
+    except Exception as exc:  # a broken file or an unexpected llama.cpp failure: say it plainly
+        _announce({"event": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+        return EXIT_LOAD_FAILED
+    log.info("loaded %s in %.1fs", spec.model, time.monotonic() - t0)
+    asyncio.run(_serve(Worker(spec, runner)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

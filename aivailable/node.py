@@ -1,0 +1,232 @@
+"""The node: wires config, devices, engine and API together; owns the event loop and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from aivailable.api.app import build_app
+from aivailable.api.metrics import NodeMetrics
+from aivailable.api.router import Upstream
+from aivailable.config import ModelConfig, Settings
+from aivailable.engine import devices as devmod
+from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
+from aivailable.errors import ConfigError, ModelUnavailable
+
+log = logging.getLogger("aivailable.node")
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+class Node:
+    """One machine's node. Single-node today: it plans its own models onto its own GPUs."""
+
+    def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None):
+        self.settings = settings
+        self.state_dir = settings.node.state_path
+        self.catalog: dict[str, ModelConfig] = {m.name: m for m in settings.models}
+        self.started_at = time.monotonic()
+        self.started_at_unix = int(time.time())
+        self.inventory = devmod.discover(list(settings.node.simulate_gpus))
+        self.backend = self.inventory.backend
+        self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir())
+        self.node_id = self._load_node_id()
+        self.unplaced: dict[str, str] = {}
+        self.estimates: dict[str, float] = {}
+        self.metrics = NodeMetrics(self._metrics_snapshot)
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    # -- identity and state --------------------------------------------------------------------
+    def _socket_dir(self) -> str:
+        d = self.state_dir / "run"
+        d.mkdir(parents=True, exist_ok=True)
+        return str(d)
+
+    def _load_node_id(self) -> str:
+        if self.settings.node.node_id:
+            return self.settings.node.node_id
+        path = self.state_dir / "node_id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            nid = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+            path.write_text(nid + "\n")
+            return nid
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    # -- planning (local) ----------------------------------------------------------------------
+    def plan(self) -> list[Assignment]:
+        """Fit every catalog model onto this node's usable GPUs by its VRAM estimate."""
+        from aivailable.engine.estimate import estimate_vram
+        from aivailable.engine.gguf_info import read_model_info
+
+        free = {d.id: float(d.vram_total_mib) for d in self.inventory.devices if self._usable(d)}
+        devices = {d.id: d for d in self.inventory.devices}
+        out: list[Assignment] = []
+        self.unplaced.clear()
+        order = sorted(self.catalog.values(), key=lambda m: (not m.pinned, m.name))
+        for m in order:
+            try:
+                need = estimate_vram(read_model_info(m.path), n_ctx=m.ctx, n_parallel=m.parallel).total_mib
+            except Exception as exc:
+                self.unplaced[m.name] = f"cannot read {m.path}: {exc}"
+                log.error("model %s: %s", m.name, self.unplaced[m.name])
+                continue
+            self.estimates[m.name] = need
+            fits = [d for d, f in free.items() if f >= need and self._allowed(m, devices[d])]
+            if not fits:
+                biggest = max(free.values(), default=0)
+                self.unplaced[m.name] = (f"needs ~{need:.0f} MiB of VRAM; the largest free block on this node is "
+                                         f"{biggest:.0f} MiB")
+                log.error("model %s not placed: %s", m.name, self.unplaced[m.name])
+                continue
+            dev = min(fits, key=lambda d: (free[d] - need, d))  # best fit keeps big blocks free
+            free[dev] -= need
+            d = devices[dev]
+            out.append(Assignment(
+                model=m.name, path=m.path, device_ids=(dev,), n_ctx=m.ctx, parallel=m.parallel,
+                embedding=m.embedding, max_queue=m.max_queue, chat_format=m.chat_format,
+                simulated=d.simulated, vram_estimate_mib=need,
+                visible_env=tuple(devmod.device_env(self.backend.primary, [d]).items())))
+        return out
+
+    def _usable(self, d) -> bool:
+        return devmod.usable(d, self.backend)[0]
+
+    @staticmethod
+    def _allowed(m: ModelConfig, d) -> bool:
+        a = m.affinity
+        return ((not a.vendors or d.vendor in a.vendors) and (not a.gpu_names or d.name in a.gpu_names))
+
+    # -- routing facts -------------------------------------------------------------------------
+    def upstreams(self, model: str) -> list[Upstream]:
+        return [self._upstream(h) for h in self.manager.ready(model)]
+
+    def _upstream(self, h: WorkerHandle) -> Upstream:
+        up = h.__dict__.get("_upstream")
+        if up is None:
+            up = Upstream(key=f"{self.node_id}/{h.assignment.key}", model=h.model,
+                          session_fn=lambda h=h: h.session, base_url="http://worker", local=True,
+                          node_id=self.node_id)
+            h.__dict__["_upstream"] = up
+        return up
+
+    def model_state(self, model: str) -> tuple[str, str]:
+        """("ready"|"loading"|"failed"|"unplaced", reason) of a catalog model on this node."""
+        reps = self.manager.replicas(model)
+        if any(h.state == "ready" for h in reps):
+            return "ready", ""
+        if any(h.state in ("loading", "starting") for h in reps):
+            return "loading", ""
+        if reps:
+            return "failed", reps[0].reason
+        return "unplaced", self.unplaced.get(model, "not placed yet")
+
+    def raise_unavailable(self, model: str) -> None:
+        state, reason = self.model_state(model)
+        reps = self.manager.replicas(model)
+        if state == "loading":
+            elapsed = max(time.monotonic() - h.started_at for h in reps if h.state in ("loading", "starting"))
+            raise ModelUnavailable(f"model '{model}' is loading ({elapsed:.0f}s so far); retry shortly",
+                                   retry_after=2)
+        if state == "failed":
+            wait = min(h.next_start_at for h in reps) - time.monotonic()
+            raise ModelUnavailable(f"model '{model}' is restarting after a failure: {reason}",
+                                   retry_after=max(1.0, wait + 2))
+        raise ModelUnavailable(f"model '{model}' is not placed on any GPU: {reason}", retry_after=30)
+
+    # -- views ---------------------------------------------------------------------------------
+    def _gpu_views(self) -> list[dict]:
+        claims = self.manager.vram_claims()
+        by_dev: dict[str, list[dict]] = {}
+        for h in self.manager.workers.values():
+            if h.state == "stopped":
+                continue
+            for d in h.assignment.device_ids:
+                by_dev.setdefault(d, []).append(
+                    {"name": h.model, "vram_mib": round((h.vram_mib or h.assignment.vram_estimate_mib)
+                                                        / len(h.assignment.device_ids), 1), "state": h.state})
+        out = []
+        for d in self.inventory.devices:
+            used = claims.get(d.id, 0.0) if d.simulated else float(d.vram_used_mib)
+            usable, why = devmod.usable(d, self.backend)
+            out.append({"id": d.id, "vendor": d.vendor, "name": d.name, "simulated": d.simulated,
+                        "vram_total_mib": d.vram_total_mib, "vram_used_mib": round(used, 1),
+                        "usable": usable, "reason": "" if usable else why, "models": by_dev.get(d.id, [])})
+        return out
+
+    def cluster_view(self) -> dict:
+        """The facts of GET /api/cluster (see CONTRACTS.md)."""
+        host = self.settings.node.advertise_host or self.settings.node.host
+        models = []
+        for name, m in sorted(self.catalog.items()):
+            state, reason = self.model_state(name)
+            reps = [{"node": self.node_id, **h.view()} for h in self.manager.replicas(name)]
+            models.append({"name": name, "state": state, "reason": reason, "embedding": m.embedding,
+                           "ctx": m.ctx, "vram_estimate_mib": round(self.estimates.get(name, 0.0), 1),
+                           "replicas": reps,
+                           "requests": sum(r["requests"] for r in reps),
+                           "tokens_per_s": round(sum(r["tokens_per_s"] for r in reps), 2)})
+        return {
+            "node_id": self.node_id, "leader": self.node_id, "term": 0, "version": 1,
+            "backend": self.backend.summary(),
+            "nodes": [{"id": self.node_id, "address": f"{host}:{self.port}", "state": "alive",
+                       "uptime_s": round(self.uptime_s(), 1), "gpus": self._gpu_views()}],
+            "models": models,
+            "events": [],
+        }
+
+    def _metrics_snapshot(self) -> dict:
+        workers = []
+        for h in self.manager.workers.values():
+            v = h.view()
+            v["prompt_tokens"] = h.health.get("prompt_tokens", 0)
+            workers.append(v)
+        return {"gpus": self._gpu_views(), "workers": workers}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.settings.node
+        self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=SHUTDOWN_GRACE_S)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", param="--port") from None
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
+                 self.node_id, cfg.host, self.port, self.backend.summary())
+        await self.manager.reconcile(self.plan())
+
+    async def stop(self) -> None:
+        log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.manager.close()
+
+
+async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int:
+    """Run until SIGINT/SIGTERM; return the process exit code."""
+    node = Node(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    if ready_file is not None:
+        ready_file.write_text(str(node.port))
+    await stop.wait()
+    await node.stop()
+    return 0

@@ -1,0 +1,32 @@
+"""`aivailable status`: the cluster view of /api/cluster as terminal tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def render_status(view: dict, console: Console | None = None) -> None:
+    """Print nodes/GPUs and models of a /api/cluster document."""
+    console = console or Console()
+    console.print(f"node [bold]{view['node_id']}[/]  leader {view.get('leader') or '[red]none[/]'}  "
+                  f"term {view.get('term')}")
+    gpus = Table(title="GPUs", title_justify="left")
+    for col in ("node", "state", "gpu", "name", "VRAM used / total (MiB)", "models"):
+        gpus.add_column(col)
+    for n in view["nodes"]:
+        for g in n["gpus"] or [{"id": "-", "name": "(no GPU)", "vram_used_mib": 0, "vram_total_mib": 0,
+                                "models": [], "simulated": False}]:
+            name = g["name"] + (" [yellow](simulated)[/]" if g.get("simulated") else "")
+            models = ", ".join(f"{m['name']} {m['vram_mib']:.0f}" for m in g.get("models", []))
+            gpus.add_row(n["id"], n["state"], g["id"], name,
+                         f"{g['vram_used_mib']:.0f} / {g['vram_total_mib']:.0f}", models)
+    console.print(gpus)
+    models = Table(title="Models", title_justify="left")
+    for col in ("model", "state", "replicas", "requests", "tok/s", "reason"):
+        models.add_column(col)
+    for m in view["models"]:
+        reps = ", ".join(f"{r['node']}:{'+'.join(r['gpus'])} {r['state']}" for r in m["replicas"]) or "-"
+        models.add_row(m["name"], m["state"], reps, str(m.get("requests", 0)), f"{m.get('tokens_per_s', 0):.1f}",
+                       m.get("reason", ""))
+    console.print(models)

@@ -1,0 +1,114 @@
+"""Start real node processes for tests: own process group, own state dir, free loopback port."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+@dataclass
+class NodeProc:
+    """A running `aivailable up` process."""
+
+    proc: subprocess.Popen
+    host: str
+    port: int
+    state_dir: Path
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+    def cluster(self) -> dict:
+        return get_json(self.url + "/api/cluster")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
+                if get_json(self.url + "/health", timeout=2)["status"] == "ok":
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"node not healthy after {timeout}s:\n{self.log()[-3000:]}")
+
+    def wait_model(self, name: str, state: str = "ready", timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
+                for m in self.cluster()["models"]:
+                    if m["name"] == name:
+                        last = m
+                        if m["state"] == state:
+                            return m
+            time.sleep(0.2)
+        raise TimeoutError(f"model {name} not {state} after {timeout}s (last {last}):\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL the node and every worker it started (they are in their own groups)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
+               env: dict[str, str] | None = None, name: str = "node") -> NodeProc:
+    """Start `python -m aivailable up` with `args` on a free port; the caller stops it."""
+    port = port or free_port(host)
+    state = tmp / f"{name}-state"
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "aivailable", "up", "--host", host, "--port", str(port),
+           "--state-dir", str(state), "--no-mdns", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with log_path.open("wb") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
+                                start_new_session=True)
+    return NodeProc(proc, host, port, state, log_path, list(args))
