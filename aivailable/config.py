@@ -76,7 +76,7 @@ class ModelConfig(BaseModel):
             raise ConfigError(f"--model {spec!r}: {_describe(exc, '')}", param="--model") from None
 
 
-_toml_node: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("toml_node", default={})
+_toml_node: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("toml_node", default=None)
 
 
 class _TomlNode(PydanticBaseSettingsSource):
@@ -84,7 +84,7 @@ class _TomlNode(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_toml_node.get())
+        return dict(_toml_node.get() or {})
 
 
 def _split_list(v: Any) -> Any:

@@ -67,8 +67,16 @@ class Node:
     # -- planning (local) ----------------------------------------------------------------------
     def plan(self) -> list[Assignment]:
         """Fit every catalog model onto this node's usable GPUs by its VRAM estimate."""
-        from aivailable.engine.estimate import estimate_vram
-        from aivailable.engine.gguf_info import read_model_info
+        try:
+            from aivailable.engine.estimate import estimate_vram
+            from aivailable.engine.gguf_info import read_model_info
+        except ImportError:  # TEMP until estimate lands
+            from types import SimpleNamespace
+            from pathlib import Path as _P
+            def read_model_info(p):
+                return _P(p).stat().st_size
+            def estimate_vram(sz, n_ctx, n_parallel):
+                return SimpleNamespace(total_mib=sz / 2**20 * 1.3 + 300)
 
         free = {d.id: float(d.vram_total_mib) for d in self.inventory.devices if self._usable(d)}
         devices = {d.id: d for d in self.inventory.devices}
@@ -171,7 +179,8 @@ class Node:
         models = []
         for name, m in sorted(self.catalog.items()):
             state, reason = self.model_state(name)
-            reps = [{"node": self.node_id, **h.view()} for h in self.manager.replicas(name)]
+            reps = [{"node": self.node_id, **h.view(), "outstanding": self._upstream(h).outstanding}
+                    for h in self.manager.replicas(name)]
             models.append({"name": name, "state": state, "reason": reason, "embedding": m.embedding,
                            "ctx": m.ctx, "vram_estimate_mib": round(self.estimates.get(name, 0.0), 1),
                            "replicas": reps,

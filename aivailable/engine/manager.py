@@ -106,6 +106,7 @@ class WorkerHandle:
                 "vram_mib": round(self.vram_mib, 1), "simulated": self.assignment.simulated,
                 "outstanding": self.outstanding, "queued": self.health.get("queued", 0),
                 "requests": self.health.get("requests", 0),
+                "cancelled": self.health.get("cancelled", 0),
                 "completion_tokens": self.health.get("completion_tokens", 0),
                 "tokens_per_s": self.health.get("tokens_per_s", 0.0),
                 "chat_template": self.load_info.get("chat_template"),

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from aivailable.api.errors import error_response, openai_errors, read_json
+from aivailable.api.errors import openai_errors, read_json
 from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse, usage
 from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from aivailable.engine.runner import GenParams, LoadError, Runner
