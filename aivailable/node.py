@@ -42,6 +42,7 @@ class Node:
         self.estimates: dict[str, float] = {}
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
 
     # -- identity and state --------------------------------------------------------------------
@@ -166,7 +167,7 @@ class Node:
                                                         / len(h.assignment.device_ids), 1), "state": h.state})
         out = []
         for d in self.inventory.devices:
-            used = claims.get(d.id, 0.0) if d.simulated else float(d.vram_used_mib)
+            used = claims.get(d.id, 0.0) if d.simulated else float(d.vram_used_mib)  # real: NVML/amdsmi
             usable, why = devmod.usable(d, self.backend)
             out.append({"id": d.id, "vendor": d.vendor, "name": d.name, "simulated": d.simulated,
                         "vram_total_mib": d.vram_total_mib, "vram_used_mib": round(used, 1),
@@ -218,9 +219,19 @@ class Node:
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
         await self.manager.reconcile(self.plan())
+        self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
+
+    async def _refresh_devices(self, interval_s: float = 2.0) -> None:
+        """Re-measure real GPUs' VRAM (simulated ones: what the workers claim) for the status page."""
+        while True:
+            await asyncio.sleep(interval_s)
+            claims = {d: int(v) for d, v in self.manager.vram_claims().items()}
+            self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
 
     async def stop(self) -> None:
         log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
+        for t in self._tasks:
+            t.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.manager.close()

@@ -212,7 +212,7 @@ class WorkerManager:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, start_new_session=True)
         h.pid = h.proc.pid
-        asyncio.create_task(self._pump_stderr(h, h.proc))
+        pump = asyncio.create_task(self._pump_stderr(h, h.proc))
         try:
             line = await asyncio.wait_for(h.proc.stdout.readline(), self.config.load_timeout_s)
         except TimeoutError:
@@ -225,6 +225,8 @@ class WorkerManager:
             event = {}
         if event.get("event") != "ready":
             await h.proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pump, 2)  # the last stderr lines say why it died
             h.reason = event.get("reason") or (
                 f"worker exited with code {h.proc.returncode} while loading: "
                 + " | ".join(list(h.stderr_tail)[-3:]))

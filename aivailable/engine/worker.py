@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import faulthandler
 import json
 import logging
 import os
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("AIVAILABLE_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    # llama-cpp-python silences fd 2 while it loads; keep a dup so a native crash still leaves a
+    # Python traceback in the node's log instead of a bare "exit -11".
+    faulthandler.enable(file=os.fdopen(os.dup(2), "w"), all_threads=True)
     spec = WorkerSpec.model_validate_json(argv[0])
     runner = Runner(spec)
     t0 = time.monotonic()

@@ -1,0 +1,216 @@
+"""Invariants and figures for :mod:`aivailable.gossip.sim` runs.
+
+Safety (checked as events happen):
+* **election safety**: at most one leader per term. The one documented exception is the small-cluster
+  takeover after a true partition (two lineages with disjoint voter sets); such terms are counted as
+  ``split_brain_terms``, never as a pass for overlapping voter sets.
+* **minority elects nobody**: a leader elected by votes while the network was stable since its campaign
+  began has a majority of its voter set on its side of the partition.
+* **one vote per term**: the persisted (term, vote) of a node never changes vote within a term and its
+  term never goes back, across restarts.
+* **fencing**: a placement is applied only if its term >= the node's current and highest persisted term,
+  with strictly increasing ``(term, version)``, and only from the node that was leader of that term.
+
+Liveness (checked once stable, after the final heal and restarts):
+* membership converges: every up node's live set equals the set of up nodes (time measured);
+* facts converge: every up node holds every other up node's latest facts version;
+* one leader with the highest term, known to all up nodes;
+* every demanded model placed, on an up node, by the same accepted placement everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from aivailable.gossip.messages import Status
+
+if TYPE_CHECKING:
+    from aivailable.gossip.election import BecameLeader, HardState
+    from aivailable.gossip.membership import MemberChanged
+    from aivailable.gossip.messages import PlacementPublish
+    from aivailable.gossip.sim import Network, Sim
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+class _Crash:
+    __slots__ = ("at", "first", "all", "waiting", "valid")
+
+    def __init__(self, at: float, waiting: set[str], valid: bool):
+        self.at, self.waiting, self.valid = at, waiting, valid
+        self.first: float | None = None
+        self.all: float | None = None
+
+
+class Checker:
+    def __init__(self, n: int):
+        self.n = n
+        self.violations: list[str] = []
+        self.leaders: dict[int, list[tuple[str, tuple[str, ...], bool]]] = {}
+        self.takeovers = 0
+        self.votes: dict[tuple[str, int], str | None] = {}
+        self.max_term: dict[str, int] = {}
+        self.last_applied: dict[str, tuple[int, int]] = {}
+        self.crashes: dict[str, _Crash] = {}
+        self.done: list[_Crash] = []
+        self.final_heal_at: float | None = None
+        self.converged_at: float | None = None
+        self.split_brain_terms = 0
+        self.false_deads = 0  # a live node declared dead by a peer on its side, 10 s after any change
+
+    def fail(self, now: float, what: str) -> None:
+        self.violations.append(f"t={now:.3f} {what}")
+
+    # ---- safety, as events happen --------------------------------------------------------------------
+
+    def persisted(self, node: str, hs: HardState) -> None:
+        if hs.term < self.max_term.get(node, 0):
+            self.fail(-1, f"{node} persisted term {hs.term} < earlier {self.max_term[node]}")
+        self.max_term[node] = max(self.max_term.get(node, 0), hs.term)
+        key = (node, hs.term)
+        before = self.votes.get(key)
+        if before is not None and hs.voted_for != before:
+            self.fail(-1, f"{node} changed its vote in term {hs.term}: {before} -> {hs.voted_for}")
+        if hs.voted_for is not None:
+            self.votes[key] = hs.voted_for
+
+    def became_leader(self, node: str, ev: BecameLeader, now: float, net: Network) -> None:
+        self.leaders.setdefault(ev.term, []).append((node, ev.config.voters, ev.takeover))
+        self.takeovers += ev.takeover
+        if ev.takeover or net.changed_at >= ev.campaign_started:
+            return
+        side = net.group.get(node, 0)
+        mine = sum(1 for v in ev.config.voters if net.group.get(v, 0) == side)
+        if mine < ev.config.majority():
+            self.fail(
+                now,
+                f"{node} elected in term {ev.term} with {mine}/{len(ev.config.voters)} voters on its side",
+            )
+
+    def applied(self, node: str, src: str, msg: PlacementPublish, node_term: int, now: float) -> None:
+        pair = (msg.term, msg.version)
+        if msg.term < node_term or msg.term < self.max_term.get(node, 0):
+            self.fail(now, f"{node} applied placement of stale term {msg.term} (it has seen {node_term})")
+        if pair <= self.last_applied.get(node, (0, 0)):
+            self.fail(now, f"{node} applied placement {pair} not newer than {self.last_applied[node]}")
+        self.last_applied[node] = pair
+        if src not in {name for name, _, _ in self.leaders.get(msg.term, [])}:
+            self.fail(now, f"{node} applied placement {pair} from {src}, not a leader of term {msg.term}")
+
+    # ---- failure detection timing --------------------------------------------------------------------
+
+    def net_changed(self, now: float, partitioned: bool) -> None:
+        if partitioned:
+            for c in self.crashes.values():
+                c.valid = c.valid and c.all is not None
+
+    def crashed(self, node: str, now: float, partitioned: bool, up: list[str]) -> None:
+        """Detection is timed only for crashes that no partition overlaps."""
+        self.crashes[node] = _Crash(now, set(up), valid=not partitioned)
+
+    def restarted(self, node: str) -> None:
+        c = self.crashes.pop(node, None)
+        if c is not None and c.valid and c.first is not None:
+            self.done.append(c)
+        for other in self.crashes.values():
+            other.waiting.discard(node)
+
+    def member_changed(self, observer: str, ev: MemberChanged, now: float, sim: Sim | None = None) -> None:
+        if sim is not None and ev.new is Status.DEAD and ev.node not in self.crashes:
+            node = sim.nodes.get(ev.node)
+            steady = now - max(sim.net.changed_at, node.started_at if node else 0.0) > 10.0
+            self.false_deads += (
+                node is not None and node.up and steady and sim.net.connected(observer, ev.node)
+            )
+        c = self.crashes.get(ev.node)
+        if c is None or ev.new not in (Status.DEAD, Status.LEFT):
+            return
+        if c.first is None:
+            c.first = now - c.at
+        c.waiting.discard(observer)
+        if not c.waiting and c.all is None:
+            c.all = now - c.at
+
+    # ---- liveness, once stable -----------------------------------------------------------------------
+
+    def sample(self, sim: Sim) -> None:
+        if self.final_heal_at is None or self.converged_at is not None:
+            return
+        if self._membership_agrees(sim):
+            self.converged_at = sim.now - self.final_heal_at
+
+    @staticmethod
+    def _membership_agrees(sim: Sim) -> bool:
+        up = sorted(n.id for n in sim.nodes.values() if n.up)
+        return all(sim.nodes[n].mem.live_members() == up for n in up)
+
+    def finish(self, sim: Sim) -> None:
+        now = sim.now
+        for term, entries in sorted(self.leaders.items()):
+            if len({name for name, _, _ in entries}) < 2:
+                continue
+            sets = [set(v) for _, v, _ in entries]
+            disjoint = all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+            if self.takeovers and disjoint:
+                self.split_brain_terms += 1
+            else:
+                self.fail(now, f"two leaders in term {term}: {[name for name, _, _ in entries]}")
+        for c in self.crashes.values():
+            if c.valid and c.first is not None:
+                self.done.append(c)
+        up = [n for n in sim.nodes.values() if n.up]
+        if self.converged_at is None or not self._membership_agrees(sim):
+            views = {n.id: n.mem.live_members() for n in up}
+            self.fail(now, f"membership did not converge within {sim.cfg.settle:.0f} s: {views}")
+        for a in up:
+            for b in up:
+                known = a.mem.facts(b.id)
+                if known is None or known[0] != b.mem.facts_version:
+                    self.fail(
+                        now, f"{a.id} holds facts v{known and known[0]} of {b.id}, not v{b.mem.facts_version}"
+                    )
+                    break
+        if not sim.cfg.election:
+            return
+        leaders = [n for n in up if n.elect is not None and n.elect.is_leader]
+        top = max(n.elect.term for n in up if n.elect is not None)
+        if len(leaders) != 1 or leaders[0].elect.term != top:
+            self.fail(now, f"no single leader of the top term {top} once stable: {[n.id for n in leaders]}")
+            return
+        lead = leaders[0].id
+        if any(n.elect.leader != lead for n in up if n.elect is not None):
+            self.fail(
+                now, f"not every node follows {lead}: {[(n.id, n.elect.leader) for n in up if n.elect]}"
+            )
+        placements = {(n.fence.term, n.fence.version) for n in up}
+        if len(placements) != 1:
+            self.fail(now, f"nodes applied different placements once stable: {sorted(placements)}")
+        ids = {n.id for n in up}
+        for n in up:
+            missing = [m for m in sim.cfg.demand if n.applied.get(m, {}).get("node") not in ids]
+            if missing:
+                self.fail(now, f"{n.id}: demanded models not placed on a live node: {missing}")
+                break
+
+    def report(self, sim: Sim) -> dict[str, Any]:
+        horizon = max(sim.now, 1e-9)
+        return {
+            "seed": sim.seed,
+            "violations": self.violations,
+            "converge_s": self.converged_at,
+            "detect_first": [c.first for c in self.done if c.first is not None],
+            "detect_all": [c.all for c in self.done if c.all is not None],
+            "leaders": sum(len(v) for v in self.leaders.values()),
+            "takeovers": self.takeovers,
+            "split_brain_terms": self.split_brain_terms,
+            "false_deads": self.false_deads,
+            "msgs_per_node_s": sim.sent / sim.cfg.nodes / horizon,
+            "rejected": dict(sim.rejected),
+        }
