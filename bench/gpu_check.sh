@@ -19,5 +19,9 @@ from tests.ggufgen import write_model
 write_model('/tmp/gen-1b.gguf', 'llama', n_layers=24, n_embd=2048, n_head=16, n_head_kv=8, n_ff=5632, vocab=2048, ctx_train=8192)
 "
 ls -la /tmp/gen-1b.gguf
-python3 bench/gpu_check.py /tmp/gen-1b.gguf 2>&1 | tee "$OUT/gpu_check.txt"
-cp /tmp/gpu-node.log "$OUT/node.log" || true
+set +e
+PYTHONFAULTHANDLER=1 python3 bench/gpu_check.py /tmp/gen-1b.gguf > "$OUT/gpu_check.txt" 2>&1
+rc=$?
+tail -60 "$OUT/gpu_check.txt"
+cp /tmp/gpu-node.log "$OUT/node.log"; tail -40 "$OUT/node.log"
+exit $rc

@@ -8,12 +8,16 @@ Three parts, each mirroring what llama.cpp (as bundled with llama-cpp-python 0.3
   (ModelInfo.gpu_weight_bytes). On a CPU-only build (simulated GPUs) everything is one host buffer.
 * KV cache: per layer n_head_kv * head_dim * (K bytes + V bytes) per cell. Cells: n_ctx rounded up to
   256 (per sequence when n_parallel > 1 and the cache is not unified); sliding-window layers get only
-  pad(n_swa + n_ubatch, 256) cells unless swa_full, which llama-cpp-python turns on by default.
+  pad(n_swa + n_ubatch, 256) cells unless swa_full (llama.cpp's default context parameter, which
+  llama-cpp-python keeps). Encoder-only architectures (NO_KV_ARCHS) have no KV cache.
 * compute buffer: the peak of ggml's graph allocator for the worst-case batch (n_ubatch tokens, all
   of them outputs). `compute_buffer_bytes` gives the formula and its calibration.
 
 `overhead_mib` is what llama.cpp does not report: a fixed per-process device context (CUDA/ROCm
 runtime, cuBLAS workspace, the backend's scratch pool) plus SAFETY_MARGIN of the buffers.
+
+Not modelled: recurrent and hybrid state (Mamba, RWKV, Qwen3-Next), MoE expert routing buffers, MLA
+caches (DeepSeek), and embedding-mode graphs (`Llama(embedding=True)` outputs embeddings, not logits).
 """
 
 from __future__ import annotations
@@ -23,22 +27,30 @@ from dataclasses import dataclass
 from aivailable.engine.gguf_info import ModelInfo
 
 MIB = 1 << 20
+# Architectures llama.cpp runs without a KV cache (llama_model::create_memory returns none).
+NO_KV_ARCHS = frozenset({
+    "bert", "jina-bert-v2", "jina-bert-v3", "nomic-bert", "nomic-bert-moe", "neo-bert", "eurobert",
+    "modern-bert", "gemma-embedding", "dream", "llada", "llada-moe", "rnd1",
+})
 KV_PAD = 256  # llama.cpp rounds n_ctx, n_ctx per sequence and the SWA cache up to this (llama-context.cpp)
 
-# Fraction added to weights + KV + compute to cover what the formulas miss: allocator alignment and
-# fragmentation, the output buffer, graph-shape differences between backends. The calibration on CPU
-# builds (tests/test_estimate.py) stays within about 8% of llama.cpp's reported compute buffer and
-# within 1% for weights and KV, so 5% of the total keeps the estimate on the safe side without
-# wasting much VRAM on large models, where the buffers are known best.
+# Fraction added to weights + KV + compute to cover what the formulas miss: allocator fragmentation
+# and graph differences between backends. Weights and KV match llama.cpp to the byte; the compute
+# buffer formula stays within about 8% of what llama.cpp reports (CPU and CUDA builds, see
+# compute_buffer_bytes), and the compute buffer is rarely over a third of the total, so 5% of the
+# total keeps the estimate on the safe side without wasting much VRAM.
 SAFETY_MARGIN = 0.05
-# Device memory a llama.cpp worker uses besides its buffers: the CUDA context with lazily loaded
-# kernels, cuBLAS handles and workspace, ggml-cuda's temporary pool. Several hundred MiB on recent
-# NVIDIA GPUs; ROCm and Vulkan are similar. Zero for a CPU-only (simulated) device.
-GPU_CONTEXT_MIB = 400
+# Device memory a llama.cpp worker process uses besides its buffers: the CUDA context with lazily
+# loaded kernels, cuBLAS handle and workspace, ggml-cuda's scratch pool. Measured with NVML on an
+# H100 (CUDA 13.0, driver 580, llama.cpp of llama-cpp-python 0.3.36): 530 MiB after loading, 700 MiB
+# after the first full batch, whatever the model size (25 MiB to 1.3 GiB of buffers). Older GPUs and
+# CUDA versions need less; pass the figure measured on the node as `context_mib` when it is known.
+GPU_CONTEXT_MIB = 700
 
 # Calibrated coefficients of the compute-buffer peak (see compute_buffer_bytes): how many f32
 # activations of n_ubatch tokens, of each width, are alive at the peak of a phase besides its large
-# tensor. Fitted (max |error| 8%) on 150 loads of 19 generated model shapes plus the real Gemma.
+# tensor. Fitted on about 200 loads of 30 generated model shapes and the real Gemma (CPU build; the
+# largest error without flash attention is 8%) and checked against 10 fully offloaded CUDA loads.
 ATTN_EMBD_WIDE = 2.5  # residual stream, normed input (n_embd wide)
 ATTN_Q_WIDE = 3  # Q, KQV and merged heads (n_head * head_dim wide)
 ATTN_KV_WIDE = 1  # K/V projections before they are stored in the cache (0 with a fused QKV)
@@ -97,13 +109,25 @@ def kv_layout(
     return KvLayout(padded, n_ctx_seq, n_stream, swa, min(padded, ubatch))
 
 
-def kv_cache_bytes(info: ModelInfo, layout: KvLayout, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
-    """K and V tensors of every layer: n_head_kv * head_dim elements per cell."""
+def kv_cache_bytes(
+    info: ModelInfo, layout: KvLayout, cache_type_k: str = "f16", cache_type_v: str = "f16", *,
+    flash_attn: bool = False,
+) -> int:
+    """K and V tensors of every layer: n_head_kv * head_dim elements per cell.
+
+    Without flash attention V is stored transposed, and when its width varies across layers every
+    layer gets the widest (llama-kv-cache.cpp, TAG_V_CACHE_VARIABLE).
+    """
+    if info.architecture in NO_KV_ARCHS:
+        return 0
+    v_widths = [n * info.head_dim_v for n in info.n_head_kv]
+    if not flash_attn and len(set(v_widths)) > 1:
+        v_widths = [max(v_widths)] * len(v_widths)
     total = 0
     for il in range(info.n_layers):
         cells = (layout.swa_cells if info.swa_layers[il] else layout.n_ctx_seq) * layout.n_stream
         k = ggml_row_bytes(cache_type_k, info.n_head_kv[il] * info.head_dim_k)
-        v = ggml_row_bytes(cache_type_v, info.n_head_kv[il] * info.head_dim_v)
+        v = ggml_row_bytes(cache_type_v, v_widths[il])
         total += (k + v) * cells
     return total
 
@@ -121,10 +145,11 @@ def compute_buffer_bytes(info: ModelInfo, layout: KvLayout, *, flash_attn: bool 
       activations, plus the masks;
     * output: the logits V*U plus OUT_EMBD_WIDE activations (the masks are freed by then).
 
-    Calibrated against llama.cpp's reported CPU compute buffer on generated llama, qwen2, gemma3,
-    phi3 and starcoder2 models (n_embd 256-3072, vocab 512-152k, n_ctx 256-8192, n_ubatch 100-512).
-    Without flash attention it is within about 8%; with it, ggml-cpu's tiling makes the real peak
-    wander by about 10% around the formula (an overestimate where the logits dominate).
+    Calibrated against llama.cpp's reported compute buffer on generated llama, qwen2, gemma3, phi3
+    and starcoder2 models (n_embd 256-3072, vocab 512-262k, n_ctx 256-8192, n_ubatch 100-512) and the
+    real Gemma 3 270M: within 8% of the CPU buffer and of the CUDA0 buffer of a fully offloaded load
+    (H100). With flash attention the CPU figure wanders up to about 20% around the formula (the CUDA
+    flash-attention path was not measured).
     """
     u = layout.n_ubatch
     # cells one sequence attends to (per stream), in full-attention and in sliding-window layers
@@ -140,7 +165,7 @@ def compute_buffer_bytes(info: ModelInfo, layout: KvLayout, *, flash_attn: bool 
     attn = masks + 4 * u * ((0 if flash_attn else k * h) + wide)
     ffn = masks + 4 * u * ((3 if info.ffn_gated else 2) * info.n_ff + FFN_EMBD_WIDE * e)
     out = 4 * u * (info.vocab_size + OUT_EMBD_WIDE * e)
-    return max(attn, ffn, out)
+    return int(max(attn, ffn, out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,22 +209,24 @@ def estimate_vram(
     kv_unified: bool = False,
     swa_full: bool = True,
     on_cpu: bool = False,
+    context_mib: float = GPU_CONTEXT_MIB,
 ) -> VramEstimate:
     """Estimate the memory llama.cpp allocates for `info` with these context parameters.
 
     Defaults are llama-cpp-python's (`Llama(n_ctx=..., n_gpu_layers=-1)`). `n_ctx` 0 means the
     trained context. `on_cpu` estimates a CPU-only build (a simulated GPU): all weights in one host
-    buffer and no device context; otherwise the figures are those of a fully offloaded GPU load.
+    buffer and no device context; otherwise the figures are those of a fully offloaded GPU load, and
+    `context_mib` is the per-process device overhead added to `overhead_mib`.
     """
     layout = kv_layout(
         info, n_ctx=n_ctx, n_parallel=n_parallel, n_batch=n_batch, n_ubatch=n_ubatch,
         kv_unified=kv_unified, swa_full=swa_full,
     )
     weights = info.weight_bytes if on_cpu else info.gpu_weight_bytes
-    kv = kv_cache_bytes(info, layout, cache_type_k, cache_type_v)
+    kv = kv_cache_bytes(info, layout, cache_type_k, cache_type_v, flash_attn=flash_attn)
     compute = compute_buffer_bytes(info, layout, flash_attn=flash_attn)
     buffers = (weights + kv + compute) / MIB
-    overhead = SAFETY_MARGIN * buffers + (0 if on_cpu else GPU_CONTEXT_MIB)
+    overhead = SAFETY_MARGIN * buffers + (0.0 if on_cpu else context_mib)
     return VramEstimate(
         weights_mib=weights / MIB,
         kv_cache_mib=kv / MIB,
