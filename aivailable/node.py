@@ -10,12 +10,15 @@ import time
 import uuid
 from pathlib import Path
 
+import diskcache
 from aiohttp import web
 
+from aivailable import coordinator as coord
 from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.config import ModelConfig, Settings
+from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.errors import ConfigError, ModelUnavailable
@@ -40,6 +43,10 @@ class Node:
         self.node_id = self._load_node_id()
         self.unplaced: dict[str, str] = {}
         self.estimates: dict[str, float] = {}
+        self.placement: Assignments = {}
+        self.planned = False
+        self.events: list[dict] = []
+        self.cache = diskcache.Cache(str(self.state_dir / "cache"))
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
@@ -62,60 +69,93 @@ class Node:
             path.write_text(nid + "\n")
             return nid
 
+    @property
+    def address(self) -> str:
+        host = self.settings.node.advertise_host or self.settings.node.host
+        return f"{host}:{self.port}"
+
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
 
-    # -- planning (local) ----------------------------------------------------------------------
-    def plan(self) -> list[Assignment]:
-        """Fit every catalog model onto this node's usable GPUs by its VRAM estimate."""
-        try:
-            from aivailable.engine.estimate import estimate_vram
-            from aivailable.engine.gguf_info import read_model_info
-        except ImportError:  # TEMP until estimate lands
-            from types import SimpleNamespace
-            from pathlib import Path as _P
-            def read_model_info(p):
-                return _P(p).stat().st_size
-            def estimate_vram(sz, n_ctx, n_parallel):
-                return SimpleNamespace(total_mib=sz / 2**20 * 1.3 + 300)
-
-        free = {d.id: float(d.vram_total_mib) for d in self.inventory.devices if self._usable(d)}
-        devices = {d.id: d for d in self.inventory.devices}
-        out: list[Assignment] = []
-        self.unplaced.clear()
-        order = sorted(self.catalog.values(), key=lambda m: (not m.pinned, m.name))
-        for m in order:
+    # -- facts and planning -------------------------------------------------------------------
+    async def estimate_models(self) -> None:
+        """VRAM each local model file needs (GGUF metadata; read in a thread, cached in the state dir)."""
+        for m in self.catalog.values():
+            if m.name in self.estimates:
+                continue
             try:
-                need = estimate_vram(read_model_info(m.path), n_ctx=m.ctx, n_parallel=m.parallel).total_mib
-            except Exception as exc:
+                self.estimates[m.name] = await asyncio.to_thread(self._estimate, m)
+            except Exception as exc:  # unreadable or not a GGUF: say so on the status page
                 self.unplaced[m.name] = f"cannot read {m.path}: {exc}"
                 log.error("model %s: %s", m.name, self.unplaced[m.name])
+
+    def _estimate(self, m: ModelConfig) -> float:
+        from aivailable.engine.estimate import estimate_vram
+        from aivailable.engine.gguf_info import read_model_info
+
+        st = Path(m.path).stat()
+        key = ("estimate", str(Path(m.path).resolve()), st.st_size, st.st_mtime_ns, m.ctx, m.parallel,
+               self.inventory.simulated)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return float(cached)
+        need = estimate_vram(read_model_info(m.path), n_ctx=m.ctx, n_parallel=m.parallel,
+                             on_cpu=self.inventory.simulated).total_mib
+        self.cache.set(key, need)
+        return need
+
+    def facts(self) -> NodeFacts:
+        """This node's facts for the coordinator (and, in a cluster, for gossip)."""
+        claims = self.manager.vram_claims()
+        devices = []
+        for d in self.inventory.devices:
+            usable, _why = devmod.usable(d, self.backend)
+            devices.append({"id": d.id, "vendor": d.vendor, "name": d.name, "vram_total_mib": d.vram_total_mib,
+                            "vram_used_mib": d.vram_used_mib, "simulated": d.simulated, "usable": usable})
+        replicas = [{"model": h.model, "gpus": list(h.assignment.device_ids), "state": h.state,
+                     "vram_mib": h.vram_mib, "outstanding": self._upstream(h).outstanding,
+                     "queued": h.health.get("queued", 0)} for h in self.manager.workers.values()]
+        return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
+                         catalog=[m.model_dump(mode="json") for m in self.catalog.values()],
+                         needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
+                         replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()})
+
+    def assignments_for(self, assignments: Assignments) -> list[Assignment]:
+        """This node's share of a placement as worker assignments."""
+        devices = {d.id: d for d in self.inventory.devices}
+        out = []
+        for model, device_ids, split in coord.share(assignments, self.node_id):
+            m = self.catalog.get(model)
+            devs = [devices[d] for d in device_ids if d in devices]
+            if m is None or len(devs) != len(device_ids):
+                log.warning("placement gives %s on %s, which this node does not have; ignoring", model, device_ids)
                 continue
-            self.estimates[m.name] = need
-            fits = [d for d, f in free.items() if f >= need and self._allowed(m, devices[d])]
-            if not fits:
-                biggest = max(free.values(), default=0)
-                self.unplaced[m.name] = (f"needs ~{need:.0f} MiB of VRAM; the largest free block on this node is "
-                                         f"{biggest:.0f} MiB")
-                log.error("model %s not placed: %s", m.name, self.unplaced[m.name])
-                continue
-            dev = min(fits, key=lambda d: (free[d] - need, d))  # best fit keeps big blocks free
-            free[dev] -= need
-            d = devices[dev]
             out.append(Assignment(
-                model=m.name, path=m.path, device_ids=(dev,), n_ctx=m.ctx, parallel=m.parallel,
+                model=m.name, path=m.path, device_ids=device_ids, n_ctx=m.ctx, parallel=m.parallel,
                 embedding=m.embedding, max_queue=m.max_queue, chat_format=m.chat_format,
-                simulated=d.simulated, vram_estimate_mib=need,
-                visible_env=tuple(devmod.device_env(self.backend.primary, [d]).items())))
+                simulated=all(d.simulated for d in devs), tensor_split=split,
+                vram_estimate_mib=self.estimates.get(m.name, 0.0),
+                visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))
         return out
 
-    def _usable(self, d) -> bool:
-        return devmod.usable(d, self.backend)[0]
+    async def replan(self, cause: str) -> None:
+        """Coordinator round for a lone node: decide, record changes, reconcile."""
+        new, reasons = coord.decide([self.facts()], self.placement)
+        for line in coord.describe_changes(self.placement, new, cause):
+            self.record_event(line)
+        self.placement = new
+        for name in self.catalog:
+            if name in reasons:
+                self.unplaced[name] = reasons[name]
+            elif name in new:
+                self.unplaced.pop(name, None)
+        await self.manager.reconcile(self.assignments_for(new))
+        self.planned = True
 
-    @staticmethod
-    def _allowed(m: ModelConfig, d) -> bool:
-        a = m.affinity
-        return ((not a.vendors or d.vendor in a.vendors) and (not a.gpu_names or d.name in a.gpu_names))
+    def record_event(self, text: str) -> None:
+        log.info("placement: %s", text)
+        self.events.append({"time": time.time(), "text": text})
+        del self.events[:-100]
 
     # -- routing facts -------------------------------------------------------------------------
     def upstreams(self, model: str) -> list[Upstream]:
@@ -131,7 +171,7 @@ class Node:
         return up
 
     def model_state(self, model: str) -> tuple[str, str]:
-        """("ready"|"loading"|"failed"|"unplaced", reason) of a catalog model on this node."""
+        """("ready"|"loading"|"failed"|"placing"|"unplaced", reason) of a catalog model."""
         reps = self.manager.replicas(model)
         if any(h.state == "ready" for h in reps):
             return "ready", ""
@@ -139,6 +179,8 @@ class Node:
             return "loading", ""
         if reps:
             return "failed", reps[0].reason
+        if not self.planned:
+            return "placing", "the node is starting and has not placed its models yet"
         return "unplaced", self.unplaced.get(model, "not placed yet")
 
     def raise_unavailable(self, model: str) -> None:
@@ -152,6 +194,8 @@ class Node:
             wait = min(h.next_start_at for h in reps) - time.monotonic()
             raise ModelUnavailable(f"model '{model}' is restarting after a failure: {reason}",
                                    retry_after=max(1.0, wait + 2))
+        if state == "placing":
+            raise ModelUnavailable(f"model '{model}' is being placed: {reason}; retry shortly", retry_after=2)
         raise ModelUnavailable(f"model '{model}' is not placed on any GPU: {reason}", retry_after=30)
 
     # -- views ---------------------------------------------------------------------------------
@@ -176,7 +220,6 @@ class Node:
 
     def cluster_view(self) -> dict:
         """The facts of GET /api/cluster (see CONTRACTS.md)."""
-        host = self.settings.node.advertise_host or self.settings.node.host
         models = []
         for name, m in sorted(self.catalog.items()):
             state, reason = self.model_state(name)
@@ -190,10 +233,10 @@ class Node:
         return {
             "node_id": self.node_id, "leader": self.node_id, "term": 0, "version": 1,
             "backend": self.backend.summary(),
-            "nodes": [{"id": self.node_id, "address": f"{host}:{self.port}", "state": "alive",
+            "nodes": [{"id": self.node_id, "address": self.address, "state": "alive",
                        "uptime_s": round(self.uptime_s(), 1), "gpus": self._gpu_views()}],
             "models": models,
-            "events": [],
+            "events": self.events[-50:],
         }
 
     def _metrics_snapshot(self) -> dict:
@@ -218,7 +261,8 @@ class Node:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
-        await self.manager.reconcile(self.plan())
+        await self.estimate_models()
+        await self.replan("node started")
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
 
     async def _refresh_devices(self, interval_s: float = 2.0) -> None:
@@ -235,6 +279,7 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.manager.close()
+        self.cache.close()
 
 
 async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int:

@@ -60,7 +60,7 @@ def test_loading_is_503_with_retry_after_then_serves(node):
         pytest.fail("model never became ready")
     assert r.parse().usage.completion_tokens <= 2
     assert seen_503, "the first request right after start should have met a loading model"
-    assert "loading" in seen_503[0]
+    assert "loading" in seen_503[-1] or "being placed" in seen_503[-1]
 
 
 def test_worker_kill_9_mid_stream_then_recovers(node):
@@ -190,3 +190,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+
+
+def test_worker_refuses_a_real_gpu_model_that_is_not_fully_offloaded(tmp_path, gemma_path):
+    """GPU or nothing: on this CPU-only llama.cpp build a non-simulated load offloads nothing and is refused."""
+    import subprocess
+    import sys
+
+    from aivailable.engine.spec import WorkerSpec
+
+    spec = WorkerSpec(model=MODEL, path=str(gemma_path), n_ctx=512, n_threads=2, device_ids=("nvidia:0",),
+                      simulated=False, socket=str(tmp_path / "w.sock"))
+    r = subprocess.run([sys.executable, "-m", "aivailable.engine.worker", spec.model_dump_json()],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 3, r.stderr
+    event = json.loads(r.stdout.strip().splitlines()[-1])
+    assert event["event"] == "failed"
+    assert "refusing to run partly on the CPU" in event["reason"]
+    assert not (tmp_path / "w.sock").exists()

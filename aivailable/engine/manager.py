@@ -65,7 +65,8 @@ class Assignment:
     max_queue: int = 16
     chat_format: str | None = None
     tensor_split: tuple[float, ...] | None = None
-    vram_estimate_mib: float = 0.0
+    vram_estimate_mib: float = field(default=0.0, compare=False)
+    """Not part of identity: a better estimate must not restart a running worker."""
 
     @property
     def key(self) -> str:

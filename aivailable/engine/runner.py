@@ -120,11 +120,11 @@ class Runner:
             rep = self.load_report
             self._llm.close()
             self._llm = None
+            done = (f"only {rep.offloaded_layers}/{rep.total_layers} layers" if rep.offloaded_layers is not None
+                    else "no layers (llama.cpp reported no GPU offload)")
             raise LoadError(
-                f"only {rep.offloaded_layers}/{rep.total_layers} layers of {spec.model} were offloaded to "
-                f"the GPU(s) {','.join(spec.device_ids)}; refusing to run partly on the CPU "
-                "(is llama-cpp-python built with the GPU backend? see `aivailable doctor`)"
-            )
+                f"{done} of {spec.model} were offloaded to the GPU(s) {','.join(spec.device_ids)}; refusing to run "
+                "partly on the CPU (is llama-cpp-python built with the GPU backend? see `aivailable doctor`)")
         meta = self._llm.metadata
         arch = meta.get("general.architecture", "")
         special = [t for t in ("<|eot_id|>", "[INST]") if len(self._llm.tokenize(t.encode(), add_bos=False,

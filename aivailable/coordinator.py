@@ -1,0 +1,188 @@
+"""The coordinator's decisions, as pure functions: cluster facts in, a placement out.
+
+Each node publishes facts (`NodeFacts`: its GPUs, the catalog it was configured with, which model
+files it holds and what they need, its replicas and request rates). The coordinator — the elected
+leader, or a lone node — folds every live node's facts into a placement `Problem`, runs
+`placement.solver.place`, and turns the result into `Assignments` (model -> replicas, each
+replica = one node's GPUs). Nodes reconcile their engine to their share. No I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, place, prune_previous
+from aivailable.placement.model import Affinity as PAffinity
+
+BASELINE_DEMAND = 0.01
+"""Requests/s credited to every catalog model, so configured models load while VRAM allows (like a
+single Ollama node would on first use); real traffic outweighs it by orders of magnitude."""
+
+RESERVE_HEADROOM_MIB = 256
+"""Kept free on every real GPU for the CUDA/ROCm context and fragmentation (llama.cpp's buffer
+sizes do not include the driver context of the worker process)."""
+
+SOLVE_BUDGET_MS = 200.0
+
+Assignments = dict[str, list[dict[str, Any]]]
+"""model -> [{"node": id, "gpus": [device ids on that node], "split": [...] | None}]"""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What one node tells the cluster about itself (gossiped as a dict; see `to_dict`)."""
+
+    node_id: str
+    address: str
+    devices: list[dict] = field(default_factory=list)
+    """[{id, vendor, name, vram_total_mib, vram_used_mib, simulated, usable}] for this node's GPUs."""
+    catalog: list[dict] = field(default_factory=list)
+    """ModelConfig dicts from this node's config (the cluster catalog is the union)."""
+    needs_mib: dict[str, float] = field(default_factory=dict)
+    """VRAM one replica of each model needs, for models whose file this node holds (estimate or measured)."""
+    replicas: list[dict] = field(default_factory=list)
+    """[{model, gpus, state, vram_mib, outstanding, queued}] of this node's workers."""
+    rates: dict[str, float] = field(default_factory=dict)
+    """Requests/s per model that clients sent to this node (any replica)."""
+    claims_mib: dict[str, float] = field(default_factory=dict)
+    """VRAM claimed by this node's workers per device id, loading ones included."""
+
+    def to_dict(self) -> dict:
+        return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
+                "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
+                "claims_mib": self.claims_mib}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NodeFacts:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def gpu_id(node: str, device: str) -> str:
+    """Cluster-wide GPU id: `node/device`."""
+    return f"{node}/{device}"
+
+
+def merged_catalog(facts: list[NodeFacts]) -> tuple[dict[str, dict], dict[str, str]]:
+    """The union of every node's catalog; a name defined differently on two nodes is a conflict
+    (reported, and the definition of the lowest node id is used)."""
+    catalog: dict[str, dict] = {}
+    owner: dict[str, str] = {}
+    conflicts: dict[str, str] = {}
+    for f in sorted(facts, key=lambda f: f.node_id):
+        for m in f.catalog:
+            name = m["name"]
+            if name not in catalog:
+                catalog[name], owner[name] = m, f.node_id
+            elif _definition(catalog[name]) != _definition(m):
+                conflicts[name] = (f"defined differently on {owner[name]} and {f.node_id}; "
+                                   f"using {owner[name]}'s definition")
+    return catalog, conflicts
+
+
+def _definition(m: dict) -> dict:
+    """The parts of a model definition that must agree across nodes (paths may differ per node)."""
+    return {k: v for k, v in m.items() if k != "path"}
+
+
+def _reserved(device: dict, claims: float) -> int:
+    """VRAM of a real GPU that is not ours to give: what other processes use, plus headroom."""
+    if device.get("simulated"):
+        return 0
+    foreign = max(0.0, float(device.get("vram_used_mib", 0)) - claims)
+    return int(foreign + RESERVE_HEADROOM_MIB)
+
+
+def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[str, float] | None = None) -> Problem:
+    """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies."""
+    gpus: list[Gpu] = []
+    for f in facts:
+        for d in f.devices:
+            if not d.get("usable", True):
+                continue
+            gpus.append(Gpu(id=gpu_id(f.node_id, d["id"]), node=f.node_id,
+                            vendor=d["vendor"], name=d.get("name", ""),
+                            vram_mib=int(d["vram_total_mib"]),
+                            reserved_mib=min(int(d["vram_total_mib"]),
+                                             _reserved(d, f.claims_mib.get(d["id"], 0.0)))))
+    catalog, _ = merged_catalog(facts)
+    rates: dict[str, float] = {}
+    for f in facts:
+        for m, r in f.rates.items():
+            rates[m] = rates.get(m, 0.0) + r
+    models: list[ModelSpec] = []
+    want: dict[str, float] = {}
+    for name, m in sorted(catalog.items()):
+        need = _need(name, facts)
+        if need is None:
+            continue  # no node holds the file yet: nothing to place
+        holders = sorted(f.node_id for f in facts if name in f.needs_mib)
+        aff = m.get("affinity") or {}
+        models.append(ModelSpec(
+            name=name, vram_mib=max(1, int(round(need))), min_replicas=m.get("min_replicas", 0),
+            max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False), files_on=holders,
+            affinity=PAffinity(nodes=list(aff.get("nodes") or []) or None,
+                               vendors=list(aff.get("vendors") or []) or None,
+                               gpu_names=list(aff.get("gpu_names") or []) or None)
+            if any(aff.get(k) for k in ("nodes", "vendors", "gpu_names")) else None))
+        want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + BASELINE_DEMAND
+    prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
+                        split=tuple(r["split"]) if r.get("split") else None) for r in reps]
+            for m, reps in previous.items()}
+    names = {m.name for m in models}
+    prev = prune_previous(prev, gpus, names)
+    return Problem(gpus=gpus, models=models, demand=want, previous=prev)
+
+
+def _need(name: str, facts: list[NodeFacts]) -> float | None:
+    """Measured VRAM of a running replica if any (most reliable), else the largest estimate."""
+    measured = [r["vram_mib"] for f in facts for r in f.replicas
+                if r["model"] == name and r.get("state") == "ready" and r.get("vram_mib")]
+    if measured:
+        return max(measured)
+    estimates = [f.needs_mib[name] for f in facts if name in f.needs_mib]
+    return max(estimates) if estimates else None
+
+
+def to_assignments(result: PlacementResult) -> Assignments:
+    """Solver result -> wire form, GPU ids split back into (node, local device id)."""
+    out: Assignments = {}
+    for model, reps in sorted(result.placement.items()):
+        rows = []
+        for r in reps:
+            node = r.gpus[0].split("/", 1)[0]
+            rows.append({"node": node, "gpus": [g.split("/", 1)[1] for g in r.gpus],
+                         "split": list(r.split) if r.split else None})
+        out[model] = rows
+    return out
+
+
+def decide(facts: list[NodeFacts], previous: Assignments) -> tuple[Assignments, dict[str, str]]:
+    """One coordinator round: (new assignments, unplaced model -> reason)."""
+    problem = build_problem(facts, previous)
+    result = place(problem, time_budget_ms=SOLVE_BUDGET_MS)
+    reasons = dict(result.unplaced_reasons)
+    catalog, conflicts = merged_catalog(facts)
+    for name in catalog:
+        if not any(name in f.needs_mib for f in facts) and name not in reasons:
+            reasons[name] = "no live node holds its model file"
+    for name, why in conflicts.items():
+        reasons.setdefault(name, why)
+    return to_assignments(result), reasons
+
+
+def describe_changes(old: Assignments, new: Assignments, cause: str) -> list[str]:
+    """Human-readable placement changes for the status page and the log."""
+    def keyset(a: Assignments) -> set[tuple[str, str, tuple[str, ...]]]:
+        return {(m, r["node"], tuple(r["gpus"])) for m, reps in a.items() for r in reps}
+
+    before, after = keyset(old), keyset(new)
+    lines = [f"{m}: + {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(after - before)]
+    lines += [f"{m}: - {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(before - after)]
+    return lines
+
+
+def share(assignments: Assignments, node_id: str) -> list[tuple[str, tuple[str, ...], tuple[float, ...] | None]]:
+    """This node's replicas: (model, local device ids, split)."""
+    return [(m, tuple(r["gpus"]), tuple(r["split"]) if r.get("split") else None)
+            for m, reps in sorted(assignments.items()) for r in reps if r["node"] == node_id]
