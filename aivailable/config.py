@@ -9,7 +9,7 @@ import contextvars
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -120,6 +120,8 @@ class NodeConfig(BaseSettings):
     advertise_host: str | None = None
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
     log_level: str = "INFO"
+    profile: Literal["lan", "local"] = "lan"
+    """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 
     @field_validator("join", "simulate_gpus", "api_keys", mode="before")
     @classmethod

@@ -118,13 +118,15 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
             continue  # no node holds the file yet: nothing to place
         holders = sorted(f.node_id for f in facts if name in f.needs_mib)
         aff = m.get("affinity") or {}
+        # Until nodes fetch model files from each other, only nodes holding the file can run it.
+        nodes = [n for n in holders if not aff.get("nodes") or n in aff["nodes"]]
+        if not nodes:
+            continue
         models.append(ModelSpec(
             name=name, vram_mib=max(1, int(round(need))), min_replicas=m.get("min_replicas", 0),
             max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False), files_on=holders,
-            affinity=PAffinity(nodes=list(aff.get("nodes") or []) or None,
-                               vendors=list(aff.get("vendors") or []) or None,
-                               gpu_names=list(aff.get("gpu_names") or []) or None)
-            if any(aff.get(k) for k in ("nodes", "vendors", "gpu_names")) else None))
+            affinity=PAffinity(nodes=nodes, vendors=list(aff.get("vendors") or []) or None,
+                               gpu_names=list(aff.get("gpu_names") or []) or None)))
         want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + BASELINE_DEMAND
     prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
                         split=tuple(r["split"]) if r.get("split") else None) for r in reps]

@@ -17,6 +17,8 @@ from aivailable import coordinator as coord
 from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
+from aivailable.cluster import Cluster
+from aivailable.clusterview import MemberInfo, build_view
 from aivailable.config import ModelConfig, Settings
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
@@ -29,7 +31,7 @@ SHUTDOWN_GRACE_S = 30.0
 
 
 class Node:
-    """One machine's node. Single-node today: it plans its own models onto its own GPUs."""
+    """One machine's node: engine (workers on local GPUs), API, and its part of the cluster."""
 
     def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None):
         self.settings = settings
@@ -48,6 +50,7 @@ class Node:
         self.events: list[dict] = []
         self.cache = diskcache.Cache(str(self.state_dir / "cache"))
         self.metrics = NodeMetrics(self._metrics_snapshot)
+        self.cluster = Cluster(self)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
@@ -71,8 +74,11 @@ class Node:
 
     @property
     def address(self) -> str:
-        host = self.settings.node.advertise_host or self.settings.node.host
-        return f"{host}:{self.port}"
+        """host:port that peers and the status page use to reach this node."""
+        from aivailable.gossip.discovery import advertise_host
+
+        host = self.settings.node.advertise_host or advertise_host(self.settings.node.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
@@ -112,9 +118,8 @@ class Node:
             usable, _why = devmod.usable(d, self.backend)
             devices.append({"id": d.id, "vendor": d.vendor, "name": d.name, "vram_total_mib": d.vram_total_mib,
                             "vram_used_mib": d.vram_used_mib, "simulated": d.simulated, "usable": usable})
-        replicas = [{"model": h.model, "gpus": list(h.assignment.device_ids), "state": h.state,
-                     "vram_mib": h.vram_mib, "outstanding": self._upstream(h).outstanding,
-                     "queued": h.health.get("queued", 0)} for h in self.manager.workers.values()]
+        replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding}
+                    for h in self.manager.workers.values() if h.state != "stopped"]
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=[m.model_dump(mode="json") for m in self.catalog.values()],
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
@@ -138,28 +143,25 @@ class Node:
                 visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))
         return out
 
-    async def replan(self, cause: str) -> None:
-        """Coordinator round for a lone node: decide, record changes, reconcile."""
-        new, reasons = coord.decide([self.facts()], self.placement)
-        for line in coord.describe_changes(self.placement, new, cause):
-            self.record_event(line)
-        self.placement = new
-        for name in self.catalog:
-            if name in reasons:
-                self.unplaced[name] = reasons[name]
-            elif name in new:
-                self.unplaced.pop(name, None)
-        await self.manager.reconcile(self.assignments_for(new))
-        self.planned = True
-
     def record_event(self, text: str) -> None:
         log.info("placement: %s", text)
         self.events.append({"time": time.time(), "text": text})
         del self.events[:-100]
 
     # -- routing facts -------------------------------------------------------------------------
-    def upstreams(self, model: str) -> list[Upstream]:
-        return [self._upstream(h) for h in self.manager.ready(model)]
+    def models(self) -> dict[str, dict]:
+        """Every model the cluster serves (name -> definition), this node's own config included."""
+        cat = self.cluster.catalog() if self.cluster.transport is not None else {}
+        for m in self.catalog.values():
+            cat.setdefault(m.name, m.model_dump(mode="json"))
+        return cat
+
+    def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
+        """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""
+        ups = [self._upstream(h) for h in self.manager.ready(model)]
+        if not local_only:
+            ups += self.cluster.remote_upstreams(model)
+        return ups
 
     def _upstream(self, h: WorkerHandle) -> Upstream:
         up = h.__dict__.get("_upstream")
@@ -171,32 +173,30 @@ class Node:
         return up
 
     def model_state(self, model: str) -> tuple[str, str]:
-        """("ready"|"loading"|"failed"|"placing"|"unplaced", reason) of a catalog model."""
-        reps = self.manager.replicas(model)
-        if any(h.state == "ready" for h in reps):
-            return "ready", ""
-        if any(h.state in ("loading", "starting") for h in reps):
-            return "loading", ""
-        if reps:
-            return "failed", reps[0].reason
+        """(state, reason) of a model across the cluster: ready, loading, failed, placing or unplaced."""
         if not self.planned:
-            return "placing", "the node is starting and has not placed its models yet"
-        return "unplaced", self.unplaced.get(model, "not placed yet")
+            return "placing", "no placement has reached this node yet (the cluster is electing a coordinator)"
+        for m in self.cluster_view()["models"]:
+            if m["name"] == model:
+                return m["state"], m["reason"]
+        return "unplaced", "not placed yet"
 
     def raise_unavailable(self, model: str) -> None:
         state, reason = self.model_state(model)
-        reps = self.manager.replicas(model)
-        if state == "loading":
-            elapsed = max(time.monotonic() - h.started_at for h in reps if h.state in ("loading", "starting"))
-            raise ModelUnavailable(f"model '{model}' is loading ({elapsed:.0f}s so far); retry shortly",
+        if state == "ready":  # ready elsewhere but not reachable from here (peer cooling down, hop limit)
+            raise ModelUnavailable(f"model '{model}' has no reachable replica right now; retry shortly",
                                    retry_after=2)
+        if state == "loading":
+            raise ModelUnavailable(f"model '{model}' is loading; retry shortly", retry_after=2)
         if state == "failed":
-            wait = min(h.next_start_at for h in reps) - time.monotonic()
+            reps = self.manager.replicas(model)
+            wait = min((h.next_start_at for h in reps), default=time.monotonic()) - time.monotonic()
             raise ModelUnavailable(f"model '{model}' is restarting after a failure: {reason}",
                                    retry_after=max(1.0, wait + 2))
         if state == "placing":
             raise ModelUnavailable(f"model '{model}' is being placed: {reason}; retry shortly", retry_after=2)
-        raise ModelUnavailable(f"model '{model}' is not placed on any GPU: {reason}", retry_after=30)
+        raise ModelUnavailable(f"model '{model}' is not placed on any GPU: {reason}; the coordinator places it "
+                               "when VRAM allows (demand counts)", retry_after=10)
 
     # -- views ---------------------------------------------------------------------------------
     def _gpu_views(self) -> list[dict]:
@@ -219,25 +219,12 @@ class Node:
         return out
 
     def cluster_view(self) -> dict:
-        """The facts of GET /api/cluster (see CONTRACTS.md)."""
-        models = []
-        for name, m in sorted(self.catalog.items()):
-            state, reason = self.model_state(name)
-            reps = [{"node": self.node_id, **h.view(), "outstanding": self._upstream(h).outstanding}
-                    for h in self.manager.replicas(name)]
-            models.append({"name": name, "state": state, "reason": reason, "embedding": m.embedding,
-                           "ctx": m.ctx, "vram_estimate_mib": round(self.estimates.get(name, 0.0), 1),
-                           "replicas": reps,
-                           "requests": sum(r["requests"] for r in reps),
-                           "tokens_per_s": round(sum(r["tokens_per_s"] for r in reps), 2)})
-        return {
-            "node_id": self.node_id, "leader": self.node_id, "term": 0, "version": 1,
-            "backend": self.backend.summary(),
-            "nodes": [{"id": self.node_id, "address": self.address, "state": "alive",
-                       "uptime_s": round(self.uptime_s(), 1), "gpus": self._gpu_views()}],
-            "models": models,
-            "events": self.events[-50:],
-        }
+        """The facts of GET /api/cluster (see CONTRACTS.md): the whole cluster as this node sees it."""
+        if self.cluster.transport is None:
+            me = MemberInfo(self.node_id, self.address, "alive", self.facts())
+            return build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
+                              members=[me], placement=self.placement, unplaced=self.unplaced, events=self.events)
+        return self.cluster.view()
 
     def _metrics_snapshot(self) -> dict:
         workers = []
@@ -262,7 +249,7 @@ class Node:
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
         await self.estimate_models()
-        await self.replan("node started")
+        await self.cluster.start(self.address)
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
 
     async def _refresh_devices(self, interval_s: float = 2.0) -> None:
@@ -276,6 +263,7 @@ class Node:
         log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
         for t in self._tasks:
             t.cancel()
+        await self.cluster.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.manager.close()

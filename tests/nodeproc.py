@@ -107,7 +107,7 @@ def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None 
     log_path = tmp / f"{name}.log"
     cmd = [sys.executable, "-m", "aivailable", "up", "--host", host, "--port", str(port),
            "--state-dir", str(state), "--no-mdns", *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIVAILABLE_PROFILE": "local", **(env or {})}
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                 start_new_session=True)

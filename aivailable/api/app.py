@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api.errors import openai_errors, read_json
-from aivailable.api.router import Proxy, body_bytes, check_hops
+from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
 
@@ -43,20 +43,21 @@ async def api_keys(request: web.Request, handler):
 
 async def list_models(request: web.Request) -> web.Response:
     node = _node(request)
-    data = [{"id": m.name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
-             "state": node.model_state(m.name)[0], "embedding": m.embedding, "context_length": m.ctx}
-            for m in node.catalog.values()]
+    states = {m["name"]: m["state"] for m in node.cluster_view()["models"]}
+    data = [{"id": name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
+             "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False),
+             "context_length": m.get("ctx")}
+            for name, m in sorted(node.models().items())]
     return web.json_response({"object": "list", "data": data})
 
 
 async def get_model(request: web.Request) -> web.Response:
     node = _node(request)
     name = request.match_info["model"]
-    m = node.catalog.get(name)
-    if m is None:
+    if name not in node.models():
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
-    return web.json_response({"id": m.name, "object": "model", "created": node.started_at_unix,
-                              "owned_by": "aivailable", "state": node.model_state(m.name)[0]})
+    return web.json_response({"id": name, "object": "model", "created": node.started_at_unix,
+                              "owned_by": "aivailable"})
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
@@ -64,33 +65,38 @@ async def inference(request: web.Request) -> web.StreamResponse:
     node = _node(request)
     kind = _ENDPOINTS[request.path]
     check_hops(request)
+    forwarded = request.headers.get(HOP_HEADER, "0") != "0"
     req = parse_request(kind, await read_json(request))
-    model = node.catalog.get(req.model)  # type: ignore[attr-defined]
-    if model is None:
-        known = ", ".join(sorted(node.catalog)) or "none"
-        raise ModelNotFound(f"The model '{req.model}' does not exist (models here: {known}).",  # type: ignore
-                            param="model")
-    if kind == "embeddings" and not model.embedding:
-        raise InvalidRequest(f"model '{model.name}' is not an embedding model (set embedding = true for it)",
+    name = req.model  # type: ignore[attr-defined]
+    spec = node.models().get(name)
+    if spec is None:
+        known = ", ".join(sorted(node.models())) or "none"
+        raise ModelNotFound(f"The model '{name}' does not exist (models here: {known}).", param="model")
+    embedding = bool(spec.get("embedding"))
+    if kind == "embeddings" and not embedding:
+        raise InvalidRequest(f"model '{name}' is not an embedding model (set embedding = true for it)",
                              param="model")
-    if kind != "embeddings" and model.embedding:
-        raise InvalidRequest(f"model '{model.name}' is an embedding model; use /v1/embeddings", param="model")
-    upstreams = node.upstreams(model.name)
+    if kind != "embeddings" and embedding:
+        raise InvalidRequest(f"model '{name}' is an embedding model; use /v1/embeddings", param="model")
+    if not forwarded:
+        node.cluster.rates.hit(name)  # demand, gossiped to the coordinator (also for models not loaded)
+    upstreams = node.upstreams(name, local_only=forwarded)
     if not upstreams:
-        node.raise_unavailable(model.name)
+        node.raise_unavailable(name)
     t0 = time.perf_counter()
     body = body_bytes(req.model_dump(exclude_unset=True))
     metrics = node.metrics
-    ttfb = metrics.ttfb.labels(model.name, kind)
+    ttfb = metrics.ttfb.labels(name, kind)
     try:
         resp = await request.app[PROXY].forward(
-            request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0))
+            request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
+            authorization=request.headers.get("Authorization"))
     except Exception as exc:
         status = getattr(exc, "http_status", 500)
-        metrics.requests.labels(model.name, kind, str(status)).inc()
+        metrics.requests.labels(name, kind, str(status)).inc()
         raise
-    metrics.requests.labels(model.name, kind, str(resp.status)).inc()
-    metrics.latency.labels(model.name, kind).observe(time.perf_counter() - t0)
+    metrics.requests.labels(name, kind, str(resp.status)).inc()
+    metrics.latency.labels(name, kind).observe(time.perf_counter() - t0)
     return resp
 
 
@@ -129,4 +135,5 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
     r.add_get("/", status_page)
+    r.add_post("/_cluster/gossip", lambda request: node.cluster.handle(request))
     return app

@@ -7,7 +7,6 @@ the request to another replica; after it, the client gets an OpenAI error event 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -75,7 +74,8 @@ class Proxy:
         self.retries = 0
 
     async def forward(self, request: web.Request, path: str, body: bytes, upstreams: list[Upstream],
-                      on_first_byte: Callable[[Upstream], None] | None = None) -> web.StreamResponse:
+                      on_first_byte: Callable[[Upstream], None] | None = None,
+                      authorization: str | None = None) -> web.StreamResponse:
         """Proxy to the best replica; raise ModelUnavailable if none could take it."""
         tried: set[str] = set()
         last_error = "no replica is ready"
@@ -91,9 +91,11 @@ class Proxy:
                 last_error = f"replica {up.key} is restarting"
                 continue
             up.outstanding += 1
+            headers = {"Content-Type": "application/json", HOP_HEADER: str(hops + 1)}
+            if authorization and not up.local:
+                headers["Authorization"] = authorization  # peers check the same client keys
             try:
-                async with session.post(up.base_url + path, data=body, headers={
-                        "Content-Type": "application/json", HOP_HEADER: str(hops + 1)}) as r:
+                async with session.post(up.base_url + path, data=body, headers=headers) as r:
                     if r.status in (429, 503) and len(tried) < len(upstreams):
                         last_error = f"replica {up.key} answered {r.status}"
                         retry_after = float(r.headers.get("Retry-After", retry_after))
@@ -154,6 +156,3 @@ def check_hops(request: web.Request) -> None:
 def body_bytes(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
-
-async def sleep0() -> None:
-    await asyncio.sleep(0)

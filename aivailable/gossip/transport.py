@@ -407,7 +407,10 @@ class ClusterTransport:
         """Leave gracefully (peers mark this node *left* at once), then stop sending and close."""
         if self._task is not None and leave and self.failed is None and not self._task.done():
             self.mem.leave()
-            self._drain(time.monotonic())
+            try:
+                self._drain(time.monotonic())
+            except ClusterStateError as exc:
+                self._fail(exc)
             await asyncio.sleep(min(1.0, 3 * self.mem.cfg.gossip_interval))
         self._closing = True
         if self._task is not None:
@@ -423,9 +426,11 @@ class ClusterTransport:
             await self._session.close()
         self._store.close()
 
-    def join(self, addrs: list[str]) -> None:
-        """Add seed addresses ("host:port"); their members answer with the cluster. Membership re-pushes
-        to the seeds every ``reconnect_interval`` while this node knows no live peer."""
+    def join(self, addrs: list[str] | str) -> None:
+        """Add seed addresses ("host:port"; one string is one address, so ``join`` can be discovery's
+        ``on_peer``); their members answer with the cluster. Membership re-pushes to the seeds every
+        ``reconnect_interval`` while this node knows no live peer. Safe to call again with known ones."""
+        addrs = [addrs] if isinstance(addrs, str) else addrs
         new = [a for a in map(_check_addr, addrs) if a != self.advertise and a not in self._seeds]
         if not new:
             return
@@ -681,6 +686,11 @@ class ClusterTransport:
         except ClusterStateError as exc:
             self._fail(exc)
             return web.Response(status=503, text="cluster state not writable")
+        except Exception:  # a core bug must not take the HTTP server down; the next tick drains the rest
+            if now - self._error_logged >= self.cfg.reject_log_interval:
+                self._error_logged = now
+                log.exception("cluster core failed on a %s from %s", type(msg).__name__, src)
+            return web.Response(status=500, text="internal error")
         return web.Response(status=204)
 
     async def _read_body(self, request: web.Request) -> bytes:

@@ -1,0 +1,246 @@
+"""The node's cluster side: gossip transport, discovery, the coordinator loop and remote replicas.
+
+Every node runs this. The elected leader folds all live nodes' facts into a placement
+(`coordinator.decide`) and publishes it stamped (term, version); every node applies accepted
+placements (the transport's fence drops stale ones) by reconciling its engine to its share.
+Losing the leader, or a partition, never unloads anything: nodes only act on placements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from aivailable import coordinator as coord
+from aivailable.api.router import Upstream
+from aivailable.clusterview import MemberInfo, build_view
+from aivailable.coordinator import NodeFacts
+from aivailable.gossip import envelope
+from aivailable.gossip.election import ElectionConfig
+from aivailable.gossip.membership import MembershipConfig
+from aivailable.gossip.transport import (
+    ClusterTransport,
+    TransportConfig,
+    join_instructions,
+    load_or_create_secret,
+)
+
+if TYPE_CHECKING:
+    from aivailable.node import Node
+
+log = logging.getLogger("aivailable.cluster")
+
+FACTS_INTERVAL_S = 1.0
+COORDINATOR_INTERVAL_S = 1.0
+LEADER_SETTLE_S = 1.5
+"""A new leader waits this long for facts before its first placement, so it does not move models
+of nodes it has not heard from yet."""
+
+
+class RateMeter:
+    """Requests/s per model over a sliding window (exponentially decayed)."""
+
+    def __init__(self, half_life_s: float = 30.0):
+        self.half_life_s = half_life_s
+        self._rate: dict[str, float] = defaultdict(float)
+        self._at: dict[str, float] = {}
+
+    def _decay(self, model: str, now: float) -> None:
+        last = self._at.get(model, now)
+        self._rate[model] *= 0.5 ** ((now - last) / self.half_life_s)
+        self._at[model] = now
+
+    def hit(self, model: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._decay(model, now)
+        self._rate[model] += 0.693 / self.half_life_s  # integral of one hit's decayed contribution = 1
+
+    def rates(self, now: float | None = None) -> dict[str, float]:
+        now = time.monotonic() if now is None else now
+        for m in list(self._rate):
+            self._decay(m, now)
+        return {m: round(r, 3) for m, r in self._rate.items() if r >= 0.001}
+
+
+def _profiles(profile: str) -> tuple[MembershipConfig, ElectionConfig, TransportConfig]:
+    if profile == "local":
+        return MembershipConfig.local(), ElectionConfig.local(), TransportConfig.local()
+    return MembershipConfig.lan(), ElectionConfig.lan(), TransportConfig.lan()
+
+
+class Cluster:
+    """Gossip, election and coordination for one node."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        cfg = node.settings.node
+        secret, created = load_or_create_secret(node.state_dir, cfg.cluster_secret, cfg.cluster_secret_file)
+        self.secret = secret if isinstance(secret, bytes) else secret.encode()
+        self.secret_created = created
+        self.cluster_hash = envelope.cluster_id_hash(self.secret)
+        self.transport: ClusterTransport | None = None
+        self.discovery = None
+        self.rates = RateMeter()
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
+        self._upstreams: dict[str, Upstream] = {}
+        self._leader_since: float | None = None
+        self._last_facts: dict | None = None
+        self.unplaced: dict[str, str] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """POST /_cluster/gossip, delegated to the transport once it runs."""
+        if self.transport is None:
+            return web.Response(status=503, text="node starting")
+        return await self._gossip_handler(request)
+
+    async def start(self, advertise: str) -> None:
+        node = self.node
+        cfg = node.settings.node
+        mem, ele, tra = _profiles(cfg.profile)
+        self.transport = ClusterTransport(node.node_id, advertise, self.secret, node.state_dir, membership=mem,
+                                          election=ele, config=tra, registry=node.metrics.registry,
+                                          on_placement=self._on_placement, on_change=self._on_change)
+        self._gossip_handler = self.transport.routes()[0].handler
+        if self.secret_created:
+            log.warning("%s", join_instructions(advertise, node.state_dir))
+        prior = self.transport.placement()
+        if prior is not None:  # restart: resume our share of the last placement we accepted
+            await self._on_placement(*prior)
+        await self.transport.start()
+        if cfg.join:
+            self.transport.join(list(cfg.join))
+        if cfg.mdns:
+            from aivailable.gossip.discovery import Discovery
+
+            host, port = advertise.rsplit(":", 1)
+            self.discovery = Discovery(node.node_id, cfg.host if cfg.host not in ("0.0.0.0", "::") else host,
+                                       int(port), self.cluster_hash, None, self.transport.join)
+            try:
+                await self.discovery.start()
+            except OSError as exc:
+                log.warning("mDNS discovery unavailable (%s); use --join HOST:PORT to find peers", exc)
+                self.discovery = None
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
+        self._tasks += [asyncio.create_task(self._facts_loop(), name="facts"),
+                        asyncio.create_task(self._coordinator_loop(), name="coordinator")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.transport is not None:
+            await self.transport.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- facts and placement -------------------------------------------------------------------
+    def own_facts(self) -> NodeFacts:
+        f = self.node.facts()
+        return NodeFacts(**{**f.__dict__, "rates": self.rates.rates()})
+
+    async def _facts_loop(self) -> None:
+        while True:
+            facts = self.own_facts().to_dict()
+            if facts != self._last_facts:
+                self.transport.set_facts(facts)
+                self._last_facts = facts
+            await asyncio.sleep(FACTS_INTERVAL_S)
+
+    def member_infos(self) -> list[MemberInfo]:
+        """Every known member with its facts; this node's facts are always the freshest."""
+        out = []
+        for m in self.transport.members():
+            if m.node_id == self.node.node_id:
+                facts: NodeFacts | None = self.own_facts()
+            else:
+                facts = NodeFacts.from_dict(m.facts) if m.facts.get("node_id") else None
+            out.append(MemberInfo(m.node_id, m.address, m.status, facts))
+        return out
+
+    def _on_change(self) -> None:
+        pass  # the coordinator loop re-evaluates every second; decisions are idempotent
+
+    async def _coordinator_loop(self) -> None:
+        while True:
+            await asyncio.sleep(COORDINATOR_INTERVAL_S)
+            try:
+                self._coordinate()
+            except Exception:  # never let one bad round kill the coordinator
+                log.exception("coordinator round failed")
+
+    def _coordinate(self) -> None:
+        t = self.transport
+        if not t.is_leader:
+            self._leader_since = None
+            return
+        now = time.monotonic()
+        if self._leader_since is None:
+            self._leader_since = now
+            log.info("this node is the coordinator (term %d)", t.term)
+        if now - self._leader_since < LEADER_SETTLE_S:
+            return
+        infos = [m for m in self.member_infos() if m.state in ("alive", "suspect")]
+        if any(m.facts is None for m in infos):
+            return  # a live member's facts have not arrived yet: do not move its models
+        facts = [m.facts for m in infos if m.facts is not None]
+        current = self.node.placement
+        new, reasons = coord.decide(facts, current)
+        self.unplaced = reasons
+        if new != current:
+            dead = sorted({r["node"] for reps in current.values() for r in reps} - {f.node_id for f in facts})
+            cause = f"node {', '.join(dead)} gone" if dead else "cluster changed"
+            term, version = t.publish_placement(new)
+            for line in coord.describe_changes(current, new, cause):
+                self.node.record_event(f"v{version}: {line}")
+
+    async def _on_placement(self, term: int, version: int, assignments: dict[str, Any]) -> None:
+        log.info("applying placement v%d of term %d (%d models)", version, term, len(assignments))
+        self.node.placement = assignments
+        self.node.planned = True
+        await self.node.manager.reconcile(self.node.assignments_for(assignments))
+
+    # -- routing -------------------------------------------------------------------------------
+    def remote_upstreams(self, model: str) -> list[Upstream]:
+        """Ready replicas of `model` on other live nodes."""
+        out = []
+        if self.transport is None:
+            return out
+        for m in self.transport.members():
+            if m.node_id == self.node.node_id or m.status != "alive":
+                continue
+            for r in m.facts.get("replicas", []):
+                if r.get("model") != model or r.get("state") != "ready":
+                    continue
+                key = f"{m.node_id}/{model}@{'+'.join(r['gpus'])}"
+                up = self._upstreams.get(key)
+                if up is None or up.base_url != f"http://{m.address}":
+                    up = Upstream(key=key, model=model, session_fn=lambda: self._session,
+                                  base_url=f"http://{m.address}", local=False, node_id=m.node_id)
+                    self._upstreams[key] = up
+                out.append(up)
+        return out
+
+    def catalog(self) -> dict[str, dict]:
+        """Every model any live node defines (name -> definition)."""
+        facts = [m.facts for m in self.member_infos() if m.facts is not None and m.state in ("alive", "suspect")]
+        cat, _conflicts = coord.merged_catalog(facts)
+        return cat
+
+    def view(self) -> dict:
+        t = self.transport
+        events = [{"time": ts, "text": text} for ts, text in t.events] + self.node.events
+        events.sort(key=lambda e: e["time"])
+        placed = t.placement()
+        return build_view(self_id=self.node.node_id, leader=t.leader, term=t.term,
+                          version=placed[1] if placed else 0, backend=self.node.backend.summary(),
+                          members=self.member_infos(), placement=self.node.placement,
+                          unplaced={**self.node.unplaced, **self.unplaced}, events=events)

@@ -1,0 +1,73 @@
+"""GET /api/cluster and the status page: the whole cluster as one JSON document, from gossiped facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aivailable.coordinator import Assignments, NodeFacts, merged_catalog
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """A node as the membership layer sees it, with its last gossiped facts (None: not heard yet)."""
+
+    node_id: str
+    address: str
+    state: str
+    """alive, suspect, dead or left"""
+    facts: NodeFacts | None
+
+
+def _model_state(name: str, replicas: list[dict], placed: bool, reason: str) -> tuple[str, str]:
+    states = {r["state"] for r in replicas}
+    if "ready" in states:
+        return "ready", ""
+    if states & {"loading", "starting"}:
+        return "loading", ""
+    if "failed" in states:
+        return "failed", next(r.get("reason", "") for r in replicas if r["state"] == "failed")
+    if placed:
+        return "loading", "assigned; the node has not started loading it yet"
+    return "unplaced", reason or "not placed yet"
+
+
+def build_view(*, self_id: str, leader: str | None, term: int, version: int, backend: str,
+               members: list[MemberInfo], placement: Assignments, unplaced: dict[str, str],
+               events: list[dict], extra_models: dict[str, dict] | None = None) -> dict:
+    """The /api/cluster document (fields in CONTRACTS.md, plus operator extras)."""
+    nodes = []
+    replicas_by_model: dict[str, list[dict]] = {}
+    live_facts = [m.facts for m in members if m.facts is not None and m.state in ("alive", "suspect")]
+    for m in sorted(members, key=lambda m: m.node_id):
+        f = m.facts
+        gpus = []
+        if f is not None:
+            by_dev: dict[str, list[dict]] = {}
+            for r in f.replicas:
+                row = {"node": m.node_id, **r}
+                replicas_by_model.setdefault(r["model"], []).append(row)
+                for d in r["gpus"]:
+                    by_dev.setdefault(d, []).append({"name": r["model"], "state": r["state"],
+                                                     "vram_mib": round(r.get("vram_mib", 0) / max(1, len(r["gpus"])),
+                                                                       1)})
+            for d in f.devices:
+                used = f.claims_mib.get(d["id"], 0.0) if d.get("simulated") else d.get("vram_used_mib", 0)
+                gpus.append({**d, "vram_used_mib": round(float(used), 1), "models": by_dev.get(d["id"], [])})
+        nodes.append({"id": m.node_id, "address": m.address, "state": m.state, "gpus": gpus,
+                      "self": m.node_id == self_id})
+    catalog, conflicts = merged_catalog(live_facts)
+    catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
+    models = []
+    for name, spec in sorted(catalog.items()):
+        reps = replicas_by_model.get(name, [])
+        state, reason = _model_state(name, reps, bool(placement.get(name)), unplaced.get(name, ""))
+        if name in conflicts:
+            reason = (reason + "; " if reason else "") + conflicts[name]
+        needs = [f.needs_mib[name] for f in live_facts if name in f.needs_mib]
+        models.append({"name": name, "state": state, "reason": reason, "embedding": spec.get("embedding", False),
+                       "ctx": spec.get("ctx"), "vram_estimate_mib": round(max(needs), 1) if needs else None,
+                       "replicas": reps, "placed_on": placement.get(name, []),
+                       "requests": sum(r.get("requests", 0) for r in reps),
+                       "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2)})
+    return {"node_id": self_id, "leader": leader, "term": term, "version": version, "backend": backend,
+            "nodes": nodes, "models": models, "events": events[-50:]}

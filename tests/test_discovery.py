@@ -1,0 +1,135 @@
+"""mDNS discovery for real (zeroconf 0.154), following TESTING.md: explicit loopback addresses in the host
+namespace; default interface choice only inside private network namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aivailable.gossip.discovery import Discovery
+from aivailable.gossip.envelope import cluster_id_hash
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = cluster_id_hash(b"discovery-test-secret-0123456789")
+OTHER = cluster_id_hash(b"some-other-cluster-secret-987654")
+
+
+def test_two_nodes_find_each_other_and_ignore_another_cluster():
+    asyncio.run(_one_namespace())
+
+
+async def _one_namespace() -> None:
+    found: dict[str, list[str]] = {"a": [], "b": [], "x": []}
+    a = Discovery("node-a", "127.0.0.1", 18001, CLUSTER, ["127.0.0.1"], found["a"].append)
+    b = Discovery("node-b", "127.0.0.2", 18002, CLUSTER, ["127.0.0.2"], found["b"].append)
+    x = Discovery("node-x", "127.0.0.3", 18003, OTHER, ["127.0.0.3"], found["x"].append)
+    started = []
+    try:
+        for d in (a, b, x):
+            await d.start()
+            started.append(d)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not (found["a"] and found["b"] and a.ignored and b.ignored):
+            await asyncio.sleep(0.05)
+        assert found["a"] == ["127.0.0.2:18002"]
+        assert found["b"] == ["127.0.0.1:18001"]
+        # x was seen (so the filter was exercised) but never reported; x sees only strangers.
+        assert a.ignored == {"node-x._aivailable._tcp.local."} and "node-x" not in a.peers
+        assert b.ignored == {"node-x._aivailable._tcp.local."}
+        assert found["x"] == []
+        txt = {k.decode(): v.decode() for k, v in a._info.properties.items()}
+        assert txt == {
+            "v": "1",
+            "cluster": CLUSTER,
+            "node": "node-a",
+            "addr": "127.0.0.1:18001",
+            "port": "18001",
+        }
+    finally:
+        for d in started:
+            await d.stop()
+
+
+def test_mdns_alone_forms_a_cluster_of_two_new_transports(tmp_path):
+    """Zero configuration: no seeds; discovery feeds transport.join; the lowest id founds the cluster."""
+    asyncio.run(_zero_config(tmp_path))
+
+
+async def _zero_config(tmp_path: Path) -> None:
+    from tests.test_transport import SECRET, Node, agreed, wait_for
+
+    nodes = [
+        Node(nid, tmp_path / nid, host=host) for nid, host in (("zed", "127.0.0.1"), ("amy", "127.0.0.2"))
+    ]
+    cluster = cluster_id_hash(SECRET)
+    mdns = [Discovery(n.id, n.host, n.port, cluster, [n.host], lambda a, n=n: n.t.join([a])) for n in nodes]
+    try:
+        for n, d in zip(nodes, mdns, strict=True):
+            await n.start()
+            await d.start()
+        await wait_for(lambda: agreed(nodes), what="a cluster from mDNS alone")
+        assert nodes[1].t.is_leader and nodes[1].t.voters == ("amy", "zed")
+    finally:
+        for n, d in zip(nodes, mdns, strict=True):
+            await d.stop()
+            if n.t.running:
+                await n.stop()
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=20)
+
+
+def test_two_processes_in_separate_namespaces_discover_each_other_with_default_interfaces():
+    tag = secrets.token_hex(3)
+    switch, nss = f"aisw{tag}", [f"ain{i}{tag}" for i in (1, 2)]
+    made: list[str] = []
+    procs: list[subprocess.Popen] = []
+    try:
+        r = _ip("netns", "add", switch, check=False)
+        if r.returncode != 0:
+            pytest.skip(f"ip netns add failed: {r.stderr.strip()}")
+        made.append(switch)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        for i, ns in enumerate(nss, start=1):
+            _ip("netns", "add", ns)
+            made.append(ns)
+            _ip("-n", switch, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("-n", switch, "link", "set", f"v{i}", "master", "br0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"10.77.0.{i}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for i, ns in enumerate(nss, start=1):
+            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.discovery_peer"]
+            cmd += ["--node", f"n{i}", "--port", "8000", "--cluster", CLUSTER, "--expect", f"n{3 - i}"]
+            procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                )
+            )
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 0, f"peer failed: {out} {err}"
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        assert results[0]["addr"] == "10.77.0.1:8000" and results[1]["addr"] == "10.77.0.2:8000"
+        assert results[0]["peers"] == {"n2": "10.77.0.2:8000"}
+        assert results[1]["peers"] == {"n1": "10.77.0.1:8000"}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        for ns in reversed(made):
+            _ip("netns", "del", ns, check=False)
