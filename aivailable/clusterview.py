@@ -43,8 +43,12 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
         gpus = []
         if f is not None:
             by_dev: dict[str, list[dict]] = {}
+            gone = m.state not in ("alive", "suspect")
             for r in f.replicas:
                 row = {"node": m.node_id, **r}
+                if gone:  # last facts of a dead node: its replicas are lost, not serving
+                    row = {**row, "state": "lost", "reason": f"node {m.node_id} is {m.state}"}
+                    r = {**r, "state": "lost"}
                 replicas_by_model.setdefault(r["model"], []).append(row)
                 for d in r["gpus"]:
                     by_dev.setdefault(d, []).append({"name": r["model"], "state": r["state"],
