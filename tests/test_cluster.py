@@ -142,6 +142,36 @@ def test_forged_and_oversized_peer_messages_are_rejected_and_counted(cluster):
     assert ask(node, MODELS[0])[1] is not None  # unharmed
 
 
+def test_signed_but_replayed_or_stale_or_wrong_secret_messages_are_rejected(cluster):
+    """A captured valid message sent again, an old one, and one signed with another secret: all dropped."""
+    import secrets as pysecrets
+
+    from aivailable.gossip.envelope import seal
+    from aivailable.gossip.messages import Ping
+
+    node = cluster.nodes[3]
+
+    def post(data: bytes) -> int:
+        req = urllib.request.Request(node.url + "/_cluster/gossip", data=data, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    valid = seal(Ping(seq=1, target="n3"), SECRET, "n1", time.time(), pysecrets.token_hex(8))
+    assert post(valid) < 300
+    assert post(valid) >= 400  # replayed
+    assert post(seal(Ping(seq=2, target="n3"), SECRET, "n1", time.time() - 3600, pysecrets.token_hex(8))) >= 400
+    assert post(seal(Ping(seq=3, target="n3"), "another-secret-0123456789", "n1", time.time(),
+                     pysecrets.token_hex(8))) >= 400
+    with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    for reason in ("replayed", "stale", "bad_signature"):
+        assert f'aivailable_cluster_rejected_total{{reason="{reason}"}}' in metrics, reason
+    assert alive(node.cluster()) == {"n1", "n2", "n3"}
+
+
 def test_kill_leader_then_holder_then_restart(cluster):
     view = cluster.nodes[1].cluster()
     leader, term = view["leader"], view["term"]

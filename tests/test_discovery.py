@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from aivailable.gossip.discovery import Discovery
 from aivailable.gossip.envelope import cluster_id_hash
+from tests.netns import namespaces
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = cluster_id_hash(b"discovery-test-secret-0123456789")
@@ -84,52 +82,30 @@ async def _zero_config(tmp_path: Path) -> None:
                 await n.stop()
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=20)
-
-
 def test_two_processes_in_separate_namespaces_discover_each_other_with_default_interfaces():
-    tag = secrets.token_hex(3)
-    switch, nss = f"aisw{tag}", [f"ain{i}{tag}" for i in (1, 2)]
-    made: list[str] = []
     procs: list[subprocess.Popen] = []
-    try:
-        r = _ip("netns", "add", switch, check=False)
-        if r.returncode != 0:
-            pytest.skip(f"ip netns add failed: {r.stderr.strip()}")
-        made.append(switch)
-        _ip("-n", switch, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
-        _ip("-n", switch, "link", "set", "br0", "up")
-        for i, ns in enumerate(nss, start=1):
-            _ip("netns", "add", ns)
-            made.append(ns)
-            _ip("-n", switch, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", switch, "link", "set", f"v{i}", "master", "br0", "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"10.77.0.{i}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-            _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        for i, ns in enumerate(nss, start=1):
-            cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.discovery_peer"]
-            cmd += ["--node", f"n{i}", "--port", "8000", "--cluster", CLUSTER, "--expect", f"n{3 - i}"]
-            procs.append(
-                subprocess.Popen(
-                    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    with namespaces(2) as spaces:
+        nss = [ns for ns, _addr in spaces]
+        try:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            for i, ns in enumerate(nss, start=1):
+                cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.discovery_peer"]
+                cmd += ["--node", f"n{i}", "--port", "8000", "--cluster", CLUSTER, "--expect", f"n{3 - i}"]
+                procs.append(
+                    subprocess.Popen(
+                        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                    )
                 )
-            )
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=30)
-            assert p.returncode == 0, f"peer failed: {out} {err}"
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        assert results[0]["addr"] == "10.77.0.1:8000" and results[1]["addr"] == "10.77.0.2:8000"
-        assert results[0]["peers"] == {"n2": "10.77.0.2:8000"}
-        assert results[1]["peers"] == {"n1": "10.77.0.1:8000"}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        for ns in reversed(made):
-            _ip("netns", "del", ns, check=False)
+            results = []
+            for p in procs:
+                out, err = p.communicate(timeout=30)
+                assert p.returncode == 0, f"peer failed: {out} {err}"
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            assert results[0]["addr"] == "10.77.0.1:8000" and results[1]["addr"] == "10.77.0.2:8000"
+            assert results[0]["peers"] == {"n2": "10.77.0.2:8000"}
+            assert results[1]["peers"] == {"n1": "10.77.0.1:8000"}
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait(timeout=10)

@@ -43,6 +43,10 @@ class ManagerConfig:
     health_interval_s: float = 2.0
     stop_grace_s: float = 10.0
     """SIGTERM, then SIGKILL after this long."""
+    worker_module: str = field(default_factory=lambda: os.environ.get("AIVAILABLE_WORKER_MODULE",
+                                                                      "aivailable.engine.worker"))
+    """Module run as `python -m MODULE SPEC_JSON` per replica. Benchmarks swap in a stub that speaks the
+    same protocol (bench/stub_worker.py) to measure the node without model time."""
 
     @classmethod
     def local(cls) -> ManagerConfig:
@@ -209,7 +213,7 @@ class WorkerManager:
         log.info("model %s: starting worker (ctx %d, %s)", a.key, a.n_ctx,
                  "simulated GPU, runs on CPU" if a.simulated else f"GPU {','.join(a.device_ids)}")
         h.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "aivailable.engine.worker", spec.model_dump_json(),
+            sys.executable, "-m", self.config.worker_module, spec.model_dump_json(),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=env, start_new_session=True)
         h.pid = h.proc.pid
