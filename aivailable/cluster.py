@@ -92,6 +92,7 @@ class Cluster:
         self._upstreams: dict[str, Upstream] = {}
         self._leader_since: float | None = None
         self._last_facts: dict | None = None
+        self._last_nodes: set[str] = set()
         self.unplaced: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -195,9 +196,18 @@ class Cluster:
         current = self.node.placement
         new, reasons = coord.decide(facts, current)
         self.unplaced = reasons
+        nodes = {f.node_id for f in facts}
+        joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
+        self._last_nodes = nodes
         if new != current:
-            dead = sorted({r["node"] for reps in current.values() for r in reps} - {f.node_id for f in facts})
-            cause = f"node {', '.join(dead)} gone" if dead else "cluster changed"
+            if not current:
+                cause = "first placement"
+            elif gone:
+                cause = f"node {', '.join(gone)} gone"
+            elif joined:
+                cause = f"node {', '.join(joined)} joined"
+            else:
+                cause = "demand or VRAM changed"
             term, version = t.publish_placement(new)
             for line in coord.describe_changes(current, new, cause):
                 self.node.record_event(f"v{version}: {line}")
