@@ -234,8 +234,11 @@ class Cluster:
                 up = self._upstreams.get(key)
                 if up is None or up.base_url != f"http://{m.address}":
                     up = Upstream(key=key, model=model, session_fn=lambda: self._session,
-                                  base_url=f"http://{m.address}", local=False, node_id=m.node_id)
+                                  base_url=f"http://{m.address}", local=False, node_id=m.node_id,
+                                  slots=int(r.get("slots", 1)))
                     self._upstreams[key] = up
+                # What the holder reported (its own clients and other nodes'), about a second old.
+                up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
                 out.append(up)
         return out
 

@@ -168,7 +168,7 @@ class Node:
         if up is None:
             up = Upstream(key=f"{self.node_id}/{h.assignment.key}", model=h.model,
                           session_fn=lambda h=h: h.session, base_url="http://worker", local=True,
-                          node_id=self.node_id)
+                          node_id=self.node_id, slots=h.assignment.parallel)
             h.__dict__["_upstream"] = up
         return up
 

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,3 +113,16 @@ def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None 
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                 start_new_session=True)
     return NodeProc(proc, host, port, state, log_path, list(args))
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, *args: str, models: tuple[str, ...] = (), **kw) -> Iterator[NodeProc]:
+    """A node that is healthy and has every model in `models` ready; stopped (SIGTERM) on exit."""
+    n = start_node(tmp, *args, **kw)
+    try:
+        n.wait_healthy()
+        for m in models:
+            n.wait_model(m)
+        yield n
+    finally:
+        n.stop()

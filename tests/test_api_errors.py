@@ -9,7 +9,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.nodeproc import start_node
+from tests.nodeproc import serving
 
 MODEL = "gemma-3-270m"
 KEY = "sk-test-0123456789"
@@ -47,13 +47,8 @@ def node(tmp_path_factory, gemma_path):
     cfg = tmp / "node.toml"
     cfg.write_text(f'[node]\nmax_body_bytes = 65536\n\n[[models]]\nname = "{MODEL}"\npath = "{gemma_path}"\n'
                    f'ctx = 1024\n')
-    n = start_node(tmp, "--config", str(cfg), "--simulate-gpu", "g0:4096", "--api-key", KEY)
-    try:
-        n.wait_healthy()
-        n.wait_model(MODEL)
+    with serving(tmp, "--config", str(cfg), "--simulate-gpu", "g0:4096", "--api-key", KEY, models=(MODEL,)) as n:
         yield n
-    finally:
-        n.stop()
 
 
 def chat_url(node) -> str:

@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from tests.nodeproc import start_node
+from tests.nodeproc import serving
 
 MODEL = "gemma-3-270m"
 CHAT = [{"role": "user", "content": "Name three colors."}]
@@ -17,13 +17,8 @@ CHAT = [{"role": "user", "content": "Name three colors."}]
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, gemma_path):
     tmp = tmp_path_factory.mktemp("api")
-    n = start_node(tmp, "--model", f"{MODEL}={gemma_path}:2048", "--simulate-gpu", "testgpu:4096")
-    try:
-        n.wait_healthy()
-        n.wait_model(MODEL)
+    with serving(tmp, "--model", f"{MODEL}={gemma_path}:2048", "--simulate-gpu", "testgpu:4096", models=(MODEL,)) as n:
         yield n
-    finally:
-        n.stop()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.nodeproc import start_node
+from tests.nodeproc import serving
 
 MODEL = "gemma-3-270m"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -15,13 +15,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, gemma_path):
     tmp = tmp_path_factory.mktemp("status")
-    n = start_node(tmp, "--model", f"{MODEL}={gemma_path}:1024", "--simulate-gpu", "labcard:6144")
-    try:
-        n.wait_healthy()
-        n.wait_model(MODEL)
+    with serving(tmp, "--model", f"{MODEL}={gemma_path}:1024", "--simulate-gpu", "labcard:6144", models=(MODEL,)) as n:
         yield n
-    finally:
-        n.stop()
 
 
 def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):

@@ -37,7 +37,12 @@ class Upstream:
     base_url: str
     local: bool
     node_id: str = ""
+    slots: int = 1
+    """Sequences the replica runs at once (its `parallel`); P2C compares load per slot."""
     outstanding: int = 0
+    """Requests this node has in flight to the replica."""
+    reported_load: int = 0
+    """For a peer's replica: requests it reported in flight or queued (gossiped, ~1 s old)."""
     failures: int = 0
     cooldown_until: float = 0.0
     stats: dict = field(default_factory=dict)
@@ -50,7 +55,7 @@ class RouteChoice:
 
 
 def pick(upstreams: list[Upstream], rng: random.Random, exclude: set[str]) -> Upstream | None:
-    """Power of two choices on outstanding requests; local wins ties; peers in cooldown last."""
+    """Power of two choices on outstanding requests per slot; local wins ties; peers in cooldown last."""
     now = time.monotonic()
     live = [u for u in upstreams if u.key not in exclude]
     if not live:
@@ -59,7 +64,7 @@ def pick(upstreams: list[Upstream], rng: random.Random, exclude: set[str]) -> Up
     if len(warm) == 1:
         return warm[0]
     a, b = rng.sample(warm, 2)
-    return min((a, b), key=lambda u: (u.outstanding, not u.local, u.key))
+    return min((a, b), key=lambda u: ((u.outstanding + u.reported_load) / max(1, u.slots), not u.local, u.key))
 
 
 class Proxy:

@@ -110,6 +110,7 @@ class WorkerHandle:
                 "state": self.state, "reason": self.reason, "pid": self.pid, "restarts": self.restarts,
                 "vram_mib": round(self.vram_mib, 1), "simulated": self.assignment.simulated,
                 "outstanding": self.outstanding, "queued": self.health.get("queued", 0),
+                "slots": self.assignment.parallel,
                 "requests": self.health.get("requests", 0),
                 "cancelled": self.health.get("cancelled", 0),
                 "completion_tokens": self.health.get("completion_tokens", 0),
