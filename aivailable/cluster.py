@@ -209,11 +209,12 @@ class Cluster:
             else:
                 cause = "demand or VRAM changed"
             term, version = t.publish_placement(new)
-            for line in coord.describe_changes(current, new, cause):
-                self.node.record_event(f"v{version}: {line}")
+            self.node.record_event(f"coordinator published placement v{version} of term {term}: {cause}")
 
     async def _on_placement(self, term: int, version: int, assignments: dict[str, Any]) -> None:
         log.info("applying placement v%d of term %d (%d models)", version, term, len(assignments))
+        for line in coord.describe_changes(self.node.placement, assignments, f"v{version}, term {term}"):
+            self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
         await self.node.manager.reconcile(self.node.assignments_for(assignments))

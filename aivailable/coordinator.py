@@ -47,11 +47,13 @@ class NodeFacts:
     """Requests/s per model that clients sent to this node (any replica)."""
     claims_mib: dict[str, float] = field(default_factory=dict)
     """VRAM claimed by this node's workers per device id, loading ones included."""
+    backend: str = ""
+    """The llama.cpp backend compiled into this node (CPU only, CUDA, ROCm, Vulkan...)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
-                "claims_mib": self.claims_mib}
+                "claims_mib": self.claims_mib, "backend": self.backend}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:

@@ -123,7 +123,8 @@ class Node:
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=[m.model_dump(mode="json") for m in self.catalog.values()],
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
-                         replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()})
+                         replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
+                         backend=self.backend.summary())
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
