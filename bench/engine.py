@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "table_markdown": table, "samples": samples, "rerun_samples": skipped,
     }
     if args.sweep != "none":
-        result["concurrency_sweep"] = run_sweep(args, model_path)
+        result["concurrency_sweep"] = run_sweep(args, args.model_path)  # the demo copy above is gone
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -495,7 +495,7 @@ def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
     threads = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="aiv-engine-sweep-") as tmp_name:
         tmp = Path(tmp_name)
-        model_path = model_path or args.model_path or demo_model_path(tmp / "demo-state", progress=False)
+        model_path = model_path or demo_model_path(tmp / "demo-state", progress=False)
         server = engine_sweep.find_llama_server(args.llama_server, args.llama_server_python)
         return engine_sweep.run(
             model_path, tmp, model=MODEL, threads=threads, parallel=args.parallel, ctx=args.sweep_ctx,
@@ -506,7 +506,7 @@ def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
 
 def sweep_only(args: argparse.Namespace) -> int:
     result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "engine"}
-    sweep = run_sweep(args, None)
+    sweep = run_sweep(args, args.model_path)
     sweep["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     sweep["machine"] = {**machine_info(), "loadavg": os.getloadavg()}
     result["concurrency_sweep"] = sweep

@@ -363,7 +363,8 @@ def run_scenario(c: TwoNodes, *, name: str, body: dict, stream: bool, n: int, co
 
 def scenario_line(s: dict) -> str:
     a, o, cpu = s["added_ms"], s["node_overhead_ms"], s["cpu_ms_per_request"]
-    return (f"| {s['name']} | {s['concurrency']} | {s['rounds']} | "
+    disc = f" (+{s['discarded_rounds']} dropped)" if s.get("discarded_rounds") else ""
+    return (f"| {s['name']} | {s['concurrency']} | {s['rounds']}{disc} | "
             f"{s['socket']['p50']:.2f} / {s['socket']['p99']:.2f} | "
             f"{s['holder']['p50']:.2f} / {s['holder']['p99']:.2f} | "
             f"{s['peer']['p50']:.2f} / {s['peer']['p99']:.2f} | "

@@ -8,7 +8,9 @@ request on; the worker runs in one of two modes:
   --prefill-ms, then emits one token every --interval-ms without using the CPU: the pure software path (node
   and worker HTTP, validation, proxy, thread hand-offs, SSE relay) on an idle CPU;
 - ``trace``: the real model; the hand-off to generation is wrapped to record when it happens and when each
-  text delta is emitted (nothing else changes).
+  text delta is emitted (nothing else changes);
+- ``trace-nice:N`` (with --engine-nice N): the same, with the batching engine's thread (and so the llama.cpp
+  threads it starts) at nice N, so the worker's event loop, the node and the client preempt them at once.
 
 ``time.perf_counter`` is CLOCK_MONOTONIC, shared by all processes of a machine, so the worker's timestamps and
 the client's line up. Per streamed request (POST /v1/completions over a kept-alive ``http.client`` connection):
@@ -132,19 +134,31 @@ def install(mode: str) -> None:
     def text_prompt(self, prompt: str) -> list[int]:
         cur["prep_start"] = time.perf_counter()
         try:
-            if mode == "trace":
+            if mode.startswith("trace"):
                 return real_text_prompt(self, prompt)
             return [1] * max(1, len(prompt.split()))
         finally:
             cur["prep_end"] = time.perf_counter()
 
     rmod.Runner.text_prompt = text_prompt
+    if mode.startswith("trace-nice"):  # experiment: the generating threads yield to the event loop
+        import threading
+
+        from aivailable.engine import batch
+
+        nice, real_loop = int(mode.split(":")[1]), batch.BatchEngine._loop
+
+        def _loop(self) -> None:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # ggml's threads inherit it
+            return real_loop(self)
+
+        batch.BatchEngine._loop = _loop
     # The worker hands generation over through Runner.submit (a Future) where it has one (the batching
     # engine), else calls the blocking Runner.generate on its llama thread; patch whichever it uses.
     entry = "submit" if hasattr(rmod.Runner, "submit") else "generate"
     real_entry = getattr(rmod.Runner, entry)
 
-    if mode == "trace":
+    if mode.startswith("trace"):
         def traced(self, tokens, params, cancel, emit):
             cur["start"], cur["emits"] = time.perf_counter(), []
 
@@ -287,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prefill-ms", type=float, default=30.0, help="stub: sleep before the first token")
     ap.add_argument("--interval-ms", type=float, default=20.0, help="stub: sleep between tokens")
+    ap.add_argument("--engine-nice", type=int, default=0,
+                    help="also trace with the worker's generating threads at this nice value (an experiment)")
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="measure a request again if other processes used more than this fraction of the CPU")
     ap.add_argument("--model-path", type=Path, help="GGUF (default: the demo Gemma 3 270M)")
@@ -300,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             modes.append(f"stub:{args.prefill_ms:g}:{args.interval_ms:g}")
         if args.mode in ("trace", "both"):
             modes.append("trace")
+            if args.engine_nice:
+                modes.append(f"trace-nice:{args.engine_nice}")
         results = [run_mode(m, model_path, args.reps, args.warmup, args.max_tokens, tmp, args.max_foreign) for m in modes]
     print("| ms, median / p90 | " + " | ".join(f"{r['mode']} (n={len(r['samples'])})" for r in results) + " |")
     print("|---" * (len(results) + 1) + "|")
