@@ -9,6 +9,7 @@ Losing the leader, or a partition, never unloads anything: nodes only act on pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -36,8 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aivailable.cluster")
 
-FACTS_INTERVAL_S = 1.0
+FACTS_INTERVAL_S = 0.25
+"""How often own facts are compared with what was last gossiped (sent only when they changed)."""
 COORDINATOR_INTERVAL_S = 1.0
+"""Longest wait between coordinator rounds; a membership or facts change wakes it at once."""
 LEADER_SETTLE_S = 1.5
 """A new leader waits this long for facts before its first placement, so it does not move models
 of nodes it has not heard from yet."""
@@ -68,6 +71,16 @@ class RateMeter:
         return {m: round(r, 3) for m, r in self._rate.items() if r >= 0.001}
 
 
+_VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_tokens", "tokens_per_s", "uptime_s"}
+
+
+def _shape(facts: dict) -> dict:
+    """Facts without the counters that change with every request (those go out at most once a second)."""
+    out = {k: v for k, v in facts.items() if k != "rates"}
+    out["replicas"] = [{k: v for k, v in r.items() if k not in _VOLATILE} for r in facts.get("replicas", [])]
+    return out
+
+
 def _profiles(profile: str) -> tuple[MembershipConfig, ElectionConfig, TransportConfig]:
     if profile == "local":
         return MembershipConfig.local(), ElectionConfig.local(), TransportConfig.local()
@@ -93,6 +106,7 @@ class Cluster:
         self._leader_since: float | None = None
         self._last_facts: dict | None = None
         self._last_nodes: set[str] = set()
+        self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -149,11 +163,16 @@ class Cluster:
         return NodeFacts(**{**f.__dict__, "rates": self.rates.rates()})
 
     async def _facts_loop(self) -> None:
+        """Gossip own facts when they change: at once for replicas/GPUs, at most once a second for rates."""
+        last_sent = 0.0
         while True:
             facts = self.own_facts().to_dict()
-            if facts != self._last_facts:
+            now = time.monotonic()
+            last = self._last_facts or {}
+            structural = _shape(facts) != _shape(last)
+            if structural or (facts != last and now - last_sent >= 1.0):
                 self.transport.set_facts(facts)
-                self._last_facts = facts
+                self._last_facts, last_sent = facts, now
             await asyncio.sleep(FACTS_INTERVAL_S)
 
     def member_infos(self) -> list[MemberInfo]:
@@ -168,11 +187,13 @@ class Cluster:
         return out
 
     def _on_change(self) -> None:
-        pass  # the coordinator loop re-evaluates every second; decisions are idempotent
+        self._wake.set()  # membership, facts or leader changed: the coordinator looks at once
 
     async def _coordinator_loop(self) -> None:
         while True:
-            await asyncio.sleep(COORDINATOR_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), COORDINATOR_INTERVAL_S)
+            self._wake.clear()
             try:
                 self._coordinate()
             except Exception:  # never let one bad round kill the coordinator
@@ -186,7 +207,10 @@ class Cluster:
         now = time.monotonic()
         if self._leader_since is None:
             self._leader_since = now
+            self._last_nodes = {r["node"] for reps in self.node.placement.values() for r in reps}
             log.info("this node is the coordinator (term %d)", t.term)
+            loop = asyncio.get_running_loop()
+            loop.call_later(LEADER_SETTLE_S, self._wake.set)
         if now - self._leader_since < LEADER_SETTLE_S:
             return
         infos = [m for m in self.member_infos() if m.state in ("alive", "suspect")]
