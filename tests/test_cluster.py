@@ -17,19 +17,37 @@ SECRET = "test-cluster-secret-0123456789abcdef"
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.25):
+    """Poll `pred` until truthy. Transient answers of a cluster in motion (a 503 while a model is
+    re-placed or loads, a refused connection) are retried; any other error fails at once."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
-        with contextlib.suppress(urllib.error.URLError, OSError, ValueError, KeyError):
+        try:
             last = pred()
             if last:
                 return last
+        except openai.APIStatusError as e:
+            if e.status_code not in (429, 503):
+                raise
+            last = f"{e.status_code}: {e.message}"
+        except (urllib.error.URLError, OSError, ValueError, KeyError, openai.APIConnectionError) as e:
+            last = repr(e)
         time.sleep(interval)
     raise TimeoutError(f"{what} (last: {last})")
 
 
 def holders(view: dict, model: str) -> set[str]:
     return {r["node"] for m in view["models"] if m["name"] == model for r in m["replicas"] if r["state"] == "ready"}
+
+
+def settled(view: dict) -> bool:
+    """Every model placed, and every replica the placement names is ready (nothing still loading)."""
+    for m in view["models"]:
+        placed = {(r["node"], tuple(r["gpus"])) for r in m["placed_on"]}
+        ready = {(r["node"], tuple(r["gpus"])) for r in m["replicas"] if r["state"] == "ready"}
+        if not placed or placed != ready:
+            return False
+    return {m["name"] for m in view["models"]} == set(MODELS)
 
 
 def alive(view: dict) -> set[str]:
@@ -92,7 +110,7 @@ def cluster(tmp_path_factory, gemma_path):
             n.wait_healthy()
         wait_for(lambda: all(alive(n.cluster()) == {"n1", "n2", "n3"} for n in c.nodes.values()), 60,
                  "three nodes see each other alive")
-        wait_for(lambda: all(holders(c.nodes[1].cluster(), m) for m in MODELS), 120, "every model ready")
+        wait_for(lambda: settled(c.nodes[1].cluster()), 120, "every placed replica ready")
         yield c
     finally:
         c.stop()
