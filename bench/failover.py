@@ -91,6 +91,15 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last})")
 
 
+def ours(pid: int, marker: str) -> bool:
+    """Whether `pid` is still a worker this benchmark started (its command line names our temp dir)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
 def ready_replicas(view: dict) -> list[dict]:
     return [r for m in view["models"] if m["name"] == MODEL for r in m["replicas"] if r["state"] == "ready"]
 
@@ -141,8 +150,9 @@ class ThreeNodes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(n.proc.pid, signal.SIGKILL)
         for pid in worker_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)  # the worker leads its own session/group
+            if ours(pid, str(self.tmp)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # the worker leads its own session/group
 
     def stop(self) -> None:
         for n in self.nodes.values():  # gather worker pids once more (a re-placed replica is new)
@@ -157,8 +167,9 @@ class ThreeNodes:
             with contextlib.suppress(Exception):
                 n.kill_group()
         for pid in self.worker_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+            if ours(pid, str(self.tmp)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
 
 class Poller:

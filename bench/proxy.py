@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import sys
@@ -72,6 +73,15 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
                 return last
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last})")
+
+
+def ours(pid: int, marker: str) -> bool:
+    """Whether `pid` is still a worker this benchmark started (its command line names our temp dir)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return marker.encode() in f.read()
+    except OSError:
+        return False
 
 
 def ready_holders(view: dict, model: str) -> list[str]:
@@ -147,8 +157,9 @@ class TwoNodes:
             with contextlib.suppress(Exception):
                 n.kill_group()
         for pid in pids:  # workers run in their own sessions; they exit on stdin EOF, make sure
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, 9)
+            if ours(pid, str(self.tmp)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # the worker leads its own session/group
 
 
 # -- clients -------------------------------------------------------------------------------------------------

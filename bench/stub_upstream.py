@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -308,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-path", type=Path, help="GGUF (default: the demo Gemma 3 270M)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_overhead.json")
     args = ap.parse_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the node this starts is stopped in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="aiv-stub-bench-") as tmp_s:
         tmp = Path(tmp_s)
         model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
