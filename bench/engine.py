@@ -50,6 +50,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from aivailable.demo import demo_model_path  # noqa: E402
+from aivailable.engine.manager import default_threads  # noqa: E402
 from bench import engine_sweep  # noqa: E402
 from tests.nodeproc import start_node  # noqa: E402
 
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine.json")
     sw = ap.add_argument_group("concurrency sweep (bench/engine_sweep.py): our API vs llama-server")
     sw.add_argument("--sweep", default=",".join(map(str, engine_sweep.LEVELS)),
-                    help="stream counts, comma-separated (default 1,2,4,8,16); 'none' skips the sweep")
+                    help="stream counts, comma-separated (default 1,2,4,8,16); 'none' skips the sweep "
+                    "(keeping the sweep part of an existing --out JSON)")
     sw.add_argument("--sweep-only", action="store_true",
                     help="run only the sweep, and replace just its part of an existing --out JSON")
     sw.add_argument("--parallel", type=int, default=8, help="slots of both servers in the sweep (default 8)")
@@ -349,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_only:
         return sweep_only(args)
 
-    threads = len(os.sched_getaffinity(0))  # what engine.manager.default_threads gives each worker
+    threads = default_threads()  # what each worker gets
     tmp_ctx = tempfile.TemporaryDirectory(prefix="aiv-engine-bench-")
     tmp = Path(tmp_ctx.name)
     model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
@@ -487,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.sweep != "none":
         result["concurrency_sweep"] = run_sweep(args, args.model_path)  # the demo copy above is gone
+    elif args.out.exists():  # keep the sweep part of an earlier run (the counterpart of --sweep-only)
+        with contextlib.suppress(ValueError, OSError):
+            if "concurrency_sweep" in (earlier := json.loads(args.out.read_text())):
+                result["concurrency_sweep"] = earlier["concurrency_sweep"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
@@ -495,24 +501,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
     """The concurrency sweep (bench/engine_sweep.py) with this run's model, prompts and sampling."""
-    threads = len(os.sched_getaffinity(0))
+    threads = default_threads()
     with tempfile.TemporaryDirectory(prefix="aiv-engine-sweep-") as tmp_name:
         tmp = Path(tmp_name)
         model_path = model_path or demo_model_path(tmp / "demo-state", progress=False)
         server = engine_sweep.find_llama_server(args.llama_server, args.llama_server_python)
-        return engine_sweep.run(
+        started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
+        sweep = engine_sweep.run(
             model_path, tmp, model=MODEL, threads=threads, parallel=args.parallel, ctx=args.sweep_ctx,
             n_batch=N_BATCH, levels=tuple(int(x) for x in args.sweep.split(",")), requests=args.sweep_requests,
             max_tokens=args.sweep_max_tokens, prompts=[prompt_for(i) for i in range(len(TOPICS))],
             sampling=SAMPLING, llama_server=server, max_foreign=args.max_foreign)
+    return {"generated_at": started, "machine": {**machine_info(), "loadavg_before": load_before,
+                                                 "loadavg_after": os.getloadavg()}, **sweep}
 
 
 def sweep_only(args: argparse.Namespace) -> int:
     result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "engine"}
-    sweep = run_sweep(args, args.model_path)
-    sweep["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    sweep["machine"] = {**machine_info(), "loadavg": os.getloadavg()}
-    result["concurrency_sweep"] = sweep
+    result["concurrency_sweep"] = run_sweep(args, args.model_path)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote the concurrency sweep into {args.out}")

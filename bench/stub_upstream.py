@@ -28,9 +28,11 @@ the client's line up. Per streamed request (POST /v1/completions over a kept-ali
   chunk) and loop_to_client (worker write, unix socket, node relay, TCP, client parse);
 - deliver_rest_max: the slowest later token of a request.
 
-    python bench/stub_upstream.py [--mode stub|trace|both] [--reps 20] [--max-tokens 32]
+    python bench/stub_upstream.py [--mode stub|trace|both] [--engine-nice 5] [--reps 20] [--max-tokens 32]
 
-Prints a table and writes bench/results/engine_overhead.json.
+About 1-3 minutes on 2 idle cores (a request is measured again if another process used the CPU meanwhile).
+Prints a table (median / p90 of each part) and writes bench/results/engine_overhead.json (settings, machine,
+every request's parts).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import statistics
 import sys
@@ -311,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the node this starts is stopped in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="aiv-stub-bench-") as tmp_s:
         tmp = Path(tmp_s)
         model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
+        model_name = model_path.name
         modes = []
         if args.mode in ("stub", "both"):
             modes.append(f"stub:{args.prefill_ms:g}:{args.interval_ms:g}")
@@ -328,8 +333,19 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{r['summary'][k]['median']:.2f} / {r['summary'][k]['p90']:.2f}" if k in r["summary"] else "-"
                  for r in results]
         print(f"| {k.removesuffix('_ms')} | " + " | ".join(cells) + " |")
+    from aivailable.engine.runner import Runner
+
     out = {"benchmark": "engine_overhead", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "cpu_count": os.cpu_count(), "max_tokens": args.max_tokens, "results": results}
+           "machine": {"cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
+                       "python": platform.python_version(), "loadavg_before": load_before,
+                       "loadavg_after": os.getloadavg()},
+           "settings": {"reps": args.reps, "warmup": args.warmup, "max_tokens": args.max_tokens,
+                        "prefill_ms": args.prefill_ms, "interval_ms": args.interval_ms,
+                        "engine_nice": args.engine_nice, "max_foreign_cpu": args.max_foreign,
+                        "endpoint": "/v1/completions (streamed)", "model": model_name,
+                        "worker_generation_entry": "Runner.submit" if hasattr(Runner, "submit")
+                        else "Runner.generate"},
+           "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -473,3 +473,18 @@ def test_doctor_subprocess_bad_simulate_gpu(value: str) -> None:
     proc = run_py(["-m", "aivailable.engine.doctor", "--simulate-gpu", value])
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("aivailable doctor: error: --simulate-gpu:") and repr(value) in proc.stderr
+
+
+def test_default_threads_counts_physical_cores(tmp_path):
+    """Hyper-thread siblings share a core: 4 logical CPUs on 2 cores give 2 worker threads."""
+    from aivailable.engine.manager import default_threads
+
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}
+    for cpu, cores in siblings.items():
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "core_cpus_list").write_text(cores + "\n")
+    assert default_threads({0, 1, 2, 3}, sysfs=str(tmp_path)) == 2
+    assert default_threads({0, 2}, sysfs=str(tmp_path)) == 1  # affinity limited to one core's threads
+    assert default_threads({7, 8, 9}, sysfs=str(tmp_path)) == 3  # no topology: each CPU counts
+    assert default_threads() >= 1

@@ -119,12 +119,31 @@ class WorkerHandle:
                 "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None}
 
 
-def default_threads() -> int:
-    """CPU threads for a worker: the cores this process may run on (llama-cpp-python defaults to half)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+def default_threads(cpus: set[int] | None = None, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """CPU threads for a worker: the physical cores this process may run on.
+
+    llama-cpp-python defaults to half the logical CPUs; decode is memory-bound, so one
+    thread per physical core is best, and hyper-threads sharing a core only add contention.
+    Cores are counted from sysfs topology (`core_cpus_list`, older kernels
+    `thread_siblings_list`); where that is unreadable every allowed CPU counts as a core.
+    """
+    if cpus is None:
+        try:
+            cpus = set(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            cpus = set(range(os.cpu_count() or 1))
+    cores: set[str] = set()
+    for cpu in cpus:
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                with open(f"{sysfs}/cpu{cpu}/topology/{name}") as f:
+                    cores.add(f.read().strip())
+                break
+            except OSError:
+                continue
+        else:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
 
 
 class WorkerManager:

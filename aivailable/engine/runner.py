@@ -1,17 +1,18 @@
-"""Blocking llama.cpp execution for one model: load (verifying GPU offload), generate, embed.
+"""llama.cpp execution for one model: load (verifying GPU offload), generate, embed.
 
-Runs inside a worker process, on one dedicated thread; the worker's event loop talks to it through
-`emit` callbacks. Generation is our own token loop over `Llama.generate` so usage is exact in
-streams, stop sequences never leak, and a cancelled request stops at the next token.
+Runs inside a worker process. Loading and embeddings are blocking calls the worker makes on one
+dedicated thread. Generation goes through an engine.batch.BatchEngine, which owns the model's only
+generation context and runs up to `parallel` requests at once on its own thread; the worker's event
+loop talks to it through `emit` callbacks and a Future per request. Usage is exact in streams, stop
+sequences never leak, and a cancelled request stops at the next step.
 """
 
 from __future__ import annotations
 
-import codecs
-import random
+import dataclasses
 import threading
-import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
@@ -68,15 +69,10 @@ class GenResult:
     duration_s: float
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing chars of `text` could still be the start of a stop sequence."""
-    keep = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                keep = max(keep, n)
-                break
-    return keep
+# A generation model's Llama object gets only this tiny context (closed right after loading): the
+# BatchEngine creates the real one, with a slot per parallel request.
+PLACEHOLDER_CTX = 256
+PLACEHOLDER_BATCH = 8
 
 
 class Runner:
@@ -86,20 +82,28 @@ class Runner:
         self.spec = spec
         self.load_report = None
         self.template: ChatTemplate | None = None
+        self.engine = None  # engine.batch.BatchEngine, for models that generate
         self._llm = None
         self._lock = threading.Lock()
 
     # -- loading -------------------------------------------------------------------------------
     def load(self) -> None:
-        """Load the model; on a real GPU refuse unless every layer is offloaded."""
+        """Load the model; on a real GPU refuse unless every layer is offloaded.
+
+        An embedding model keeps the Llama object's own context. A generation model's Llama gets a
+        placeholder context, closed at once; its BatchEngine then creates the one context that serves
+        every slot, and the load report counts that context's KV cache and compute buffers.
+        """
         import llama_cpp
 
         from aivailable.engine.gguf_info import chat_format_for
         from aivailable.engine.loadlog import capture_load_log
 
         spec = self.spec
+        n_ctx, n_batch = ((spec.n_ctx, min(spec.n_batch, spec.n_ctx)) if spec.embedding
+                          else (PLACEHOLDER_CTX, PLACEHOLDER_BATCH))
         kwargs: dict = dict(
-            model_path=spec.path, n_ctx=spec.n_ctx, n_batch=min(spec.n_batch, spec.n_ctx),
+            model_path=spec.path, n_ctx=n_ctx, n_batch=n_batch,
             n_threads=spec.n_threads, n_threads_batch=spec.n_threads,
             n_gpu_layers=0 if spec.simulated else -1, embedding=spec.embedding, verbose=False,
         )
@@ -116,10 +120,11 @@ class Runner:
             except Exception as exc:
                 raise LoadError(f"llama.cpp could not load {spec.path}: {exc}") from exc
         self.load_report = log.report()
+        if not spec.embedding:
+            self._start_engine()
         if not spec.simulated and not self.load_report.fully_offloaded:
             rep = self.load_report
-            self._llm.close()
-            self._llm = None
+            self.close()
             done = (f"only {rep.offloaded_layers}/{rep.total_layers} layers" if rep.offloaded_layers is not None
                     else "no layers (llama.cpp reported no GPU offload)")
             raise LoadError(
@@ -133,6 +138,34 @@ class Runner:
         self.template = resolve_template(None if spec.chat_format else meta.get("tokenizer.chat_template"), hint)
         self._bos = self._piece(self._llm.token_bos())
         self._eos = self._piece(self._llm.token_eos())
+
+    def _start_engine(self) -> None:
+        """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report."""
+        from aivailable.engine.batch import BatchEngine
+        from aivailable.engine.loadlog import capture_load_log
+
+        spec = self.spec
+        self._llm._ctx.close()  # the placeholder; nothing of the Llama object uses its context from now on
+        with capture_load_log(passthrough=False) as log:
+            try:
+                self.engine = BatchEngine(self._llm._model, n_ctx=spec.n_ctx, parallel=spec.parallel,
+                                          n_batch=spec.n_batch, n_threads=spec.n_threads)
+            except Exception as exc:
+                self.close()
+                raise LoadError(f"llama.cpp could not create a context of {spec.n_ctx} tokens for "
+                                f"{spec.parallel} parallel sequences: {exc}") from exc
+        ctx = log.report()
+        self.load_report = dataclasses.replace(self.load_report, kv_mib=ctx.kv_mib, compute_mib=ctx.compute_mib,
+                                               output_mib=ctx.output_mib, kv_cells=ctx.kv_cells)
+
+    def close(self) -> None:
+        """Stop the engine and free the model (the worker calls it once, on the way out)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
 
     def _piece(self, token: int) -> str:
         if token < 0:
@@ -159,76 +192,25 @@ class Runner:
         return self.llm.tokenize(prompt.encode(), add_bos=True, special=False)
 
     # -- generation ----------------------------------------------------------------------------
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one request may use (prompt + completion): the context split over the slots."""
+        return self.engine.n_ctx_seq if self.engine is not None else self.llm.n_ctx()
+
+    def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
+               emit: Callable[[str], None]) -> Future:
+        """Start generating from `tokens`; `emit(text_delta)` is called from the engine's thread and the
+        Future gives the GenResult. Stops at EOG, a stop string, the limit or `cancel`. A prompt that
+        cannot fit raises InvalidRequest here, before anything is sent."""
+        if self.engine is None:
+            raise InvalidRequest(f"model {self.spec.model!r} is an embedding model; it does not generate text",
+                                 param="model")
+        return self.engine.submit(tokens, params, cancel, emit)
+
     def generate(self, tokens: list[int], params: GenParams, cancel: threading.Event,
                  emit: Callable[[str], None]) -> GenResult:
-        """Generate from `tokens`, calling `emit(text_delta)`; stops at EOG, a stop string, the limit or cancel."""
-        import llama_cpp
-
-        llm = self.llm
-        n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise InvalidRequest(
-                f"This model's maximum context length is {n_ctx} tokens, but the prompt is {len(tokens)} tokens.",
-                param="messages")
-        room = n_ctx - len(tokens)
-        limit = min(params.max_tokens or room, room)
-        grammar = None
-        if params.json_mode:
-            grammar = llama_cpp.LlamaGrammar.from_string(JSON_GRAMMAR, verbose=False)
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        temp = DEFAULT_TEMPERATURE if params.temperature is None else params.temperature
-        vocab = llm._model.vocab
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = [s for s in params.stop if s]
-        text, sent = "", 0
-        n_out, finish, cut_by_stop = 0, "length", False
-        t0 = time.perf_counter()
-        ttft = 0.0
-        gen = llm.generate(
-            tokens, temp=temp,
-            top_p=DEFAULT_TOP_P if params.top_p is None else params.top_p,
-            top_k=DEFAULT_TOP_K if params.top_k is None else params.top_k,
-            min_p=DEFAULT_MIN_P if params.min_p is None else params.min_p,
-            repeat_penalty=1.0 if params.repeat_penalty is None else params.repeat_penalty,
-            presence_penalty=params.presence_penalty or 0.0,
-            frequency_penalty=params.frequency_penalty or 0.0,
-            grammar=grammar,
-        )
-        try:
-            for tok in gen:
-                if n_out == 0:
-                    ttft = time.perf_counter() - t0
-                if cancel.is_set():
-                    finish = "cancelled"
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, tok):
-                    finish = "stop"
-                    break
-                n_out += 1
-                text += decoder.decode(llm.detokenize([tok], special=False))
-                cut = min((i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0),
-                          default=-1)
-                if cut >= 0:
-                    if cut > sent:
-                        emit(text[sent:cut])
-                    finish, cut_by_stop = "stop", True
-                    break
-                safe = len(text) - _held_back(text, stops)
-                if safe > sent:
-                    emit(text[sent:safe])
-                    sent = safe
-                if n_out >= limit:
-                    break
-            else:
-                finish = "stop"
-        finally:
-            gen.close()
-        if finish != "cancelled" and not cut_by_stop:  # text held back for a stop that never came
-            rest = text + decoder.decode(b"", final=True)
-            if len(rest) > sent:
-                emit(rest[sent:])
-        return GenResult(len(tokens), n_out, finish, ttft or (time.perf_counter() - t0),
-                         time.perf_counter() - t0)
+        """Blocking form of `submit`."""
+        return self.submit(tokens, params, cancel, emit).result()
 
     # -- embeddings ----------------------------------------------------------------------------
     def embed(self, inputs: list[str]) -> tuple[list[list[float]], int]:

@@ -3,14 +3,16 @@
 Started by engine.manager as `python -m aivailable.engine.worker SPEC_JSON` with the backend's
 visible-devices variable already set. Protocol with the manager: after loading, the worker prints
 one JSON line on stdout, `{"event": "ready", ...}` or `{"event": "failed", "reason": ...}` (then
-exits 3); everything else goes to stderr. Requests run FIFO, one at a time per slot, with a bounded
-queue (429 + Retry-After when full); a client that disconnects stops its generation at the next token.
+exits 3); everything else goes to stderr. Requests are admitted FIFO to `parallel` slots, with a
+bounded queue (429 + Retry-After when full); admitted ones generate together in the runner's
+BatchEngine (continuous batching), and a client that disconnects stops its generation at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import faulthandler
 import json
 import logging
@@ -85,6 +87,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec, runner: Runner):
         self.spec, self.runner = spec, runner
         self.gate = FifoGate(spec.parallel, spec.max_queue)
+        # Tokenizing and embeddings, in admission order; generation runs on the BatchEngine's thread.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0,
                       "prompt_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
@@ -159,19 +162,18 @@ class Worker:
             loop = asyncio.get_running_loop()
             deltas: asyncio.Queue[str | None] = asyncio.Queue()
 
-            def emit(text: str) -> None:
+            def emit(text: str) -> None:  # on the engine's thread
                 loop.call_soon_threadsafe(deltas.put_nowait, text)
 
-            def work():
-                try:
-                    return self.runner.generate(tokens, params, cancel, emit)
-                finally:
-                    loop.call_soon_threadsafe(deltas.put_nowait, None)
+            def done() -> None:  # on the event loop, after every emit of this request
+                deltas.put_nowait(None)
+                self.gate.release()
 
-            job = loop.run_in_executor(self.pool, work)
-            # The llama thread may outlive this handler (client gone): release only when it is done.
-            job.add_done_callback(lambda _f: self.gate.release())
+            fut = self.runner.submit(tokens, params, cancel, emit)
+            # The engine may outlive this handler (client gone): release only when it is done.
+            fut.add_done_callback(lambda _f: _call_soon(loop, done))
             released = True
+            job = asyncio.wrap_future(fut)
             if req.stream:
                 resp = await self._stream(request, req, shape, deltas, job)
             else:
@@ -235,6 +237,12 @@ class Worker:
             self.last_tps = (result.completion_tokens - 1) / gen_s
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn) -> None:
+    """Schedule `fn` on `loop` from another thread; nothing to do once the loop is closed (shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
+
+
 def _announce(event: dict) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
@@ -281,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a broken file or an unexpected llama.cpp failure: say it plainly
         _announce({"event": "failed", "reason": f"{type(exc).__name__}: {exc}"})
         return EXIT_LOAD_FAILED
-    log.info("loaded %s in %.1fs", spec.model, time.monotonic() - t0)
-    asyncio.run(_serve(Worker(spec, runner)))
+    log.info("loaded %s in %.1fs (%d slots of %d tokens)", spec.model, time.monotonic() - t0, spec.parallel,
+             runner.n_ctx_seq)
+    try:
+        asyncio.run(_serve(Worker(spec, runner)))
+    finally:
+        runner.close()
     return 0
 
 
