@@ -58,7 +58,7 @@ class FileService:
         self.fetcher = Fetcher(
             node_id=node_id, secret=secret, fetched_dir=self.index.fetched_dir,
             chunk_size=int(cfg.chunk_mib * 2**20), bandwidth_bps=cfg.bandwidth_mib_s * 2**20,
-            plan_config=PlanConfig(give_up_after_s=60.0 if cfg.profile == "local" else 300.0),
+            plan_config=PlanConfig(give_up_after_s=10.0 if cfg.profile == "local" else 300.0),
             counters=FetchCounters(received=lambda p, n: self.bytes_in.labels(p).inc(n),
                                    corrupt=lambda p: self.corrupt.labels(p).inc()))
         self.server = FileServer(node_id, secret, self.lookup, cache, on_served=self.bytes_out.inc)
