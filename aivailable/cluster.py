@@ -110,6 +110,7 @@ class Cluster:
         self._last_nodes: set[str] = set()
         self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
+        self._conflicts: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -197,9 +198,22 @@ class Cluster:
                 await asyncio.wait_for(self._wake.wait(), COORDINATOR_INTERVAL_S)
             self._wake.clear()
             try:
+                self._log_conflicts()
                 self._coordinate()
             except Exception:  # never let one bad round kill the coordinator
                 log.exception("coordinator round failed")
+
+    def _log_conflicts(self) -> None:
+        """Say once in the log when two nodes define a model differently (and when that is resolved)."""
+        facts = [m.facts for m in self.member_infos() if m.facts is not None and m.state in ("alive", "suspect")]
+        _, conflicts = coord.merged_catalog(facts)
+        for name, why in sorted(conflicts.items()):
+            if self._conflicts.get(name) != why:
+                log.warning("model %s is %s (fix the config files so they agree; files/catalog.py has the rule)",
+                            name, why)
+        for name in sorted(set(self._conflicts) - set(conflicts)):
+            log.info("model %s: definitions agree again", name)
+        self._conflicts = conflicts
 
     def _coordinate(self) -> None:
         t = self.transport

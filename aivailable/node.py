@@ -300,6 +300,20 @@ class Node:
         await self.estimate_models()
         await self.cluster.start(self.address)
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
+        from aivailable.files import progress
+
+        if progress.enabled():
+            self._tasks.append(asyncio.create_task(self._load_bars(progress.LoadBars()), name="load progress"))
+
+    async def _load_bars(self, bars) -> None:
+        """Terminal spinners for model loads (only when stderr is a TTY)."""
+        try:
+            while True:
+                bars.update({k: f"loading {h.model} on {'+'.join(h.assignment.device_ids)}"
+                             for k, h in self.manager.workers.items() if h.state in ("starting", "loading")})
+                await asyncio.sleep(0.5)
+        finally:
+            bars.close()
 
     async def _refresh_devices(self, interval_s: float = 2.0) -> None:
         """Re-measure real GPUs' VRAM (simulated ones: what the workers claim) for the status page."""

@@ -25,6 +25,15 @@ def tiny(tmp_path_factory):
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """Another small gemma3 GGUF (other weights, so another sha256)."""
+    from tests.ggufgen import write_model
+
+    return write_model(tmp_path_factory.mktemp("other") / "other.gguf", "gemma3", 2, 256, 4, 1, 512, 8000, 2048,
+                       seed=1)
+
+
 def config(tmp, name: str, model_path, *, on: list[str]) -> str:
     cfg = tmp / f"{name}.toml"
     cfg.write_text(f'[[models]]\nname = "tiny"\npath = "{model_path}"\nctx = 512\n'
@@ -56,19 +65,45 @@ def metric(node: NodeProc, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def page_text(node: NodeProc, selector: str) -> str:
+    """Text of `selector` on the node's status page in headless Chromium (no page errors allowed)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_status_page import CHROMIUM
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(node.url + "/")
+            loc = page.locator(selector)
+            loc.wait_for(timeout=10_000)
+            text = loc.inner_text()
+            assert not errors, errors
+            return text
+        finally:
+            browser.close()
+
+
 def stop_all(nodes: list[NodeProc]) -> None:
     for n in nodes:
         n.stop(timeout=15)
 
 
-def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp_path, tiny):
+def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp_path, tiny, other):
     path, sha = tiny
     ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2, 3)}
+    dropped = tmp_path / "n3-models"  # n3 offers two dropped-in files: "extra", and a different "tiny"
+    dropped.mkdir()
+    (dropped / "extra.gguf").write_bytes(other.read_bytes())
+    (dropped / "tiny.gguf").write_bytes(other.read_bytes())
     nodes = [start(tmp_path, 1, ports, "--config", config(tmp_path, "n1", path, on=["n2"]))]
     try:
         nodes[0].wait_healthy()
         nodes.append(start(tmp_path, 2, ports, "--bandwidth-mib-s", "2", "--chunk-mib", "0.5"))
-        nodes.append(start(tmp_path, 3, ports))
+        nodes.append(start(tmp_path, 3, ports, "--models-dir", str(dropped)))
         n1, n2, n3 = nodes
         seen: list[dict] = []
 
@@ -95,9 +130,22 @@ def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp
         assert metric(n2, "aivailable_file_bytes_received_total", 'peer="n1"') == path.stat().st_size
         assert metric(n2, "aivailable_file_transfers_total", 'outcome="done"') == 1
         assert metric(n1, "aivailable_file_bytes_served_total") == path.stat().st_size
+        row = page_text(n3, 'tr.transfer-row[data-model="tiny"][data-node="n2"]')
+        assert "done" in row and "100.0%" in row and "n1" in row
         client = openai.OpenAI(base_url=n3.api, api_key="x", max_retries=0, timeout=60)
         out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens >= 1
+        # n3's different "tiny" is a reported conflict (n1's configured definition wins), never merged.
+        assert "defined differently on n1 and n3; using n1's definition" in model(n1.cluster())["reason"]
+        assert any("model tiny is defined differently" in n.log() for n in nodes)
+        # The dropped-in "extra" is offered to the whole cluster and loads on its first request.
+        extra = model(n1.cluster(), "extra")
+        assert extra["offered"] and extra["holders"] == ["n3"] and "loads on the first request" in extra["reason"]
+        assert "extra" in {m.id for m in openai.OpenAI(base_url=n1.api, api_key="x").models.list()}
+        first = wait_for(lambda: openai.OpenAI(base_url=n1.api, api_key="x", max_retries=0, timeout=60)
+                         .chat.completions.create(model="extra", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2), 120, "extra served on demand")
+        assert first.usage.completion_tokens >= 1
     finally:
         stop_all(nodes)
 
