@@ -95,7 +95,7 @@ class Node:
     async def estimate_models(self) -> None:
         """VRAM each model whose file this node holds needs (GGUF metadata; read in a thread, cached)."""
         for name, m in self.models().items():
-            if name in self.estimates:
+            if name in self.estimates or self.unplaced.get(name, "").startswith("cannot read"):
                 continue
             path = self.files.path_for(name, m)
             if path is None:
@@ -195,8 +195,8 @@ class Node:
     def models(self) -> dict[str, dict]:
         """Every model the cluster serves (name -> definition), this node's own config included."""
         cat = self.cluster.catalog() if self.cluster.transport is not None else {}
-        for m in self.catalog.values():
-            cat.setdefault(m.name, m.model_dump(mode="json"))
+        for m in self.files.catalog_entries():  # own config and offered files, also before gossip runs
+            cat.setdefault(m["name"], m)
         return cat
 
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
@@ -321,6 +321,7 @@ class Node:
             await asyncio.sleep(interval_s)
             claims = {d: int(v) for d, v in self.manager.vram_claims().items()}
             self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
+            await self.estimate_models()  # models the cluster catalog named since, whose file is here
 
     async def stop(self) -> None:
         log.info("node %s shutting down: draining requests, stopping workers", self.node_id)

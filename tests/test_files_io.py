@@ -193,14 +193,14 @@ def test_sha256_is_cached_by_path_size_and_mtime(tmp_path):
     st = f.stat()
     with diskcache.Cache(str(tmp_path / "cache")) as cache:
         idx = FileIndex(models, cache, {})
-        first = idx.scan()
+        [first] = idx.scan()
         sha = hashlib.sha256(b"A" * 1000).hexdigest()
-        assert list(first) == [sha] and first[sha].origin == "dropped" and first[sha].name == "dropped"
+        assert (first.sha256, first.origin, first.name) == (sha, "dropped", "dropped")
         f.write_bytes(b"B" * 1000)  # same size; restore the mtime: the cache must answer, no re-hash
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert list(FileIndex(models, cache, {}).scan()) == [sha]
+        assert [f.sha256 for f in FileIndex(models, cache, {}).scan()] == [sha]
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a real change: hashed again
-        assert list(FileIndex(models, cache, {}).scan()) == [hashlib.sha256(b"B" * 1000).hexdigest()]
+        assert [f.sha256 for f in FileIndex(models, cache, {}).scan()] == [hashlib.sha256(b"B" * 1000).hexdigest()]
 
 
 def test_disk_budget_removes_old_unused_never_in_use_or_pinned(tmp_path):

@@ -73,9 +73,9 @@ class FileIndex:
         st = path.stat()
         self.cache.set(("sha256", str(path.resolve()), st.st_size, st.st_mtime_ns), digest)
 
-    def scan(self) -> dict[str, LocalFile]:
-        """sha256 -> file, for every readable model file (blocking: run it in a thread)."""
-        found: dict[str, LocalFile] = {}
+    def scan(self) -> list[LocalFile]:
+        """Every readable model file (blocking: run it in a thread); one sha256 may appear under several names."""
+        found: list[LocalFile] = []
         entries: list[tuple[Path, Origin, str]] = [(Path(p).expanduser(), "config", n)
                                                    for n, p in sorted(self.config_paths.items())]
         configured = {p.resolve() for p, _, _ in entries if p.exists()}
@@ -94,7 +94,7 @@ class FileIndex:
                 log.error("fetched file %s no longer matches its sha256 (%s); removing it", path, digest)
                 path.unlink(missing_ok=True)
                 continue
-            found.setdefault(digest, LocalFile(digest, path, size, origin, name))
+            found.append(LocalFile(digest, path, size, origin, name))
         return found
 
 

@@ -42,6 +42,8 @@ class FileService:
         self.peers, self.in_use, self.pinned = peers, in_use, pinned
         self.index = FileIndex(cfg.models_path, cache, {n: m.path for n, m in models.items() if m.path})
         self.files: dict[str, LocalFile] = {}
+        """sha256 -> one local copy (what peers may fetch)"""
+        self.found: list[LocalFile] = []
         self.offers: dict[str, dict] = {}
         self.transfers: dict[str, Transfer] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -79,9 +81,12 @@ class FileService:
 
     async def rescan(self) -> bool:
         """Re-index the models directory (new files are hashed in a thread); True if anything changed."""
-        files = await asyncio.to_thread(self.index.scan)
+        found = await asyncio.to_thread(self.index.scan)
+        files: dict[str, LocalFile] = {}
+        for f in found:
+            files.setdefault(f.sha256, f)
         offers = {}
-        for f in files.values():
+        for f in found:
             if f.origin == "dropped":
                 try:
                     defaults = await asyncio.to_thread(gguf_defaults, f.path, self.cache)
@@ -90,7 +95,7 @@ class FileService:
                     continue
                 offers[f.name] = {"name": f.name, "sha256": f.sha256, "size": f.size, "offered": True, **defaults}
         changed = set(files) != set(self.files) or offers != self.offers
-        self.files, self.offers = files, offers
+        self.files, self.offers, self.found = files, offers, found
         return changed
 
     async def _rescan_loop(self) -> None:
@@ -123,7 +128,7 @@ class FileService:
 
     def catalog_entries(self) -> list[dict]:
         """This node's config definitions (with sha256/size where it holds the file) and its offers."""
-        by_name = {f.name: f for f in self.files.values() if f.origin == "config"}
+        by_name = {f.name: f for f in self.found if f.origin == "config"}
         out = []
         for name, m in self.models.items():
             d = m.model_dump(mode="json", exclude_none=True)
