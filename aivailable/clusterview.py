@@ -19,6 +19,10 @@ class MemberInfo:
 
 
 def _transfer_text(t: dict) -> str:
+    if t["state"] == "verifying":
+        return f"{t['node']} is verifying the sha256 of its copy"
+    if t["state"] == "queued":
+        return f"{t['node']} is about to fetch its file"
     eta = f", ETA {t['eta_s']:.0f}s" if t.get("eta_s") is not None else ""
     return f"{t['node']} {t['state']} its file: {t['percent']:.0f}% at {t['rate_mib_s']:.1f} MiB/s{eta}"
 

@@ -5,7 +5,10 @@ serves corrupted bytes is caught, reported, and its data never loaded."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -120,7 +123,7 @@ def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp
         assert m["sha256"] == sha and set(m["holders"]) == {"n1", "n2"}
         # The status seen from a third node showed the transfer with percent, rate and ETA.
         assert seen, "the model was never seen in state 'fetching'"
-        assert "n2 fetching its file" in seen[-1]["reason"] and "MiB/s" in seen[-1]["reason"]
+        assert any("n2 fetching its file" in x["reason"] and "MiB/s" in x["reason"] for x in seen), seen[-1]
         moving = [t for s in seen for t in s["transfers"] if t["node"] == "n2" and t["state"] == "fetching"]
         assert moving and {"percent", "rate_mib_s", "eta_s", "bytes_done", "size"} <= set(moving[-1])
         done = transfers(n2)[-1]
@@ -167,7 +170,7 @@ def test_killing_the_serving_holder_mid_transfer_resumes_from_another(tmp_path, 
         before = t["bytes_done"]
         wait_for(lambda: model(n3.cluster())["state"] == "ready", 120, "tiny ready on n3 after the kill")
         done = transfers(n3)[-1]
-        assert done["state"] == "done" and done["peers"].get(survivor, 0) > 0
+        assert done["state"] == "done" and done["peers"].get(survivor, 0) > t["peers"].get(survivor, 0)
         assert sum(done["peers"].values()) == path.stat().st_size and before < path.stat().st_size
         fetched = n3.state_dir / "models" / "fetched" / f"{sha}.gguf"
         assert hashlib.sha256(fetched.read_bytes()).hexdigest() == sha  # byte-identical
@@ -197,6 +200,9 @@ def test_a_holder_serving_corrupt_bytes_is_caught_reported_and_never_loaded(tmp_
         assert not list((n2.state_dir / "models" / "fetched").glob("*.gguf"))
         assert not any(r["node"] == "n2" for r in m["replicas"])  # never loaded
         assert "served corrupt data" in n2.log()
+        table = subprocess.run([sys.executable, "-m", "aivailable", "status", "--url", n2.url], capture_output=True,
+                               text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+        assert table.returncode == 0 and "Model-file transfers" in table.stdout and "failed" in table.stdout
         with pytest.raises(openai.APIStatusError) as err:
             openai.OpenAI(base_url=n2.api, api_key="x", max_retries=0).chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)

@@ -93,7 +93,8 @@ class Transfer:
         left = max(0, self.size - self.bytes_done)
         return {"model": self.model, "sha256": self.sha256, "state": self.state, "size": self.size,
                 "bytes_done": self.bytes_done,
-                "percent": round(100.0 * self.bytes_done / self.size, 1) if self.size else 100.0,
+                "percent": round(100.0 * self.bytes_done / self.size, 1) if self.size
+                else (100.0 if self.state == "done" else 0.0),
                 "rate_mib_s": round(rate / 2**20, 2), "eta_s": round(left / rate, 1) if rate > 0 else None,
                 "peers": dict(self.peers), "banned": dict(self.banned), "error": self.error,
                 "resumed_bytes": self.resumed_bytes,

@@ -102,7 +102,8 @@ class FileService:
         while True:
             await asyncio.sleep(RESCAN_S)
             try:
-                if await self.rescan() and self.on_change is not None:
+                changed = await self.rescan()
+                if (changed or self._retry_due()) and self.on_change is not None:
                     await self.on_change()
             except Exception:
                 log.exception("rescanning %s failed", self.cfg.models_path)
@@ -214,6 +215,14 @@ class FileService:
             log.warning("disk budget: removing %s (%s, %.1f MiB, unused) to make room for %s", f.path, f.name,
                         f.size / 2**20, t.model)
             f.path.unlink(missing_ok=True)
+
+    def _retry_due(self) -> bool:
+        """True once a failed transfer may be tried again (the node's reconcile calls `want` anew)."""
+        now = time.monotonic()
+        due = [s for s, at in self._retry_at.items() if at <= now]
+        for s in due:
+            del self._retry_at[s]
+        return bool(due)
 
     def touch(self, shas: set[str]) -> None:
         """Record that workers use these files now (the disk budget removes least recently used first)."""
