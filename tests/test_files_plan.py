@@ -171,3 +171,32 @@ def test_catalog_merge_rules():
     cat, conflicts = merge([("n1", [{**base, "offered": True, "sha256": sha_a}]),
                             ("n2", [{**base, "offered": True, "sha256": sha_a}])])
     assert conflicts == {} and cat["m"]["offered"]
+
+
+def test_placement_lets_any_node_fetch_a_held_file_and_prefers_holders():
+    from aivailable.coordinator import NodeFacts, build_problem, decide
+
+    sha = "c" * 64
+    dev = [{"id": "0", "vendor": "sim", "name": "card", "vram_total_mib": 2000, "vram_used_mib": 0,
+            "simulated": True, "usable": True}]
+    entry = {"name": "m", "ctx": 512, "sha256": sha, "size": 10, "min_replicas": 2, "max_replicas": 2}
+    holder = NodeFacts("n1", "a:1", devices=dev, catalog=[entry], needs_mib={"m": 300.0}, files={sha: {"size": 10}})
+    others = [NodeFacts(n, "a:1", devices=dev) for n in ("n2", "n3")]
+    [spec] = build_problem([holder, *others], {}).models
+    assert spec.files_on == ["n1"] and spec.affinity.nodes == ["n1", "n2", "n3"]
+    placed, _ = decide([holder, *others], {})
+    assert "n1" in {r["node"] for r in placed["m"]} and len(placed["m"]) == 2  # the holder, plus a fetcher
+    one = NodeFacts("n1", "a:1", devices=dev, catalog=[{**entry, "min_replicas": 1, "max_replicas": 1}],
+                    needs_mib={"m": 300.0}, files={sha: {"size": 10}})
+    for order in ([one, *others], [*others, one]):
+        placed, _ = decide(order, {})
+        assert [r["node"] for r in placed["m"]] == ["n1"]  # a transfer costs more than loading where it is
+    # Without a sha256 (nothing to verify a copy against) only the node with the file can run it.
+    bare = NodeFacts("n1", "a:1", devices=dev, catalog=[{k: v for k, v in entry.items() if k not in ("sha256", "size")}],
+                     needs_mib={"m": 300.0})
+    [spec] = build_problem([bare, *others], {}).models
+    assert spec.affinity.nodes == ["n1"]
+    # Nobody holds it: nothing to place, and the reason says so.
+    gone = NodeFacts("n1", "a:1", devices=dev, catalog=[entry])
+    placed, reasons = decide([gone, *others], {})
+    assert placed == {} and reasons["m"] == "no live node holds its model file"

@@ -205,8 +205,8 @@ class TransferPlan:
             bad = self.banned()
             why = "no live node holds the file"
             if bad:
-                why += "; not asking " + ", ".join(f"{p} ({b})" for p, b in sorted(bad.items()))
-            self.fail(f"{why} (waited {self.config.give_up_after_s:.0f}s)")
+                why = "no usable holder left; not asking " + ", ".join(f"{p} ({b})" for p, b in sorted(bad.items()))
+            self.fail(f"{why} (waited {self.config.give_up_after_s:.0f}s for another holder)")
 
 
 def from_bitmap(data: bytes, n_chunks: int) -> set[int]:
