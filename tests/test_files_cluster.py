@@ -9,10 +9,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
 
+from aivailable.gossip import envelope
+from aivailable.gossip.messages import FileRequest
 from tests.nodeproc import NodeProc, free_port, start_node
 from tests.test_cluster import wait_for
 
@@ -90,6 +93,17 @@ def page_text(node: NodeProc, selector: str) -> str:
             browser.close()
 
 
+def post(node: NodeProc, body: bytes) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(node.url + "/_cluster/files", data=body), timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def stop_all(nodes: list[NodeProc]) -> None:
     for n in nodes:
         n.stop(timeout=15)
@@ -133,6 +147,11 @@ def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp
         assert metric(n2, "aivailable_file_bytes_received_total", 'peer="n1"') == path.stat().st_size
         assert metric(n2, "aivailable_file_transfers_total", 'outcome="done"') == 1
         assert metric(n1, "aivailable_file_bytes_served_total") == path.stat().st_size
+        # Without the cluster secret a node's file endpoint gives nothing.
+        assert post(n1, b"please send chunk 0") == (400, b"malformed")
+        forged = envelope.seal(FileRequest(sha256=sha, chunk_size=1 << 20, chunk=0), b"guessed-secret", "n9",
+                               time.time(), os.urandom(12))
+        assert post(n1, forged) == (401, b"bad_signature")
         row = page_text(n3, 'tr.transfer-row[data-model="tiny"][data-node="n2"]')
         assert "done" in row and "100.0%" in row and "n1" in row
         client = openai.OpenAI(base_url=n3.api, api_key="x", max_retries=0, timeout=60)
