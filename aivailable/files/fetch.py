@@ -115,7 +115,7 @@ class Fetcher:
     def __init__(self, *, node_id: str, secret: bytes, fetched_dir: Path, chunk_size: int,
                  bandwidth_bps: float = 0.0, plan_config: PlanConfig | None = None,
                  counters: FetchCounters | None = None, seed: int | None = None,
-                 request_timeout_s: float = 60.0):
+                 read_timeout_s: float = 30.0):
         self.node_id, self.secret, self.dir = node_id, secret, fetched_dir
         self.chunk_size = chunk_size
         self.bucket = TokenBucket(bandwidth_bps)
@@ -124,7 +124,9 @@ class Fetcher:
         self.rng = random.Random(seed)
         self.bad_peers: dict[str, str] = {}
         """Holders that served corrupt data, with why: not asked again by any transfer of this node."""
-        self.timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=3)
+        # No total timeout: a bandwidth-limited chunk may take minutes. A holder silent for
+        # `read_timeout_s` (hung, partitioned) fails the request and its chunk goes to another holder.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=read_timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
