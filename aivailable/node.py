@@ -57,6 +57,7 @@ class Node:
                                  peers=self.cluster.holders_of, in_use=self._files_in_use,
                                  pinned=self._pinned_files)
         self.files.on_change = self._files_changed
+        self.files.on_event = lambda text: self.record_event(f"{self.node_id}: {text}", logged=True)
         self._reconcile_lock = asyncio.Lock()
         self._waiting: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
@@ -186,8 +187,10 @@ class Node:
         self._waiting = waiting
         return out
 
-    def record_event(self, text: str) -> None:
-        log.info("placement: %s", text)
+    def record_event(self, text: str, *, logged: bool = False) -> None:
+        """A line for the status page's recent changes (and the log, unless the caller logged it)."""
+        if not logged:
+            log.info("placement: %s", text)
         self.events.append({"time": time.time(), "text": text})
         del self.events[:-100]
 

@@ -144,6 +144,7 @@ def test_a_replica_placed_without_the_file_fetches_verifies_loads_and_serves(tmp
         assert done["state"] == "done" and done["percent"] == 100.0 and done["peers"] == {"n1": path.stat().st_size}
         fetched = n2.state_dir / "models" / "fetched" / f"{sha}.gguf"
         assert fetched.read_bytes() == path.read_bytes()
+        assert any(e["text"].startswith("n2: fetched the file of tiny") for e in n2.cluster()["events"])
         assert metric(n2, "aivailable_file_bytes_received_total", 'peer="n1"') == path.stat().st_size
         assert metric(n2, "aivailable_file_transfers_total", 'outcome="done"') == 1
         assert metric(n1, "aivailable_file_bytes_served_total") == path.stat().st_size

@@ -50,6 +50,8 @@ class FileService:
         self._retry_at: dict[str, float] = {}
         self._bg: list[asyncio.Task] = []
         self.on_change: Callable[[], Awaitable[None]] | None = None
+        self.on_event: Callable[[str], None] = lambda text: None
+        """Outcomes of transfers for the status page's recent changes (they are logged here too)."""
         self.bytes_in = Counter("aivailable_file_bytes_received", "Model-file bytes received from peers",
                                 ["peer"], registry=registry)
         self.bytes_out = Counter("aivailable_file_bytes_served", "Model-file bytes served to peers", registry=registry)
@@ -182,6 +184,7 @@ class FileService:
             self.outcomes.labels("failed").inc()
             log.error("model %s: transfer of %s failed: %s; retrying in %.0fs while it is placed here",
                       t.model, t.sha256[:12], exc, RETRY_FAILED_S)
+            self.on_event(f"could not fetch the file of {t.model}: {exc}")
             return
         except Exception as exc:
             t.state, t.error, t.finished = "failed", f"{type(exc).__name__}: {exc}", time.monotonic()
@@ -192,8 +195,11 @@ class FileService:
         self.outcomes.labels("done").inc()
         self.index.remember(path, t.sha256)
         self.cache.set(("last-used", t.sha256), time.time())
+        took = (t.finished or time.monotonic()) - t.started
         log.info("model %s: file %s verified (%.1f MiB in %.1fs); loading", t.model, t.sha256[:12],
-                 t.size / 2**20, (t.finished or time.monotonic()) - t.started)
+                 t.size / 2**20, took)
+        self.on_event(f"fetched the file of {t.model} ({t.size / 2**20:.1f} MiB in {took:.1f}s from "
+                      f"{', '.join(sorted(t.peers)) or 'a local copy'})")
         await self.rescan()
         await on_ready()
 
@@ -214,6 +220,7 @@ class FileService:
             f = self.files.pop(sha)
             log.warning("disk budget: removing %s (%s, %.1f MiB, unused) to make room for %s", f.path, f.name,
                         f.size / 2**20, t.model)
+            self.on_event(f"disk budget: removed unused {f.name} ({f.size / 2**20:.1f} MiB) for {t.model}")
             f.path.unlink(missing_ok=True)
 
     def _retry_due(self) -> bool:
