@@ -38,6 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", dest="api_keys", action="append", metavar="K", help="require this client API key")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
+    up.add_argument("--models-dir", dest="models_dir", metavar="DIR",
+                    help="model files: *.gguf here are offered to the cluster (default STATE_DIR/models)")
+    up.add_argument("--disk-budget-mib", dest="disk_budget_mib", type=int, metavar="MIB",
+                    help="most MiB of files fetched from peers/Hugging Face to keep (default 0: no limit)")
+    up.add_argument("--bandwidth-mib-s", dest="bandwidth_mib_s", type=float, metavar="MIB_S",
+                    help="limit of incoming model-file transfers (default 0: no limit)")
+    up.add_argument("--chunk-mib", dest="chunk_mib", type=float, metavar="MIB",
+                    help="transfer chunk size, each chunk sha256-verified (default 8)")
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -64,7 +72,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
                                             "cluster_secret", "cluster_secret_file", "api_keys", "node_id",
-                                            "log_level")}
+                                            "log_level", "models_dir", "disk_budget_mib", "bandwidth_mib_s",
+                                            "chunk_mib")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
     if settings.node.demo:
@@ -91,6 +100,8 @@ def _check_models(settings) -> None:
     from pathlib import Path
 
     for i, m in enumerate(settings.models):
+        if m.path is None:
+            continue  # fetched from a peer or Hugging Face
         p = Path(m.path).expanduser()
         if not p.is_file():
             raise ConfigError(f"models[{i}].path ({m.name}): no such file: {m.path}", param=f"models[{i}].path")

@@ -75,8 +75,10 @@ _VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_token
 
 
 def _shape(facts: dict) -> dict:
-    """Facts without the counters that change with every request (those go out at most once a second)."""
-    out = {k: v for k, v in facts.items() if k != "rates"}
+    """Facts without the counters that change with every request or transferred chunk (those go out at
+    most once a second)."""
+    out = {k: v for k, v in facts.items() if k not in ("rates", "transfers")}
+    out["transfers"] = [(t["model"], t["state"]) for t in facts.get("transfers", [])]
     out["replicas"] = [{k: v for k, v in r.items() if k not in _VOLATILE} for r in facts.get("replicas", [])]
     return out
 
@@ -108,6 +110,7 @@ class Cluster:
         self._last_nodes: set[str] = set()
         self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
+        self._conflicts: dict[str, str] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -195,9 +198,22 @@ class Cluster:
                 await asyncio.wait_for(self._wake.wait(), COORDINATOR_INTERVAL_S)
             self._wake.clear()
             try:
+                self._log_conflicts()
                 self._coordinate()
             except Exception:  # never let one bad round kill the coordinator
                 log.exception("coordinator round failed")
+
+    def _log_conflicts(self) -> None:
+        """Say once in the log when two nodes define a model differently (and when that is resolved)."""
+        facts = [m.facts for m in self.member_infos() if m.facts is not None and m.state in ("alive", "suspect")]
+        _, conflicts = coord.merged_catalog(facts)
+        for name, why in sorted(conflicts.items()):
+            if self._conflicts.get(name) != why:
+                log.warning("model %s is %s (fix the config files so they agree; files/catalog.py has the rule)",
+                            name, why)
+        for name in sorted(set(self._conflicts) - set(conflicts)):
+            log.info("model %s: definitions agree again", name)
+        self._conflicts = conflicts
 
     def _coordinate(self) -> None:
         t = self.transport
@@ -241,7 +257,7 @@ class Cluster:
             self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
-        await self.node.manager.reconcile(self.node.assignments_for(assignments))
+        await self.node.reconcile()
 
     # -- routing -------------------------------------------------------------------------------
     def remote_upstreams(self, model: str) -> list[Upstream]:
@@ -266,6 +282,13 @@ class Cluster:
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
                 out.append(up)
         return out
+
+    def holders_of(self, sha256: str) -> dict[str, str]:
+        """{node id: address} of the other live nodes that hold the file `sha256`."""
+        if self.transport is None:
+            return {}
+        return {m.node_id: m.address for m in self.transport.members()
+                if m.node_id != self.node.node_id and m.status == "alive" and sha256 in (m.facts.get("files") or {})}
 
     def catalog(self) -> dict[str, dict]:
         """Every model any live node defines (name -> definition)."""

@@ -18,12 +18,28 @@ class MemberInfo:
     facts: NodeFacts | None
 
 
-def _model_state(name: str, replicas: list[dict], placed: bool, reason: str) -> tuple[str, str]:
+def _transfer_text(t: dict) -> str:
+    if t["state"] == "verifying":
+        return f"{t['node']} is verifying the sha256 of its copy"
+    if t["state"] == "queued":
+        return f"{t['node']} is about to fetch its file"
+    eta = f", ETA {t['eta_s']:.0f}s" if t.get("eta_s") is not None else ""
+    return f"{t['node']} {t['state']} its file: {t['percent']:.0f}% at {t['rate_mib_s']:.1f} MiB/s{eta}"
+
+
+def _model_state(name: str, replicas: list[dict], placed: bool, reason: str,
+                 transfers: list[dict] = ()) -> tuple[str, str]:
     states = {r["state"] for r in replicas}
     if "ready" in states:
         return "ready", ""
     if states & {"loading", "starting"}:
         return "loading", ""
+    active = [t for t in transfers if t["state"] in ("queued", "fetching", "verifying")]
+    if placed and active:
+        return "fetching", "; ".join(_transfer_text(t) for t in active)
+    failed = [t for t in transfers if t["state"] == "failed"]
+    if placed and failed and "failed" not in states:
+        return "failed", "; ".join(f"{t['node']} could not fetch its file: {t['error']}" for t in failed)
     if "failed" in states:
         return "failed", next(r.get("reason", "") for r in replicas if r["state"] == "failed")
     if placed:
@@ -36,6 +52,7 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                events: list[dict], extra_models: dict[str, dict] | None = None) -> dict:
     """The /api/cluster document (fields in CONTRACTS.md, plus operator extras)."""
     nodes = []
+    transfers: list[dict] = []
     replicas_by_model: dict[str, list[dict]] = {}
     live_facts = [m.facts for m in members if m.facts is not None and m.state in ("alive", "suspect")]
     for m in sorted(members, key=lambda m: m.node_id):
@@ -57,21 +74,29 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
             for d in f.devices:
                 used = f.claims_mib.get(d["id"], 0.0) if d.get("simulated") else d.get("vram_used_mib", 0)
                 gpus.append({**d, "vram_used_mib": round(float(used), 1), "models": by_dev.get(d["id"], [])})
+        if f is not None and m.state in ("alive", "suspect"):
+            transfers += [{"node": m.node_id, **t} for t in f.transfers]
         nodes.append({"id": m.node_id, "address": m.address, "state": m.state, "gpus": gpus,
-                      "backend": f.backend if f is not None else "", "self": m.node_id == self_id})
+                      "backend": f.backend if f is not None else "", "self": m.node_id == self_id,
+                      "files": len(f.files) if f is not None else 0,
+                      "bad_peers": dict(f.bad_peers) if f is not None else {}})
     catalog, conflicts = merged_catalog(live_facts)
     catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
     models = []
     for name, spec in sorted(catalog.items()):
         reps = replicas_by_model.get(name, [])
-        state, reason = _model_state(name, reps, bool(placement.get(name)), unplaced.get(name, ""))
+        placed_nodes = {r["node"] for r in placement.get(name, [])}
+        moving = [t for t in transfers if t["model"] == name and t["node"] in placed_nodes]
+        state, reason = _model_state(name, reps, bool(placement.get(name)), unplaced.get(name, ""), moving)
         if name in conflicts:
             reason = (reason + "; " if reason else "") + conflicts[name]
         needs = [f.needs_mib[name] for f in live_facts if name in f.needs_mib]
         models.append({"name": name, "state": state, "reason": reason, "embedding": spec.get("embedding", False),
+                       "sha256": spec.get("sha256"), "size": spec.get("size"), "offered": bool(spec.get("offered")),
+                       "holders": [f.node_id for f in live_facts if spec.get("sha256") in f.files],
                        "ctx": spec.get("ctx"), "vram_estimate_mib": round(max(needs), 1) if needs else None,
                        "replicas": reps, "placed_on": placement.get(name, []),
                        "requests": sum(r.get("requests", 0) for r in reps),
                        "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2)})
     return {"node_id": self_id, "leader": leader, "term": term, "version": version, "backend": backend,
-            "nodes": nodes, "models": models, "events": events[-50:]}
+            "nodes": nodes, "models": models, "transfers": transfers, "events": events[-50:]}

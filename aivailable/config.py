@@ -19,6 +19,8 @@ from aivailable.errors import ConfigError
 DEFAULT_PORT = 8000
 DEFAULT_STATE_DIR = "~/.local/state/aivailable"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HF_RE = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+/.+\.gguf$")
 
 
 class Affinity(BaseModel):
@@ -36,7 +38,12 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    path: str
+    path: str | None = None
+    """The GGUF file on this node. Other nodes fetch it from here (or any holder) when placed there."""
+    source: str | None = None
+    """`hf://OWNER/REPO/FILE.gguf`: downloaded from Hugging Face by the node that defines it, at startup."""
+    sha256: str | None = None
+    """The file's sha256 (lowercase hex). Alone, it names a file some peer holds; with `path` it is checked."""
     ctx: int = Field(default=4096, ge=64, le=1 << 20)
     parallel: int = Field(default=1, ge=1, le=64)
     embedding: bool = False
@@ -54,8 +61,24 @@ class ModelConfig(BaseModel):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
         return v
 
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is not None and not _SHA256_RE.match(v.lower()):
+            raise ValueError("must be 64 hexadecimal characters (a sha256)")
+        return v.lower() if v else v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is not None and not _HF_RE.match(v):
+            raise ValueError("must be hf://OWNER/REPO/FILE.gguf")
+        return v
+
     @model_validator(mode="after")
     def _replicas(self):
+        if self.path is None and self.source is None and self.sha256 is None:
+            raise ValueError(f"model {self.name!r} needs a path, a source (hf://...) or a sha256")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
@@ -120,6 +143,16 @@ class NodeConfig(BaseSettings):
     advertise_host: str | None = None
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
     log_level: str = "INFO"
+    models_dir: str | None = None
+    """Where model files live: `*.gguf` dropped here are offered to the cluster; files fetched from peers
+    or Hugging Face go to its `fetched/` folder. Default: STATE_DIR/models."""
+    disk_budget_mib: int = Field(default=0, ge=0)
+    """Most MiB the `fetched/` folder may hold (0 = no limit): least recently used files no worker uses and
+    no pinned model needs are removed to make room. Files you put in models_dir yourself are never removed."""
+    bandwidth_mib_s: float = Field(default=0.0, ge=0.0)
+    """Limit of this node's incoming model-file transfers in MiB/s (0 = no limit)."""
+    chunk_mib: float = Field(default=8.0, ge=0.0625, le=256.0)
+    """Size of one transfer chunk (each verified by its own sha256) in MiB."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 
@@ -152,6 +185,10 @@ class NodeConfig(BaseSettings):
     @property
     def state_path(self) -> Path:
         return Path(self.state_dir).expanduser()
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else self.state_path / "models"
 
 
 class Settings(BaseModel):

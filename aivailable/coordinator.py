@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aivailable.files import catalog as fcat
 from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, place, prune_previous
 from aivailable.placement.model import Affinity as PAffinity
 
@@ -49,11 +50,18 @@ class NodeFacts:
     """VRAM claimed by this node's workers per device id, loading ones included."""
     backend: str = ""
     """The llama.cpp backend compiled into this node (CPU only, CUDA, ROCm, Vulkan...)."""
+    files: dict[str, dict] = field(default_factory=dict)
+    """sha256 -> {size, name} of the complete, verified model files this node holds (peers fetch from it)."""
+    transfers: list[dict] = field(default_factory=list)
+    """Model-file transfers into this node (files/fetch.py `Transfer.view`)."""
+    bad_peers: dict[str, str] = field(default_factory=dict)
+    """Peers this node stopped fetching from because they served corrupt data, with why."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
-                "claims_mib": self.claims_mib, "backend": self.backend}
+                "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
+                "transfers": self.transfers, "bad_peers": self.bad_peers}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:
@@ -66,25 +74,8 @@ def gpu_id(node: str, device: str) -> str:
 
 
 def merged_catalog(facts: list[NodeFacts]) -> tuple[dict[str, dict], dict[str, str]]:
-    """The union of every node's catalog; a name defined differently on two nodes is a conflict
-    (reported, and the definition of the lowest node id is used)."""
-    catalog: dict[str, dict] = {}
-    owner: dict[str, str] = {}
-    conflicts: dict[str, str] = {}
-    for f in sorted(facts, key=lambda f: f.node_id):
-        for m in f.catalog:
-            name = m["name"]
-            if name not in catalog:
-                catalog[name], owner[name] = m, f.node_id
-            elif _definition(catalog[name]) != _definition(m):
-                conflicts[name] = (f"defined differently on {owner[name]} and {f.node_id}; "
-                                   f"using {owner[name]}'s definition")
-    return catalog, conflicts
-
-
-def _definition(m: dict) -> dict:
-    """The parts of a model definition that must agree across nodes (paths may differ per node)."""
-    return {k: v for k, v in m.items() if k != "path"}
+    """The cluster catalog from every node's definitions and offers, and the conflicts (`files/catalog.py`)."""
+    return fcat.merge((f.node_id, f.catalog) for f in facts)
 
 
 def _reserved(device: dict, claims: float) -> int:
@@ -118,10 +109,13 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         need = _need(name, facts)
         if need is None:
             continue  # no node holds the file yet: nothing to place
-        holders = sorted(f.node_id for f in facts if name in f.needs_mib)
+        holders = fcat.holders(name, m, facts)
         aff = m.get("affinity") or {}
-        # Until nodes fetch model files from each other, only nodes holding the file can run it.
-        nodes = [n for n in holders if not aff.get("nodes") or n in aff["nodes"]]
+        # A file with a known sha256 that a live node holds can be fetched by any node (a transfer costs
+        # like a reload off `files_on`); without a sha256 only the nodes that hold it can run it.
+        fetchable = bool(m.get("sha256")) and bool(holders)
+        candidates = sorted(f.node_id for f in facts) if fetchable else holders
+        nodes = [n for n in candidates if not aff.get("nodes") or n in aff["nodes"]]
         if not nodes:
             continue
         models.append(ModelSpec(
@@ -129,7 +123,9 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
             max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False), files_on=holders,
             affinity=PAffinity(nodes=nodes, vendors=list(aff.get("vendors") or []) or None,
                                gpu_names=list(aff.get("gpu_names") or []) or None)))
-        want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + BASELINE_DEMAND
+        # Offered (dropped-in) files load on demand only; configured models get the baseline.
+        baseline = 0.0 if m.get("offered") else BASELINE_DEMAND
+        want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + baseline
     prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
                         split=tuple(r["split"]) if r.get("split") else None) for r in reps]
             for m, reps in previous.items()}
@@ -167,9 +163,11 @@ def decide(facts: list[NodeFacts], previous: Assignments) -> tuple[Assignments, 
     result = place(problem, time_budget_ms=SOLVE_BUDGET_MS)
     reasons = dict(result.unplaced_reasons)
     catalog, conflicts = merged_catalog(facts)
-    for name in catalog:
-        if not any(name in f.needs_mib for f in facts) and name not in reasons:
+    for name, m in catalog.items():
+        if not fcat.holders(name, m, facts) and name not in reasons:
             reasons[name] = "no live node holds its model file"
+        elif m.get("offered") and name not in result.placement and name not in reasons:
+            reasons[name] = "offered by a node's models directory; loads on the first request"
     for name, why in conflicts.items():
         reasons.setdefault(name, why)
     return to_assignments(result), reasons

@@ -24,6 +24,7 @@ from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.errors import ConfigError, ModelUnavailable
+from aivailable.files.service import FileService
 
 log = logging.getLogger("aivailable.node")
 
@@ -51,6 +52,14 @@ class Node:
         self.cache = diskcache.Cache(str(self.state_dir / "cache"))
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self.cluster = Cluster(self)
+        self.files = FileService(node_id=self.node_id, cfg=settings.node, models=self.catalog, cache=self.cache,
+                                 secret=self.cluster.secret, registry=self.metrics.registry,
+                                 peers=self.cluster.holders_of, in_use=self._files_in_use,
+                                 pinned=self._pinned_files)
+        self.files.on_change = self._files_changed
+        self.files.on_event = lambda text: self.record_event(f"{self.node_id}: {text}", logged=True)
+        self._reconcile_lock = asyncio.Lock()
+        self._waiting: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
@@ -85,30 +94,52 @@ class Node:
 
     # -- facts and planning -------------------------------------------------------------------
     async def estimate_models(self) -> None:
-        """VRAM each local model file needs (GGUF metadata; read in a thread, cached in the state dir)."""
-        for m in self.catalog.values():
-            if m.name in self.estimates:
+        """VRAM each model whose file this node holds needs (GGUF metadata; read in a thread, cached)."""
+        for name, m in self.models().items():
+            if name in self.estimates or self.unplaced.get(name, "").startswith("cannot read"):
+                continue
+            path = self.files.path_for(name, m)
+            if path is None:
                 continue
             try:
-                self.estimates[m.name] = await asyncio.to_thread(self._estimate, m)
+                self.estimates[name] = await asyncio.to_thread(self._estimate, path, int(m.get("ctx", 4096)),
+                                                               int(m.get("parallel", 1)))
+                self.unplaced.pop(name, None)
             except Exception as exc:  # unreadable or not a GGUF: say so on the status page
-                self.unplaced[m.name] = f"cannot read {m.path}: {exc}"
-                log.error("model %s: %s", m.name, self.unplaced[m.name])
+                self.unplaced[name] = f"cannot read {path}: {exc}"
+                log.error("model %s: %s", name, self.unplaced[name])
 
-    def _estimate(self, m: ModelConfig) -> float:
+    def _estimate(self, path: Path, ctx: int, parallel: int) -> float:
         from aivailable.engine.estimate import estimate_vram
         from aivailable.engine.gguf_info import read_model_info
 
-        st = Path(m.path).stat()
-        key = ("estimate", str(Path(m.path).resolve()), st.st_size, st.st_mtime_ns, m.ctx, m.parallel,
-               self.inventory.simulated)
+        st = path.stat()
+        key = ("estimate", str(path.resolve()), st.st_size, st.st_mtime_ns, ctx, parallel, self.inventory.simulated)
         cached = self.cache.get(key)
         if cached is not None:
             return float(cached)
-        need = estimate_vram(read_model_info(m.path), n_ctx=m.ctx, n_parallel=m.parallel,
+        need = estimate_vram(read_model_info(path), n_ctx=ctx, n_parallel=parallel,
                              on_cpu=self.inventory.simulated).total_mib
         self.cache.set(key, need)
         return need
+
+    def _files_in_use(self) -> set[str]:
+        paths = {str(Path(h.assignment.path).resolve()) for h in self.manager.workers.values() if h.state != "stopped"}
+        return {s for s, f in self.files.files.items() if str(f.path.resolve()) in paths}
+
+    def _pinned_files(self) -> set[str]:
+        return {m["sha256"] for m in self.models().values() if m.get("pinned") and m.get("sha256")}
+
+    async def _files_changed(self) -> None:
+        """A file arrived or appeared: estimate it and start any replica that waited for it."""
+        await self.estimate_models()
+        await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Run this node's share of the current placement (serialized: transfers and placements both call it)."""
+        async with self._reconcile_lock:
+            await self.manager.reconcile(self.assignments_for(self.placement))
+            self.files.touch(self._files_in_use())
 
     def facts(self) -> NodeFacts:
         """This node's facts for the coordinator (and, in a cluster, for gossip)."""
@@ -121,31 +152,45 @@ class Node:
         replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding}
                     for h in self.manager.workers.values() if h.state != "stopped"]
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
-                         catalog=[m.model_dump(mode="json") for m in self.catalog.values()],
+                         catalog=self.files.catalog_entries(),
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
-                         backend=self.backend.summary())
+                         backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
+                         bad_peers=self.files.bad_peers())
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
         devices = {d.id: d for d in self.inventory.devices}
+        catalog = self.models()
         out = []
+        waiting: dict[str, str] = {}
         for model, device_ids, split in coord.share(assignments, self.node_id):
-            m = self.catalog.get(model)
+            m = catalog.get(model)
             devs = [devices[d] for d in device_ids if d in devices]
             if m is None or len(devs) != len(device_ids):
                 log.warning("placement gives %s on %s, which this node does not have; ignoring", model, device_ids)
                 continue
+            path = self.files.path_for(model, m)
+            if path is None:  # fetch the file first; the replica starts once it is verified
+                waiting[model] = self.files.want(model, m, self._files_changed)
+                if self._waiting.get(model) != waiting[model]:
+                    log.info("model %s is placed on %s but its file is not here: %s", model, self.node_id,
+                             waiting[model])
+                continue
             out.append(Assignment(
-                model=m.name, path=m.path, device_ids=device_ids, n_ctx=m.ctx, parallel=m.parallel,
-                embedding=m.embedding, max_queue=m.max_queue, chat_format=m.chat_format,
+                model=model, path=str(path), device_ids=device_ids, n_ctx=int(m.get("ctx", 4096)),
+                parallel=int(m.get("parallel", 1)), embedding=bool(m.get("embedding", False)),
+                max_queue=int(m.get("max_queue", 16)), chat_format=m.get("chat_format"),
                 simulated=all(d.simulated for d in devs), tensor_split=split,
-                vram_estimate_mib=self.estimates.get(m.name, 0.0),
+                vram_estimate_mib=self.estimates.get(model, 0.0),
                 visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))
+        self._waiting = waiting
         return out
 
-    def record_event(self, text: str) -> None:
-        log.info("placement: %s", text)
+    def record_event(self, text: str, *, logged: bool = False) -> None:
+        """A line for the status page's recent changes (and the log, unless the caller logged it)."""
+        if not logged:
+            log.info("placement: %s", text)
         self.events.append({"time": time.time(), "text": text})
         del self.events[:-100]
 
@@ -153,8 +198,8 @@ class Node:
     def models(self) -> dict[str, dict]:
         """Every model the cluster serves (name -> definition), this node's own config included."""
         cat = self.cluster.catalog() if self.cluster.transport is not None else {}
-        for m in self.catalog.values():
-            cat.setdefault(m.name, m.model_dump(mode="json"))
+        for m in self.files.catalog_entries():  # own config and offered files, also before gossip runs
+            cat.setdefault(m["name"], m)
         return cat
 
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
@@ -189,6 +234,11 @@ class Node:
                                    retry_after=2)
         if state == "loading":
             raise ModelUnavailable(f"model '{model}' is loading; retry shortly", retry_after=2)
+        if state == "fetching":
+            raise ModelUnavailable(f"model '{model}' is being copied to the node that will serve it ({reason}); "
+                                   "retry shortly", retry_after=5)
+        if state == "failed" and not self.manager.replicas(model):
+            raise ModelUnavailable(f"model '{model}' cannot be served: {reason}", retry_after=30)
         if state == "failed":
             reps = self.manager.replicas(model)
             wait = min((h.next_start_at for h in reps), default=time.monotonic()) - time.monotonic()
@@ -249,9 +299,24 @@ class Node:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
+        await self.files.start()
         await self.estimate_models()
         await self.cluster.start(self.address)
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
+        from aivailable.files import progress
+
+        if progress.enabled():
+            self._tasks.append(asyncio.create_task(self._load_bars(progress.LoadBars()), name="load progress"))
+
+    async def _load_bars(self, bars) -> None:
+        """Terminal spinners for model loads (only when stderr is a TTY)."""
+        try:
+            while True:
+                bars.update({k: f"loading {h.model} on {'+'.join(h.assignment.device_ids)}"
+                             for k, h in self.manager.workers.items() if h.state in ("starting", "loading")})
+                await asyncio.sleep(0.5)
+        finally:
+            bars.close()
 
     async def _refresh_devices(self, interval_s: float = 2.0) -> None:
         """Re-measure real GPUs' VRAM (simulated ones: what the workers claim) for the status page."""
@@ -259,12 +324,14 @@ class Node:
             await asyncio.sleep(interval_s)
             claims = {d: int(v) for d, v in self.manager.vram_claims().items()}
             self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
+            await self.estimate_models()  # models the cluster catalog named since, whose file is here
 
     async def stop(self) -> None:
         log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
         for t in self._tasks:
             t.cancel()
         await self.cluster.stop()
+        await self.files.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.manager.close()

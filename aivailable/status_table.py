@@ -30,3 +30,15 @@ def render_status(view: dict, console: Console | None = None) -> None:
         models.add_row(m["name"], m["state"], reps, str(m.get("requests", 0)), f"{m.get('tokens_per_s', 0):.1f}",
                        m.get("reason", ""))
     console.print(models)
+    transfers = view.get("transfers") or []
+    if transfers:
+        xf = Table(title="Model-file transfers", title_justify="left")
+        for col in ("node", "model", "state", "progress", "rate", "ETA", "from", "error"):
+            xf.add_column(col)
+        for t in transfers:
+            eta = f"{t['eta_s']:.0f} s" if t.get("eta_s") is not None else "-"
+            frm = ", ".join(f"{p} {b / 2**20:.1f} MiB" for p, b in t.get("peers", {}).items()) or "-"
+            xf.add_row(t["node"], t["model"], t["state"],
+                       f"{t['percent']:.1f}% of {t['size'] / 2**20:.1f} MiB", f"{t.get('rate_mib_s', 0):.1f} MiB/s",
+                       eta, frm, t.get("error", ""))
+        console.print(xf)

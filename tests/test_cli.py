@@ -70,3 +70,33 @@ def test_doctor_runs_and_says_what_is_usable():
     assert "llama" in r.stdout.lower() and "sim" in r.stdout
     r = run("doctor", "--simulate-gpu", "bad")
     assert r.returncode == 2 and "--simulate-gpu" in r.stderr
+
+
+@pytest.mark.parametrize("entry,where", [
+    ('sha256 = "xyz"', "models[0].sha256: must be 64 hexadecimal"),
+    ('source = "http://example.invalid/m.gguf"', "models[0].source: must be hf://OWNER/REPO/FILE.gguf"),
+    ("ctx = 512", "models[0]: model 'm' needs a path, a source (hf://...) or a sha256"),
+])
+def test_model_file_fields_are_validated(tmp_path, entry, where):
+    from aivailable.config import load_settings
+    from aivailable.errors import ConfigError
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[models]]\nname = "m"\n{entry}\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(str(cfg), {}, [])
+    assert where in err.value.message
+
+
+def test_file_settings_read_flags_and_defaults(tmp_path):
+    from aivailable.config import load_settings
+
+    s = load_settings(None, {"state_dir": str(tmp_path), "bandwidth_mib_s": 2.5, "chunk_mib": 0.5}, [])
+    assert s.node.models_path == tmp_path / "models" and s.node.disk_budget_mib == 0
+    assert s.node.bandwidth_mib_s == 2.5 and s.node.chunk_mib == 0.5
+    sha = "ab" * 32
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[models]]\nname = "m"\nsha256 = "{sha.upper()}"\n')
+    assert load_settings(str(cfg), {}, []).models[0].sha256 == sha
+    r = run("up", "--state-dir", str(tmp_path), "--no-mdns", "--port", "0", "--chunk-mib", "0.01")
+    assert r.returncode == 2 and "chunk_mib" in r.stderr and "Traceback" not in r.stderr

@@ -136,4 +136,5 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/api/cluster", cluster)
     r.add_get("/", status_page)
     r.add_post("/_cluster/gossip", lambda request: node.cluster.handle(request))
+    r.add_post("/_cluster/files", lambda request: node.files.server.handle(request))
     return app

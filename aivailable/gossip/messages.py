@@ -252,6 +252,22 @@ class PlacementPublish:
     type: Literal["placement"] = "placement"
 
 
+# ---- model files ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRequest:
+    """Ask a holder for a model file's manifest (``chunk == -1``: per-chunk sha256 list) or one chunk.
+
+    Sent to ``POST /_cluster/files`` in a signed envelope; the answer is the manifest JSON or the raw
+    chunk bytes (verified by the requester against the manifest and the catalog's whole-file sha256)."""
+
+    sha256: str
+    chunk_size: int
+    chunk: int = -1
+    type: Literal["file_request"] = "file_request"
+
+
 Message = Annotated[
     Ping
     | PingReq
@@ -263,7 +279,8 @@ Message = Annotated[
     | VoteResponse
     | Heartbeat
     | HeartbeatAck
-    | PlacementPublish,
+    | PlacementPublish
+    | FileRequest,
     pydantic.Field(discriminator="type"),
 ]
 MEMBERSHIP_TYPES = (Ping, PingReq, Ack, Nack, Gossip, Sync)
@@ -271,7 +288,7 @@ ELECTION_TYPES = (VoteRequest, VoteResponse, Heartbeat, HeartbeatAck)
 
 _ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Message)
 _TYPE_NAMES = frozenset(
-    cls.__dataclass_fields__["type"].default for cls in (*MEMBERSHIP_TYPES, *ELECTION_TYPES, PlacementPublish)
+    cls.__dataclass_fields__["type"].default for cls in (*MEMBERSHIP_TYPES, *ELECTION_TYPES, PlacementPublish, FileRequest)
 )
 
 

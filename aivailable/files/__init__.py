@@ -1,0 +1,1 @@
+"""Model files: index, cluster catalog, peer-to-peer transfer, disk budget, Hugging Face downloads."""

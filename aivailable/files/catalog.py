@@ -1,0 +1,65 @@
+"""The cluster's model catalog, merged from every node's gossiped definitions (pure functions).
+
+Each node gossips the models of its config file (with the sha256 and size of the file when it holds
+it) and offers the `*.gguf` files dropped into its models directory (`offered: true`, name = file
+name without `.gguf`, ctx/embedding from the GGUF). Merge rule, in order:
+
+1. A configured definition beats an offered one of the same name.
+2. Among definitions of the same kind, the lowest node id's wins.
+3. Two definitions of one name that differ (in anything but the node-local `path`/`source`, or in
+   sha256 where both know it) are a **conflict**: the winner is used, and the conflict is reported on
+   the status page (the model's reason) and in the coordinator's log — never silently merged.
+
+A winning definition without a sha256 takes it from an agreeing definition that knows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+LOCAL_KEYS = frozenset({"path", "source", "sha256", "size"})
+"""Keys that may differ between nodes without a conflict (sha256 is compared separately)."""
+
+
+def _definition(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k not in LOCAL_KEYS}
+
+
+def _agree(a: dict, b: dict) -> bool:
+    if _definition(a) != _definition(b):
+        return False
+    return not (a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"])
+
+
+def merge(node_catalogs: Iterable[tuple[str, list[dict[str, Any]]]]) -> tuple[dict[str, dict], dict[str, str]]:
+    """(name -> winning definition, name -> conflict text) from (node id, definitions) pairs."""
+    ranked: dict[str, list[tuple[bool, str, dict]]] = {}
+    for node_id, defs in node_catalogs:
+        for m in defs:
+            ranked.setdefault(m["name"], []).append((bool(m.get("offered")), node_id, m))
+    catalog: dict[str, dict] = {}
+    conflicts: dict[str, str] = {}
+    for name, entries in sorted(ranked.items()):
+        entries.sort(key=lambda e: (e[0], e[1]))
+        offered, owner, win = entries[0]
+        win = dict(win)
+        differ = sorted({n for _, n, m in entries[1:] if not _agree(win, m)})
+        if differ:
+            kind = "offered file" if offered else "definition"
+            conflicts[name] = (f"defined differently on {owner} and {', '.join(differ)}; "
+                               f"using {owner}'s {kind}")
+        if not win.get("sha256"):
+            for _, _, m in entries[1:]:
+                if m.get("sha256") and _agree(win, m):
+                    win["sha256"], win["size"] = m["sha256"], m.get("size")
+                    break
+        catalog[name] = win
+    return catalog, conflicts
+
+
+def holders(name: str, entry: dict, facts: Iterable[Any]) -> list[str]:
+    """Node ids that hold the file of catalog model `name`: by sha256 when the catalog knows it, else the
+    nodes that could read the model from a configured path (they estimated its VRAM)."""
+    sha = entry.get("sha256")
+    return sorted(f.node_id for f in facts if (sha in f.files if sha else name in f.needs_mib))
