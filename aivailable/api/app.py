@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api.errors import openai_errors, read_json
+from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
@@ -116,6 +117,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": ctype})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 async def status_page(request: web.Request) -> web.Response:
     html = resources.files("aivailable.api").joinpath("static/index.html").read_text()
     return web.Response(text=html, content_type="text/html")
@@ -134,6 +139,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
+    r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/", status_page)
     r.add_post("/_cluster/gossip", lambda request: node.cluster.handle(request))
     return app
