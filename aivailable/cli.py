@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--cluster-secret", dest="cluster_secret", metavar="S")
     up.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="F")
     up.add_argument("--api-key", dest="api_keys", action="append", metavar="K", help="require this client API key")
+    up.add_argument("--rate-limit-rpm", dest="rate_limit_rpm", type=int, metavar="N",
+                    help="requests per minute per API key (default 0: unlimited)")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
 
@@ -63,7 +65,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from aivailable.node import run_node
 
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
-                                            "cluster_secret", "cluster_secret_file", "api_keys", "node_id",
+                                            "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm", "node_id",
                                             "log_level")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)

@@ -53,6 +53,14 @@ class QueueFullError(NodeError):
     code = "queue_full"
 
 
+class RateLimited(NodeError):
+    """An API key sent more requests than its per-minute limit; retry after `retry_after` seconds."""
+
+    http_status = 429
+    error_type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+
 class ModelUnavailable(NodeError):
     """The model is known but no replica can take the request now (loading, restarting, failed)."""
 

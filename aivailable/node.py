@@ -48,6 +48,7 @@ class Node:
         self.placement: Assignments = {}
         self.planned = False
         self.events: list[dict] = []
+        self.rate_limited: dict[str, int] = {}  # API key fingerprint -> requests refused with 429
         self.cache = diskcache.Cache(str(self.state_dir / "cache"))
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self.cluster = Cluster(self)
@@ -223,9 +224,20 @@ class Node:
         """The facts of GET /api/cluster (see CONTRACTS.md): the whole cluster as this node sees it."""
         if self.cluster.transport is None:
             me = MemberInfo(self.node_id, self.address, "alive", self.facts())
-            return build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
+            view = build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
                               members=[me], placement=self.placement, unplaced=self.unplaced, events=self.events)
-        return self.cluster.view()
+        else:
+            view = self.cluster.view()
+        view["security"] = self.security_view()
+        return view
+
+    def security_view(self) -> dict:
+        """This node's security counters for the operator; never a key or the secret (keys by fingerprint)."""
+        cfg = self.settings.node
+        t = self.cluster.transport
+        return {"api_keys_required": bool(cfg.api_keys), "rate_limit_rpm": cfg.rate_limit_rpm,
+                "cluster_rejected": dict(sorted((t.rejections if t is not None else {}).items())),
+                "rate_limited": dict(sorted(self.rate_limited.items()))}
 
     def _metrics_snapshot(self) -> dict:
         workers = []

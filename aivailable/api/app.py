@@ -11,15 +11,17 @@ from aiohttp import web
 
 from aivailable.api.errors import openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
+from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
-from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
+from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
 
 if TYPE_CHECKING:
     from aivailable.node import Node
 
 NODE = web.AppKey("node", object)
 PROXY = web.AppKey("proxy", Proxy)
+LIMITER = web.AppKey("limiter", KeyLimiter)
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
@@ -30,15 +32,26 @@ def _node(request: web.Request) -> Node:
 
 @web.middleware
 async def api_keys(request: web.Request, handler):
-    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time)."""
-    keys = _node(request).settings.node.api_keys
+    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time),
+    within the key's rate limit. Keys appear in logs and metrics only as fingerprints."""
+    node = _node(request)
+    keys = node.settings.node.api_keys
     if keys and request.path.startswith("/v1/"):
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
-        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+        token = token.strip()
+        key = next((k for k in keys if hmac.compare_digest(token.encode(), k.encode())), None)
+        if key is None:
             raise AuthenticationError("Incorrect API key provided.")
+        wait = request.app[LIMITER].check(key, time.monotonic())
+        if wait > 0:  # a request proxied to a peer counts there too: clients can set the hop header
+            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key)
+            node.metrics.rate_limited.labels(fp).inc()
+            node.rate_limited[fp] = node.rate_limited.get(fp, 0) + 1
+            raise RateLimited(f"Rate limit reached for API key {fp}: {rpm} requests per minute on this node. "
+                              f"Retry after {wait:.1f} s.", retry_after=wait)
     return await handler(request)
 
 
@@ -117,6 +130,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": ctype})
 
 
+async def cluster_gossip(request: web.Request) -> web.StreamResponse:
+    """POST /_cluster/gossip: signed inter-node messages (the transport verifies and counts them)."""
+    return await _node(request).cluster.handle(request)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
@@ -131,6 +149,8 @@ def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
     app[NODE] = node
     app[PROXY] = Proxy()
+    cfg = node.settings.node
+    app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
     r = app.router
     r.add_get("/v1/models", list_models)
     r.add_get("/v1/models/{model}", get_model)
@@ -141,5 +161,5 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/api/cluster", cluster)
     r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/", status_page)
-    r.add_post("/_cluster/gossip", lambda request: node.cluster.handle(request))
+    r.add_post("/_cluster/gossip", cluster_gossip)
     return app

@@ -315,6 +315,7 @@ class ClusterTransport:
         self._closing = False
         self.failed: BaseException | None = None
         self._reject_logged: dict[str, float] = {}
+        self.rejections: dict[str, int] = {}  # reason -> count, for the status page (also in /metrics)
         self._error_logged = float("-inf")
         self.registry = registry if registry is not None else CollectorRegistry()
         self._rejected = Counter(
@@ -706,6 +707,7 @@ class ClusterTransport:
 
     def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
         self._rejected.labels(reason=reason).inc()
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
         now = time.monotonic()
         last = self._reject_logged.get(peer)
         if last is None or now - last >= self.cfg.reject_log_interval:
