@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from aivailable import __version__
-from aivailable.errors import ConfigError
+from aivailable.errors import ConfigError, NodeError
 
 EXIT_USAGE = 2
 
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aivailable {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except NodeError as exc:  # e.g. an unusable state directory: the message says what to do
+        print(f"aivailable {args.command}: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE

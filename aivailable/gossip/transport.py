@@ -186,9 +186,12 @@ class StateStore:
             self.hard_state = _parse_hard_state(self._read("hard_state"))
             self.placement = _parse_placement(self._read("placement"))
         except Exception as exc:
+            cause = f"{exc.strerror} ({exc.filename or path})" if isinstance(exc, OSError) else str(exc)
             raise ClusterStateError(
-                f"cannot read the cluster state in {path}: {exc}. The node refuses to start rather than "
-                f"forget its election term and vote; move that directory away to rejoin as a new member"
+                f"cannot read the cluster state in {path}: {cause}. It holds this node's election term and "
+                f"vote, which it must never forget (it could vote twice in one term), so the node refuses to "
+                f"start. If the disk is fine and only these files are damaged: `mv {path} {path}.bad`, then "
+                f"start the node with --join HOST:PORT of a live member; it rejoins as a new member"
             ) from exc
 
     def _read(self, key: str) -> Any:
