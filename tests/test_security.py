@@ -32,7 +32,8 @@ def node(tmp_path_factory, gemma_path):
     cfg.write_text(f'[node]\nrate_limit_rpm = {RPM}\n[node.api_key_rpm]\n"{FREE}" = 0\n\n'
                    f'[[models]]\nname = "{MODEL}"\npath = "{gemma_path}"\nctx = 256\n')
     with serving(tmp, "--config", str(cfg), "--simulate-gpu", "g0:4096", "--cluster-secret", SECRET,
-                 "--api-key", LIMITED, "--api-key", FREE, "--node-id", "n0", models=(MODEL,)) as n:
+                 "--api-key", LIMITED, "--api-key", FREE, "--node-id", "n0", "--log-level", "DEBUG",
+                 models=(MODEL,)) as n:
         yield n
 
 
