@@ -4,6 +4,7 @@ cause and what to do. It never starts as if it had never voted."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from aivailable.gossip.election import HardState
 from aivailable.gossip.messages import VoterSet
-from aivailable.gossip.transport import StateStore
+from aivailable.gossip.transport import ClusterStateError, StateStore
 from tests.nodeproc import NodeProc, start_node
 
 SECRET = "state-dir-test-secret-0123456789"
@@ -140,3 +141,29 @@ def test_read_only_state_refuses_and_keeps_the_vote(tmp_path):
                 f"cannot write the state directory {state}: Read-only file system", "remount it read-write")
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
         assert started(start_node(tmp_path, "--state-dir", str(state), *ARGS))["term"] >= 5
+
+
+def test_disk_full_while_leading_stops_the_cluster_side_and_keeps_the_vote(tmp_path):
+    """In-process: a leader that cannot persist a placement publishes nothing and leaves the cluster;
+    what it had persisted is intact once there is room again."""
+    from tests.test_transport import Node, wait_for
+
+    async def scenario(disk: Path) -> int:
+        n = await Node("n0", disk / "state").start()
+        try:
+            await wait_for(lambda: n.t.is_leader, what="a lone node leads")
+            term = n.t.term
+            subprocess.run(["dd", "if=/dev/zero", f"of={disk / 'filler'}", "bs=64k"], capture_output=True)
+            with pytest.raises(ClusterStateError, match="cannot write the cluster state .*database or disk is full.*df -h"):
+                n.t.publish_placement({"m": [{"node": "n0", "gpus": ["g0"]}]})
+            assert n.t.failed is not None and n.t.placement() is None  # not applied, not sent
+        finally:
+            await n.stop()
+        (disk / "filler").unlink()
+        return term
+
+    with tmpfs(tmp_path / "disk") as disk:
+        term = asyncio.run(scenario(disk))
+        store = StateStore(disk / "state" / "cluster")
+        assert store.hard_state is not None and store.hard_state.term == term and store.hard_state.voted_for == "n0"
+        store.close()

@@ -202,7 +202,11 @@ class StateStore:
         try:
             self._cache.set(key, json.dumps(value, separators=(",", ":")))
         except Exception as exc:
-            raise ClusterStateError(f"cannot write the cluster state in {self.path}: {exc}") from exc
+            raise ClusterStateError(
+                f"cannot write the cluster state in {self.path}: {exc}. This node stops taking part in the "
+                f"cluster (it keeps serving the models it has loaded); free space or fix the disk (`df -h "
+                f"{self.path}`), then restart it: its term and vote on disk are intact"
+            ) from exc
 
     def save_hard_state(self, hs: HardState) -> None:
         c = hs.config
@@ -461,8 +465,12 @@ class ClusterTransport:
         if not self.fence.accept(term, version):  # a newer term was seen: we are deposed
             raise NotLeaderError(None)
         msg = PlacementPublish(term=term, version=version, assignments=assignments)
+        try:
+            self._apply_placement(msg)  # persisted before anyone is told
+        except ClusterStateError as exc:
+            self._fail(exc)
+            raise
         self._published, self._acked = msg, {}
-        self._apply_placement(msg)
         self._next_resend = 0.0
         self._resend_placement(time.monotonic())
         return term, version
