@@ -69,6 +69,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                             "log_level")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
+    from aivailable.statedir import check_writable
+
+    check_writable(settings.node.state_path)  # before --demo assembles its model there
     if settings.node.demo:
         settings = _with_demo(settings)
     _check_models(settings)
