@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
 
 if TYPE_CHECKING:
     from aivailable.node import Node
+
+log = logging.getLogger("aivailable.api")
 
 NODE = web.AppKey("node", object)
 PROXY = web.AppKey("proxy", Proxy)
@@ -151,6 +154,9 @@ def build_app(node: Node) -> web.Application:
     app[PROXY] = Proxy()
     cfg = node.settings.node
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
+    if cfg.rate_limit_rpm and not cfg.api_keys:
+        log.warning("rate_limit_rpm = %d has no effect: limits are per API key and no --api-key is set",
+                    cfg.rate_limit_rpm)
     r = app.router
     r.add_get("/v1/models", list_models)
     r.add_get("/v1/models/{model}", get_model)
