@@ -58,6 +58,19 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_client_garbage_in_one_line)
+
+
+def _client_garbage_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot even parse (bad chunking, unknown Content-Encoding) with a
+    traceback, though the client is at fault and got a 400: keep one warning line naming the client."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+        record.msg, record.args = "%s (answered %d): %s", (record.getMessage(), exc.code, " ".join(exc.message.split()))
+        record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.WARNING, "WARNING"
+    return True
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -125,6 +125,8 @@ class NodeConfig(BaseSettings):
     node_id: str | None = None
     advertise_host: str | None = None
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """A request body must arrive whole within this many seconds, else 408 (a stalled client frees its slot)."""
     log_level: str = "INFO"
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""

@@ -41,6 +41,14 @@ class ModelNotFound(NodeError):
     code = "model_not_found"
 
 
+class RequestTimeout(NodeError):
+    """The client did not send its whole request body in time."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BodyTooLarge(NodeError):
     http_status = 413
     error_type = "invalid_request_error"

@@ -5,6 +5,7 @@ rate-limited per key (429 + Retry-After) and no key or secret appears in any pag
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +30,7 @@ RPM = 3
 def node(tmp_path_factory, gemma_path):
     tmp = tmp_path_factory.mktemp("security")
     cfg = tmp / "node.toml"
-    cfg.write_text(f'[node]\nrate_limit_rpm = {RPM}\n[node.api_key_rpm]\n"{FREE}" = 0\n\n'
+    cfg.write_text(f'[node]\nrate_limit_rpm = {RPM}\nbody_timeout_s = 2\n[node.api_key_rpm]\n"{FREE}" = 0\n\n'
                    f'[[models]]\nname = "{MODEL}"\npath = "{gemma_path}"\nctx = 256\n')
     with serving(tmp, "--config", str(cfg), "--simulate-gpu", "g0:4096", "--cluster-secret", SECRET,
                  "--api-key", LIMITED, "--api-key", FREE, "--node-id", "n0", "--log-level", "DEBUG",
@@ -137,6 +138,35 @@ def test_api_keys_are_rate_limited_per_key(node):
     metrics = fetch(node.url + "/metrics")[1]
     assert f'aivailable_rate_limited_total{{key="{fingerprint(LIMITED)}"}} 1.0' in metrics
     assert node.cluster()["security"]["rate_limited"] == {fingerprint(LIMITED): 1}
+
+
+def raw_http(node, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send bytes as they are (what no well-behaved client would send); (status, body) of the answer."""
+    with socket.create_connection((node.host, node.port), timeout=30) as s:
+        s.sendall(head + b"\r\nHost: x\r\nConnection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_broken_and_stalled_bodies_get_clean_errors(node):
+    auth = f"Authorization: Bearer {FREE}".encode()
+    gz = b"\x1f\x8b not gzip at all"
+    status, body = raw_http(node, b"POST /v1/chat/completions HTTP/1.1\r\nContent-Encoding: gzip\r\n" + auth +
+                            b"\r\nContent-Length: %d" % len(gz), gz)
+    assert status == 400 and "could not be read" in json.loads(body)["error"]["message"], body
+    t0 = time.monotonic()  # promises 100 bytes, sends 7, then waits: 408 after body_timeout_s, not a hang
+    status, body = raw_http(node, b"POST /v1/chat/completions HTTP/1.1\r\n" + auth + b"\r\nContent-Length: 100",
+                            b'{"model')
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout", body
+    assert time.monotonic() - t0 < 25
+    status, body = raw_http(node, b"POST /_cluster/gossip HTTP/1.1\r\nContent-Encoding: gzip\r\n"
+                            b"Content-Length: %d" % len(gz), gz)
+    assert (status, body) == (400, b"malformed")
+    assert get_json(node.url + "/health")["status"] == "ok"
+    assert "Traceback" not in node.log()
 
 
 def test_no_key_or_secret_in_any_page_metric_or_log(node):

@@ -83,7 +83,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     kind = _ENDPOINTS[request.path]
     check_hops(request)
     forwarded = request.headers.get(HOP_HEADER, "0") != "0"
-    req = parse_request(kind, await read_json(request))
+    req = parse_request(kind, await read_json(request, node.settings.node.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
     spec = node.models().get(name)
     if spec is None:

@@ -58,6 +58,7 @@ import diskcache
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from aivailable.api.errors import abandon_body
 from aivailable.errors import ConfigError, NodeError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import (
@@ -679,9 +680,13 @@ class ClusterTransport:
         except envelope.EnvelopeError as exc:
             return self._reject(peer, exc.reason, str(exc))
         except TimeoutError:
-            return self._reject(peer, "timeout", f"body not received within {self.cfg.read_timeout}s")
-        except Exception as exc:  # a frame the codec did not foresee is still just a bad datagram
-            return self._reject(peer, "malformed", type(exc).__name__)
+            resp = self._reject(peer, "timeout", f"body not received within {self.cfg.read_timeout}s")
+            abandon_body(request, resp)
+            return resp
+        except Exception as exc:  # e.g. a corrupt gzip body, or a frame the codec did not foresee
+            resp = self._reject(peer, "malformed", type(exc).__name__)
+            abandon_body(request, resp)
+            return resp
         if src == self.node_id:
             return self._reject(peer, "own_id", f"a message signed as this node's id {src!r}")
         now = time.monotonic()
