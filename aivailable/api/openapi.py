@@ -118,7 +118,8 @@ _MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest
 # Statuses any /v1/ call may answer besides its success, each in the OpenAI error shape.
 _ERRORS = {"400": "Invalid request: the message names the field (`param`).",
            "401": "Missing or wrong API key (only when the node requires keys).",
-           "404": "Unknown model.", "413": "Body larger than the node's max_body_bytes.",
+           "404": "Unknown model.", "408": "The body did not arrive within the node's body_timeout_s.",
+           "413": "Body larger than the node's max_body_bytes.",
            "429": "Rate limit of the API key, or the model's queue is full; see Retry-After.",
            "503": "The model is loading, restarting or not placed yet; see Retry-After."}
 
@@ -149,7 +150,7 @@ def _inference(summary: str, request: str, response: str, *, streams: bool) -> d
         "requestBody": {"required": True, "content": _json(request)},
         "responses": {"200": {"description": "The result" + (" (server-sent events when `stream` is true)"
                                                               if streams else ""), "content": ok},
-                      **_errors("400", "401", "404", "413", "429", "503")}}}
+                      **_errors("400", "401", "404", "408", "413", "429", "503")}}}
 
 
 @cache
