@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from aivailable import __version__
-from aivailable.errors import ConfigError
+from aivailable.errors import ConfigError, NodeError
 
 EXIT_USAGE = 2
 
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--cluster-secret", dest="cluster_secret", metavar="S")
     up.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="F")
     up.add_argument("--api-key", dest="api_keys", action="append", metavar="K", help="require this client API key")
+    up.add_argument("--rate-limit-rpm", dest="rate_limit_rpm", type=int, metavar="N",
+                    help="requests per minute per API key (default 0: unlimited)")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     up.add_argument("--models-dir", dest="models_dir", metavar="DIR",
@@ -64,6 +66,19 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_client_garbage_in_one_line)
+
+
+def _client_garbage_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot even parse (bad chunking, unknown Content-Encoding) with a
+    traceback, though the client is at fault and got a 400: keep one warning line naming the client."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+        record.msg, record.args = "%s (answered %d): %s", (record.getMessage(), exc.code, " ".join(exc.message.split()))
+        record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.WARNING, "WARNING"
+    return True
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -71,11 +86,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from aivailable.node import run_node
 
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
-                                            "cluster_secret", "cluster_secret_file", "api_keys", "node_id",
-                                            "log_level", "models_dir", "disk_budget_mib", "bandwidth_mib_s",
-                                            "chunk_mib")}
+                                            "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
+                                            "node_id", "log_level", "models_dir", "disk_budget_mib",
+                                            "bandwidth_mib_s", "chunk_mib")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
+    from aivailable.statedir import check_writable
+
+    check_writable(settings.node.state_path)  # before --demo assembles its model there
     if settings.node.demo:
         settings = _with_demo(settings)
     _check_models(settings)
@@ -143,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aivailable {args.command}: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
+    except NodeError as exc:  # e.g. an unusable state directory: the message says what to do
+        print(f"aivailable {args.command}: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return EXIT_USAGE

@@ -26,6 +26,7 @@ from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig
 from aivailable.gossip.membership import MembershipConfig
 from aivailable.gossip.transport import (
+    ClusterStateError,
     ClusterTransport,
     TransportConfig,
     join_instructions,
@@ -200,6 +201,8 @@ class Cluster:
             try:
                 self._log_conflicts()
                 self._coordinate()
+            except ClusterStateError:
+                pass  # the transport stopped and logged why; this node coordinates no more
             except Exception:  # never let one bad round kill the coordinator
                 log.exception("coordinator round failed")
 
@@ -217,7 +220,7 @@ class Cluster:
 
     def _coordinate(self) -> None:
         t = self.transport
-        if not t.is_leader:
+        if not t.is_leader or t.failed is not None:  # failed: its state cannot be persisted (logged once)
             self._leader_since = None
             return
         now = time.monotonic()

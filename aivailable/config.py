@@ -139,9 +139,17 @@ class NodeConfig(BaseSettings):
     cluster_secret: str | None = None
     cluster_secret_file: str | None = None
     api_keys: CsvList = []
+    rate_limit_rpm: int = Field(default=0, ge=0)
+    """Requests per minute each API key may send to this node (token bucket; 0 = unlimited)."""
+    rate_limit_burst: int = Field(default=0, ge=0)
+    """Requests a key may send at once after being idle (0 = a minute's worth, i.e. the key's rpm)."""
+    api_key_rpm: dict[str, Annotated[int, Field(ge=0)]] = {}
+    """Per-key overrides of rate_limit_rpm (TOML table `[node.api_key_rpm]`, key = the API key)."""
     node_id: str | None = None
     advertise_host: str | None = None
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """A request body must arrive whole within this many seconds, else 408 (a stalled client frees its slot)."""
     log_level: str = "INFO"
     models_dir: str | None = None
     """Where model files live: `*.gguf` dropped here are offered to the cluster; files fetched from peers
@@ -169,6 +177,15 @@ class NodeConfig(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"{item!r} is not HOST:PORT")
         return v
+
+    @model_validator(mode="after")
+    def _rpm_keys(self):
+        from aivailable.api.ratelimit import fingerprint
+
+        for key in self.api_key_rpm:
+            if key not in self.api_keys:  # never echo the key itself: name it by fingerprint
+                raise ValueError(f"api_key_rpm has an entry for a key that is not in api_keys ({fingerprint(key)})")
+        return self
 
     @field_validator("log_level")
     @classmethod

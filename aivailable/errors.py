@@ -41,6 +41,14 @@ class ModelNotFound(NodeError):
     code = "model_not_found"
 
 
+class RequestTimeout(NodeError):
+    """The client did not send its whole request body in time."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class BodyTooLarge(NodeError):
     http_status = 413
     error_type = "invalid_request_error"
@@ -51,6 +59,14 @@ class QueueFullError(NodeError):
     http_status = 429
     error_type = "rate_limit_exceeded"
     code = "queue_full"
+
+
+class RateLimited(NodeError):
+    """An API key sent more requests than its per-minute limit; retry after `retry_after` seconds."""
+
+    http_status = 429
+    error_type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
 
 
 class ModelUnavailable(NodeError):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
 import uuid
 from pathlib import Path
 
-import diskcache
 from aiohttp import web
 
 from aivailable import coordinator as coord
+from aivailable import statedir
 from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
@@ -25,6 +26,7 @@ from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.errors import ConfigError, ModelUnavailable
 from aivailable.files.service import FileService
+from aivailable.gossip.transport import StateStore
 
 log = logging.getLogger("aivailable.node")
 
@@ -37,6 +39,7 @@ class Node:
     def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None):
         self.settings = settings
         self.state_dir = settings.node.state_path
+        statedir.check_writable(self.state_dir)
         self.catalog: dict[str, ModelConfig] = {m.name: m for m in settings.models}
         self.started_at = time.monotonic()
         self.started_at_unix = int(time.time())
@@ -44,12 +47,14 @@ class Node:
         self.backend = self.inventory.backend
         self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir())
         self.node_id = self._load_node_id()
+        StateStore(self.state_dir / "cluster").close()  # unreadable term/vote: refuse before serving anything
         self.unplaced: dict[str, str] = {}
         self.estimates: dict[str, float] = {}
         self.placement: Assignments = {}
         self.planned = False
         self.events: list[dict] = []
-        self.cache = diskcache.Cache(str(self.state_dir / "cache"))
+        self.rate_limited: dict[str, int] = {}  # API key fingerprint -> requests refused with 429
+        self.cache = statedir.open_disposable_cache(self.state_dir / "cache")
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self.cluster = Cluster(self)
         self.files = FileService(node_id=self.node_id, cfg=settings.node, models=self.catalog, cache=self.cache,
@@ -74,12 +79,25 @@ class Node:
         if self.settings.node.node_id:
             return self.settings.node.node_id
         path = self.state_dir / "node_id"
-        try:
-            return path.read_text().strip()
-        except FileNotFoundError:
-            nid = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
-            path.write_text(nid + "\n")
+        nid = statedir.read_node_id(path)
+        if nid is not None:
             return nid
+        if (self.state_dir / "cluster").exists():
+            raise statedir.StateDirError(
+                f"{path} is missing but {self.state_dir / 'cluster'} holds an election vote cast under the old "
+                "id; start with --node-id ID (the old id, as peers show it in `aivailable status`), or move "
+                "the cluster directory aside to join as a new member")
+        nid = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        tmp = path.with_name(path.name + ".tmp")
+        try:  # written whole or not at all
+            with tmp.open("w") as f:
+                f.write(nid + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            raise statedir.StateDirError(f"cannot write the node id {statedir.explain(path, exc)}") from None
+        return nid
 
     @property
     def address(self) -> str:
@@ -120,7 +138,11 @@ class Node:
             return float(cached)
         need = estimate_vram(read_model_info(path), n_ctx=ctx, n_parallel=parallel,
                              on_cpu=self.inventory.simulated).total_mib
-        self.cache.set(key, need)
+        try:
+            self.cache.set(key, need)
+        except Exception as exc:  # only a cache: serve on, but tell the operator
+            log.warning("cannot write the node cache %s (%s); estimates are recomputed on restart",
+                        self.state_dir / "cache", exc)
         return need
 
     def _files_in_use(self) -> set[str]:
@@ -273,9 +295,20 @@ class Node:
         """The facts of GET /api/cluster (see CONTRACTS.md): the whole cluster as this node sees it."""
         if self.cluster.transport is None:
             me = MemberInfo(self.node_id, self.address, "alive", self.facts())
-            return build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
+            view = build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
                               members=[me], placement=self.placement, unplaced=self.unplaced, events=self.events)
-        return self.cluster.view()
+        else:
+            view = self.cluster.view()
+        view["security"] = self.security_view()
+        return view
+
+    def security_view(self) -> dict:
+        """This node's security counters for the operator; never a key or the secret (keys by fingerprint)."""
+        cfg = self.settings.node
+        t = self.cluster.transport
+        return {"api_keys_required": bool(cfg.api_keys), "rate_limit_rpm": cfg.rate_limit_rpm,
+                "cluster_rejected": dict(sorted((t.rejections if t is not None else {}).items())),
+                "rate_limited": dict(sorted(self.rate_limited.items()))}
 
     def _metrics_snapshot(self) -> dict:
         workers = []
@@ -345,7 +378,11 @@ async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop()  # close the port and whatever started before the failure
+        raise
     if ready_file is not None:
         ready_file.write_text(str(node.port))
     await stop.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -32,6 +34,9 @@ def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            forged = urllib.request.Request(node.url + "/_cluster/gossip", data=b"AIV\x01\x00\x02{}", method="POST")
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(forged, timeout=10)
             page.goto(node.url + "/")
             gpu = page.locator('.gpu[data-gpu-id="sim:0"]')
             gpu.wait_for(timeout=10_000)
@@ -45,6 +50,9 @@ def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):
             row = page.locator(f'tr.model-row[data-model="{MODEL}"]')
             assert "ready" in row.inner_text()
             assert page.locator("#node-id").inner_text() == node.cluster()["node_id"]
+            rejected = page.locator('#security tr.rejected[data-reason="malformed"]')
+            rejected.wait_for(timeout=10_000)  # the operator sees inter-node rejections by reason
+            assert rejected.inner_text().split()[-1] == "1"
             page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
             assert not errors, errors
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -10,15 +11,20 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api.errors import openai_errors, read_json
+from aivailable.api.openapi import OPENAPI_PATH, openapi_document
+from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
-from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound
+from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
 
 if TYPE_CHECKING:
     from aivailable.node import Node
 
+log = logging.getLogger("aivailable.api")
+
 NODE = web.AppKey("node", object)
 PROXY = web.AppKey("proxy", Proxy)
+LIMITER = web.AppKey("limiter", KeyLimiter)
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
@@ -29,15 +35,26 @@ def _node(request: web.Request) -> Node:
 
 @web.middleware
 async def api_keys(request: web.Request, handler):
-    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time)."""
-    keys = _node(request).settings.node.api_keys
+    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time),
+    within the key's rate limit. Keys appear in logs and metrics only as fingerprints."""
+    node = _node(request)
+    keys = node.settings.node.api_keys
     if keys and request.path.startswith("/v1/"):
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
-        if not any(hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+        token = token.strip()
+        key = next((k for k in keys if hmac.compare_digest(token.encode(), k.encode())), None)
+        if key is None:
             raise AuthenticationError("Incorrect API key provided.")
+        wait = request.app[LIMITER].check(key, time.monotonic())
+        if wait > 0:  # a request proxied to a peer counts there too: clients can set the hop header
+            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key)
+            node.metrics.rate_limited.labels(fp).inc()
+            node.rate_limited[fp] = node.rate_limited.get(fp, 0) + 1
+            raise RateLimited(f"Rate limit reached for API key {fp}: {rpm} requests per minute on this node. "
+                              f"Retry after {wait:.1f} s.", retry_after=wait)
     return await handler(request)
 
 
@@ -66,7 +83,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     kind = _ENDPOINTS[request.path]
     check_hops(request)
     forwarded = request.headers.get(HOP_HEADER, "0") != "0"
-    req = parse_request(kind, await read_json(request))
+    req = parse_request(kind, await read_json(request, node.settings.node.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
     spec = node.models().get(name)
     if spec is None:
@@ -116,6 +133,20 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": ctype})
 
 
+async def cluster_gossip(request: web.Request) -> web.StreamResponse:
+    """POST /_cluster/gossip: signed inter-node messages (the transport verifies and counts them)."""
+    return await _node(request).cluster.handle(request)
+
+
+async def cluster_files(request: web.Request) -> web.StreamResponse:
+    """POST /_cluster/files: signed model-file requests (manifest, chunks) from peers."""
+    return await _node(request).files.server.handle(request)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
 async def status_page(request: web.Request) -> web.Response:
     html = resources.files("aivailable.api").joinpath("static/index.html").read_text()
     return web.Response(text=html, content_type="text/html")
@@ -126,6 +157,11 @@ def build_app(node: Node) -> web.Application:
     app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
     app[NODE] = node
     app[PROXY] = Proxy()
+    cfg = node.settings.node
+    app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
+    if cfg.rate_limit_rpm and not cfg.api_keys:
+        log.warning("rate_limit_rpm = %d has no effect: limits are per API key and no --api-key is set",
+                    cfg.rate_limit_rpm)
     r = app.router
     r.add_get("/v1/models", list_models)
     r.add_get("/v1/models/{model}", get_model)
@@ -134,7 +170,8 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
+    r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/", status_page)
-    r.add_post("/_cluster/gossip", lambda request: node.cluster.handle(request))
-    r.add_post("/_cluster/files", lambda request: node.files.server.handle(request))
+    r.add_post("/_cluster/gossip", cluster_gossip)
+    r.add_post("/_cluster/files", cluster_files)
     return app

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from aivailable.errors import NodeError
 
@@ -28,7 +30,8 @@ def error_response(exc: NodeError, headers: dict[str, str] | None = None) -> web
 
 
 _HTTP_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error",
                415: "invalid_request_error", 429: "rate_limit_exceeded"}
 
 
@@ -38,7 +41,10 @@ async def openai_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except NodeError as exc:
-        return error_response(exc)
+        resp = error_response(exc)
+        if exc.http_status == 408 or request.content.exception() is not None:
+            abandon_body(request, resp)
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -60,17 +66,39 @@ async def openai_errors(request: web.Request, handler):
         return web.Response(status=500, text=json.dumps(body), content_type="application/json")
 
 
-async def read_json(request: web.Request) -> object:
-    """The request's JSON body; NodeError (400/413) for an empty, oversized or malformed one."""
-    from aivailable.errors import BodyTooLarge, InvalidRequest
+BODY_TIMEOUT_S = 30.0
+"""A request body must arrive whole within this; a client that stalls gets 408 instead of holding a
+connection and a handler forever."""
+
+
+def abandon_body(request: web.Request, resp: web.StreamResponse) -> None:
+    """Answer, then close the connection without reading the rest of a stalled or broken body (aiohttp
+    would otherwise keep reading it after the answer and log the broken body's error as unhandled)."""
+    resp.force_close()
+    if request.content.exception() is not None:
+        request.content.feed_eof()
+
+
+async def read_json(request: web.Request, timeout_s: float = BODY_TIMEOUT_S) -> object:
+    """The request's JSON body; NodeError (400/408/413) for an empty, stalled, undecodable, oversized or
+    malformed one."""
+    from aivailable.errors import BodyTooLarge, InvalidRequest, RequestTimeout
 
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise BodyTooLarge(f"Request body too large: {request.content_length} bytes, the limit is "
                            f"{request.client_max_size} bytes.")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge(f"Request body too large: the limit is {request.client_max_size} bytes.") from None
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} s "
+                             f"(Content-Length {request.content_length}).") from None
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. a corrupt gzip body
+        cause = exc if isinstance(exc, HttpProcessingError) else exc.__cause__
+        reason = getattr(cause, "message", None) or str(exc)
+        raise InvalidRequest(f"The request body could not be read: {' '.join(str(reason).split())}.") from None
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:

@@ -58,6 +58,8 @@ class NodeMetrics:
                                 ["model", "endpoint", "status"], registry=self.registry)
         self.latency = Histogram("aivailable_request_duration_seconds", "Time until the response is complete",
                                  ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.rate_limited = Counter("aivailable_rate_limited", "Requests refused with 429 by an API key's rate "
+                                    "limit, by key fingerprint", ["key"], registry=self.registry)
         self.ttfb = Histogram("aivailable_time_to_first_byte_seconds", "Time until the replica's first byte",
                               ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_Live(snapshot))

@@ -58,6 +58,7 @@ import diskcache
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
+from aivailable.api.errors import abandon_body
 from aivailable.errors import ConfigError, NodeError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import (
@@ -186,9 +187,12 @@ class StateStore:
             self.hard_state = _parse_hard_state(self._read("hard_state"))
             self.placement = _parse_placement(self._read("placement"))
         except Exception as exc:
+            cause = f"{exc.strerror} ({exc.filename or path})" if isinstance(exc, OSError) else str(exc)
             raise ClusterStateError(
-                f"cannot read the cluster state in {path}: {exc}. The node refuses to start rather than "
-                f"forget its election term and vote; move that directory away to rejoin as a new member"
+                f"cannot read the cluster state in {path}: {cause}. It holds this node's election term and "
+                f"vote, which it must never forget (it could vote twice in one term), so the node refuses to "
+                f"start. If the disk is fine and only these files are damaged: `mv {path} {path}.bad`, then "
+                f"start the node with --join HOST:PORT of a live member; it rejoins as a new member"
             ) from exc
 
     def _read(self, key: str) -> Any:
@@ -199,7 +203,11 @@ class StateStore:
         try:
             self._cache.set(key, json.dumps(value, separators=(",", ":")))
         except Exception as exc:
-            raise ClusterStateError(f"cannot write the cluster state in {self.path}: {exc}") from exc
+            raise ClusterStateError(
+                f"cannot write the cluster state in {self.path}: {exc}. This node stops taking part in the "
+                f"cluster (it keeps serving the models it has loaded); free space or fix the disk (`df -h "
+                f"{self.path}`), then restart it: its term and vote on disk are intact"
+            ) from exc
 
     def save_hard_state(self, hs: HardState) -> None:
         c = hs.config
@@ -315,6 +323,7 @@ class ClusterTransport:
         self._closing = False
         self.failed: BaseException | None = None
         self._reject_logged: dict[str, float] = {}
+        self.rejections: dict[str, int] = {}  # reason -> count, for the status page (also in /metrics)
         self._error_logged = float("-inf")
         self.registry = registry if registry is not None else CollectorRegistry()
         self._rejected = Counter(
@@ -457,8 +466,12 @@ class ClusterTransport:
         if not self.fence.accept(term, version):  # a newer term was seen: we are deposed
             raise NotLeaderError(None)
         msg = PlacementPublish(term=term, version=version, assignments=assignments)
+        try:
+            self._apply_placement(msg)  # persisted before anyone is told
+        except ClusterStateError as exc:
+            self._fail(exc)
+            raise
         self._published, self._acked = msg, {}
-        self._apply_placement(msg)
         self._next_resend = 0.0
         self._resend_placement(time.monotonic())
         return term, version
@@ -667,9 +680,13 @@ class ClusterTransport:
         except envelope.EnvelopeError as exc:
             return self._reject(peer, exc.reason, str(exc))
         except TimeoutError:
-            return self._reject(peer, "timeout", f"body not received within {self.cfg.read_timeout}s")
-        except Exception as exc:  # a frame the codec did not foresee is still just a bad datagram
-            return self._reject(peer, "malformed", type(exc).__name__)
+            resp = self._reject(peer, "timeout", f"body not received within {self.cfg.read_timeout}s")
+            abandon_body(request, resp)
+            return resp
+        except Exception as exc:  # e.g. a corrupt gzip body, or a frame the codec did not foresee
+            resp = self._reject(peer, "malformed", type(exc).__name__)
+            abandon_body(request, resp)
+            return resp
         if src == self.node_id:
             return self._reject(peer, "own_id", f"a message signed as this node's id {src!r}")
         now = time.monotonic()
@@ -706,6 +723,7 @@ class ClusterTransport:
 
     def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
         self._rejected.labels(reason=reason).inc()
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
         now = time.monotonic()
         last = self._reject_logged.get(peer)
         if last is None or now - last >= self.cfg.reject_log_interval:
