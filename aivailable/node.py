@@ -62,6 +62,7 @@ class Node:
                                  peers=self.cluster.holders_of, in_use=self._files_in_use,
                                  pinned=self._pinned_files)
         self.files.on_change = self._files_changed
+        self.files.server.on_rejected = self._count_rejection
         self.files.on_event = lambda text: self.record_event(f"{self.node_id}: {text}", logged=True)
         self._reconcile_lock = asyncio.Lock()
         self._waiting: dict[str, str] = {}
@@ -301,6 +302,10 @@ class Node:
             view = self.cluster.view()
         view["security"] = self.security_view()
         return view
+
+    def _count_rejection(self, reason: str) -> None:
+        if self.cluster.transport is not None:
+            self.cluster.transport.count_rejection(reason)
 
     def security_view(self) -> dict:
         """This node's security counters for the operator; never a key or the secret (keys by fingerprint)."""

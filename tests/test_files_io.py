@@ -86,7 +86,7 @@ async def test_chunk_requests_need_a_valid_signature(tmp_path, blob):
             status, body = await post(good)
             assert status == 200 and body == path.read_bytes()[:CHUNK]
             status, body = await post(good)  # the same signed request again
-            assert status == 401 and body == b"replayed"
+            assert status == 400 and body == b"replayed"
             status, body = await post(sealed("0" * 64, 0))
             assert status == 404
             status, body = await post(sealed(sha, 99))

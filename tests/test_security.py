@@ -16,7 +16,7 @@ import pytest
 
 from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
-from aivailable.gossip.messages import Gossip
+from aivailable.gossip.messages import FileRequest, Gossip
 from tests.badenvelopes import bad_envelopes, seal
 from tests.nodeproc import get_json, serving
 
@@ -69,8 +69,9 @@ def chat(node, key: str = FREE) -> str:
     return r.choices[0].finish_reason
 
 
-def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node):
-    url = node.url + "/_cluster/gossip"
+@pytest.mark.parametrize("endpoint", ["gossip", "files"])
+def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, endpoint):
+    url = node.url + "/_cluster/" + endpoint
     secret = SECRET.encode()
     before = rejected(node)
     expect: dict[str, int] = {}
@@ -79,12 +80,15 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node):
         assert got == status, (what, got, body)
         assert body.decode() == reason  # the reason and nothing else: no echo of what was sent
         expect[reason] = expect.get(reason, 0) + 1
-    good = seal(Gossip(updates=()), secret, sender="peer-x")
-    assert post(url, good)[0] == 204
-    assert post(url, good)[0] == 400  # replayed
+    # A valid message: an empty gossip, or a request for a file this node does not hold (404 after the checks).
+    valid = Gossip(updates=()) if endpoint == "gossip" else FileRequest(sha256="0" * 64, chunk_size=1 << 20)
+    accepted = 204 if endpoint == "gossip" else 404
+    good = seal(valid, secret, sender="peer-x")
+    assert post(url, good)[0] == accepted
+    assert post(url, good) == (400, b"replayed")
     expect["replayed"] = 1
     for skew in (-20.0, 20.0):  # clock skew inside the 30 s window is accepted
-        assert post(url, seal(Gossip(updates=()), secret, sender="peer-x", ts=time.time() + skew))[0] == 204
+        assert post(url, seal(valid, secret, sender="peer-x", ts=time.time() + skew))[0] == accepted
     after = rejected(node)
     for reason, n in expect.items():
         assert after.get(reason, 0) - before.get(reason, 0) == n, reason
@@ -103,8 +107,9 @@ def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node
         cluster=SimpleNamespace(handle=None))
     routes = {(r.method, r.resource.canonical) for r in build_app(fake).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
-    assert routes == {("POST", "/_cluster/gossip")}, "a new /_cluster/ route needs a check here"
-    probes = ["/_cluster/gossip", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
+    assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
+        "a new /_cluster/ route needs a check here"
+    probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
               "/_cluster/placement", "/_cluster/../api/cluster"]
     for path in probes:
         status, body = fetch(node.url + path)

@@ -31,7 +31,6 @@ MAX_CHUNK = 256 << 20
 FAULT_CORRUPT_ENV = "AIVAILABLE_FAULT_CORRUPT_CHUNKS"
 """Fault-injection hook for tests ONLY: when this variable is "1" in a node's environment, every chunk
 that node serves has its first byte flipped (its manifest stays honest), so peers must detect it."""
-_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401, "stale": 401, "replayed": 401}
 
 
 def manifest(path: Path, sha256: str, chunk_size: int) -> dict:
@@ -63,6 +62,7 @@ class FileServer:
         self.node_id, self.secret, self.lookup, self.cache = node_id, secret, lookup, cache
         self.on_served = on_served
         self._replay = envelope.ReplayCache()
+        self.on_rejected: Callable[[str], None] | None = None  # the node counts refusals with gossip's
         self._logged: dict[str, float] = {}
         self.rejected = 0
         self.corrupt = os.environ.get(FAULT_CORRUPT_ENV) == "1"
@@ -109,9 +109,11 @@ class FileServer:
 
     def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
         self.rejected += 1
+        if self.on_rejected is not None:
+            self.on_rejected(reason)
         now = time.monotonic()
         if now - self._logged.get(peer, float("-inf")) >= 60:
             self._logged[peer] = now
             log.warning("refused a model-file request from %s: %s (%s); logged once a minute per address",
                         peer, reason, detail)
-        return web.Response(status=_STATUS.get(reason, 400), text=reason)
+        return web.Response(status=envelope.REJECT_STATUS.get(reason, 400), text=reason)

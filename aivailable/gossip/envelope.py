@@ -62,6 +62,10 @@ _HEAD = struct.Struct(">3sBH")
 _MAX_SENDER = 128
 
 
+REJECT_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401}
+"""HTTP status of a refused envelope by reason (every other reason: 400); one mapping for every endpoint."""
+
+
 class Oversized(EnvelopeError):
     reason = "oversized"
 

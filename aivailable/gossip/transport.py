@@ -99,7 +99,7 @@ GOSSIP_PATH = "/_cluster/gossip"
 CLUSTER_KEY = "_cluster"  # reserved facts key: this transport's own bootstrap flag
 SECRET_FILE = "cluster_secret"
 MIN_SECRET_CHARS = 16  # shorter secrets can be guessed offline from the cluster id hash mDNS announces
-_STATUS_FOR = {"oversized": 413, "missing_signature": 401, "bad_signature": 401, "own_id": 409}
+_STATUS_FOR = {**envelope.REJECT_STATUS, "own_id": 409}
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,9 +721,13 @@ class ClusterTransport:
                 raise envelope.Oversized(f"body over {limit} bytes")
         return bytes(buf)
 
-    def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
+    def count_rejection(self, reason: str) -> None:
+        """Count a refused inter-node request (gossip or model-file) for /metrics and the status page."""
         self._rejected.labels(reason=reason).inc()
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
+        self.count_rejection(reason)
         now = time.monotonic()
         last = self._reject_logged.get(peer)
         if last is None or now - last >= self.cfg.reject_log_interval:
