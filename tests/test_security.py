@@ -167,9 +167,10 @@ def test_broken_and_stalled_bodies_get_clean_errors(node):
                             b'{"model')
     assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout", body
     assert time.monotonic() - t0 < 25
-    status, body = raw_http(node, b"POST /_cluster/gossip HTTP/1.1\r\nContent-Encoding: gzip\r\n"
-                            b"Content-Length: %d" % len(gz), gz)
-    assert (status, body) == (400, b"malformed")
+    for endpoint in (b"gossip", b"files"):
+        status, body = raw_http(node, b"POST /_cluster/" + endpoint + b" HTTP/1.1\r\nContent-Encoding: gzip\r\n"
+                                b"Content-Length: %d" % len(gz), gz)
+        assert (status, body) == (400, b"malformed"), endpoint
     assert get_json(node.url + "/health")["status"] == "ok"
     assert "Traceback" not in node.log()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from aivailable.api.errors import abandon_body
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
 
@@ -26,6 +27,7 @@ log = logging.getLogger("aivailable.files")
 
 FILES_PATH = "/_cluster/files"
 MAX_REQUEST_BYTES = 4096
+READ_TIMEOUT_S = 10.0  # a signed file request is a few hundred bytes
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 256 << 20
 FAULT_CORRUPT_ENV = "AIVAILABLE_FAULT_CORRUPT_CHUNKS"
@@ -73,11 +75,22 @@ class FileServer:
         peer = request.remote or "unknown"
         if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
             return self._reject(peer, "oversized", f"Content-Length {request.content_length}")
-        data = await request.content.read(MAX_REQUEST_BYTES + 1)
         try:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                data = await request.content.read(MAX_REQUEST_BYTES + 1)
             src, msg = envelope.open(data, self.secret, time.time(), self._replay, max_bytes=MAX_REQUEST_BYTES)
         except envelope.EnvelopeError as exc:
             return self._reject(peer, exc.reason, str(exc))
+        except TimeoutError:
+            resp = self._reject(peer, "timeout", f"request not received within {READ_TIMEOUT_S:g} s")
+            abandon_body(request, resp)
+            return resp
+        except Exception as exc:  # e.g. a corrupt gzip body: refused like any malformed frame, never a 500
+            resp = self._reject(peer, "malformed", type(exc).__name__)
+            abandon_body(request, resp)
+            return resp
+        if src == self.node_id:
+            return self._reject(peer, "own_id", f"a request signed as this node's id {src!r}")
         if not isinstance(msg, FileRequest):
             return self._reject(peer, "malformed", f"a {type(msg).__name__} is not a file request")
         if not MIN_CHUNK <= msg.chunk_size <= MAX_CHUNK:

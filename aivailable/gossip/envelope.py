@@ -62,8 +62,9 @@ _HEAD = struct.Struct(">3sBH")
 _MAX_SENDER = 128
 
 
-REJECT_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401}
-"""HTTP status of a refused envelope by reason (every other reason: 400); one mapping for every endpoint."""
+REJECT_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401, "own_id": 409}
+"""HTTP status of a refused envelope by reason (every other reason: 400); one mapping for every endpoint.
+``own_id``: validly signed, but with the receiver's own id as sender (a misconfigured twin or a reflection)."""
 
 
 class Oversized(EnvelopeError):
@@ -199,6 +200,12 @@ def open(  # noqa: A001 - the codec's verb pair is seal/open, like NaCl's box
     sender, ts_ms, nonce, mac = (header.get(k) for k in ("sender", "ts", "nonce", "mac"))
     if not (isinstance(sender, str) and sender and isinstance(nonce, str) and nonce):
         raise Malformed("envelope header lacks sender or nonce")
+    if not (sender.isprintable() and nonce.isascii()) or len(sender) > _MAX_SENDER:
+        raise Malformed("envelope sender or nonce is not a printable id")
+    try:
+        sender.encode()
+    except UnicodeEncodeError:  # a lone surrogate: JSON allows it, UTF-8 does not
+        raise Malformed("envelope sender is not valid UTF-8") from None
     if not isinstance(ts_ms, int) or isinstance(ts_ms, bool):
         raise Malformed("envelope timestamp is not an integer")
     if not mac:

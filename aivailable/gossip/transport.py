@@ -99,7 +99,7 @@ GOSSIP_PATH = "/_cluster/gossip"
 CLUSTER_KEY = "_cluster"  # reserved facts key: this transport's own bootstrap flag
 SECRET_FILE = "cluster_secret"
 MIN_SECRET_CHARS = 16  # shorter secrets can be guessed offline from the cluster id hash mDNS announces
-_STATUS_FOR = {**envelope.REJECT_STATUS, "own_id": 409}
+_STATUS_FOR = envelope.REJECT_STATUS
 
 
 @dataclass(frozen=True, slots=True)
