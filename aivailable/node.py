@@ -28,6 +28,8 @@ from aivailable.errors import ConfigError, ModelUnavailable
 log = logging.getLogger("aivailable.node")
 
 SHUTDOWN_GRACE_S = 30.0
+_NO_CATALOG: dict[str, dict] = {}
+"""The cluster catalog of a node without a cluster transport (one shared object, so models() can cache)."""
 
 
 class Node:
@@ -37,6 +39,8 @@ class Node:
         self.settings = settings
         self.state_dir = settings.node.state_path
         self.catalog: dict[str, ModelConfig] = {m.name: m for m in settings.models}
+        self._own_models = {m.name: m.model_dump(mode="json") for m in self.catalog.values()}
+        self._models_cache: tuple[dict, dict] | None = None
         self.started_at = time.monotonic()
         self.started_at_unix = int(time.time())
         self.inventory = devmod.discover(list(settings.node.simulate_gpus))
@@ -151,11 +155,17 @@ class Node:
 
     # -- routing facts -------------------------------------------------------------------------
     def models(self) -> dict[str, dict]:
-        """Every model the cluster serves (name -> definition), this node's own config included."""
-        cat = self.cluster.catalog() if self.cluster.transport is not None else {}
-        for m in self.catalog.values():
-            cat.setdefault(m.name, m.model_dump(mode="json"))
-        return cat
+        """Every model the cluster serves (name -> definition), this node's own config included.
+
+        Called for every request: built again only when the cluster's catalog changes (a shared dict: read
+        it, never change it)."""
+        cat = self.cluster.catalog() if self.cluster.transport is not None else _NO_CATALOG
+        if self._models_cache is None or self._models_cache[0] is not cat:
+            merged = dict(cat)
+            for name, dumped in self._own_models.items():
+                merged.setdefault(name, dumped)
+            self._models_cache = (cat, merged)
+        return self._models_cache[1]
 
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
         """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""
