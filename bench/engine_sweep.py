@@ -137,9 +137,20 @@ def one_request(conn: http.client.HTTPConnection, body: bytes) -> dict:
             "finish": finish, "usage": usage is not None}
 
 
+def connection(host: str, port: int) -> http.client.HTTPConnection:
+    """A connection to HOST:PORT, or to the unix socket `host` when `port` is 0."""
+    if port:
+        return http.client.HTTPConnection(host, port, timeout=600)
+    from bench.proxy import UnixHTTPConnection
+
+    return UnixHTTPConnection(host, 600)
+
+
 def run_level(host: str, port: int, streams: int, requests: int, prompts: list[str], max_tokens: int,
               sampling: dict, model: str) -> dict:
-    """`streams` closed-loop clients at once; every request's figures and each stream's failure, if any."""
+    """`streams` closed-loop clients at once; every request's figures and each stream's failure, if any.
+
+    `port` 0: `host` is the path of a unix socket (a worker's)."""
     results: list[list[dict]] = [[] for _ in range(streams)]
     failures: list[str | None] = [None] * streams
     start = threading.Barrier(streams)
@@ -153,7 +164,7 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
                 prompt = prompts[(i * requests + r) % len(prompts)]
                 body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                    "stream": True, "stream_options": {"include_usage": True}, **sampling}).encode()
-                conn = http.client.HTTPConnection(host, port, timeout=600)
+                conn = connection(host, port)
                 try:
                     conn.connect()
                     results[i].append(one_request(conn, body))
@@ -177,6 +188,8 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
         "aggregate_tps": tokens / wall if wall else None,
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
         "ttft_ms_p90": statistics.quantiles(ttfts, n=10, method="inclusive")[8] if len(ttfts) > 1 else
+        (ttfts[0] if ttfts else None),
+        "ttft_ms_p99": statistics.quantiles(ttfts, n=100, method="inclusive")[98] if len(ttfts) > 1 else
         (ttfts[0] if ttfts else None),
         "decode_tps_median": statistics.median(tps) if tps else None,
         "failed_streams": sum(1 for f in failures if f), "failures": [f for f in failures if f],

@@ -92,11 +92,13 @@ def ready_holders(view: dict, model: str) -> list[str]:
 class TwoNodes:
     """n1 on 127.0.0.1 and n2 on 127.0.0.2 joining it; one model with max_replicas = 1."""
 
-    def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512):
+    def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512, parallel: int | None = None,
+                 max_queue: int = 64):
         self.tmp, self.env = tmp, env
         self.cfg = tmp / "models.toml"
         self.cfg.write_text(f'[[models]]\nname = "{MODEL}"\npath = "{model_path}"\nctx = {ctx}\n'
-                            f"max_replicas = 1\nmax_queue = 64\n")
+                            f"max_replicas = 1\nmax_queue = {max_queue}\n"
+                            + (f"parallel = {parallel}\n" if parallel else ""))
         self.nodes: dict[str, NodeProc] = {}
 
     def start(self, timeout: float = 180.0) -> None:
