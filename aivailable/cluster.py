@@ -147,7 +147,12 @@ class Cluster:
             except OSError as exc:
                 log.warning("mDNS discovery unavailable (%s); use --join HOST:PORT to find peers", exc)
                 self.discovery = None
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
+        # Requests proxied to peers. No connection cap (aiohttp's default of 100 would queue the 101st
+        # concurrent stream inside this node, unseen; the holder's own queue answers 429 instead) and no
+        # cookie jar (a proxy must not carry one client's upstream cookies into another's request).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
         self._tasks += [asyncio.create_task(self._facts_loop(), name="facts"),
                         asyncio.create_task(self._coordinator_loop(), name="coordinator")]
 
