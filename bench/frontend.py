@@ -147,20 +147,25 @@ def find_haproxy(given: str | None) -> tuple[str | None, str]:
     return path, (out.stdout.splitlines() or ["?"])[0]
 
 
-def start_haproxy(binary: str, upstream: str, tmp: Path) -> Frontend:
-    host, port = "127.0.0.3", free_port("127.0.0.3")
-    cfg, log = tmp / "haproxy.cfg", tmp / "haproxy.log"
-    cfg.write_text(HAPROXY_CFG.format(bind=f"{host}:{port}", upstream=upstream))
+def launch(name: str, cmd: list[str], host: str, port: int, log: Path, timeout: float,
+           env: dict[str, str] | None = None, cwd: Path | None = None) -> Frontend:
+    """Start `cmd` in its own process group, logging to `log`; return once it listens on host:port."""
     with log.open("wb") as f:
-        proc = subprocess.Popen([binary, "-f", str(cfg), "-db"], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    fe = Frontend("haproxy", proc, f"http://{host}:{port}", log)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    fe = Frontend(name, proc, f"http://{host}:{port}", log)
     try:
-        wait_port(host, port, proc, 20, log)
+        wait_port(host, port, proc, timeout, log)
     except BaseException:
         fe.stop()
         raise
     return fe
+
+
+def start_haproxy(binary: str, upstream: str, tmp: Path) -> Frontend:
+    host, port = "127.0.0.3", free_port("127.0.0.3")
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(bind=f"{host}:{port}", upstream=upstream))
+    return launch("haproxy", [binary, "-f", str(cfg), "-db"], host, port, tmp / "haproxy.log", 20)
 
 
 def find_litellm(python: str) -> tuple[str | None, str]:
@@ -178,23 +183,14 @@ def find_litellm(python: str) -> tuple[str | None, str]:
 
 def start_litellm(python: str, upstream: str, tmp: Path) -> Frontend:
     host, port = "127.0.0.4", free_port("127.0.0.4")
-    cfg, log = tmp / "litellm.yaml", tmp / "litellm.log"
+    cfg = tmp / "litellm.yaml"
     cfg.write_text(LITELLM_CFG.format(model=MODEL, api_base=f"{upstream}/v1", master_key=LITELLM_KEY))
     env = {**os.environ, "PYTHONPATH": "", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
            "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
     env.pop("DATABASE_URL", None)
     code = "import sys; from litellm.proxy.proxy_cli import run_server; sys.exit(run_server())"
-    with log.open("wb") as f:
-        proc = subprocess.Popen([python, "-c", code, "--config", str(cfg), "--host", host, "--port", str(port),
-                                 "--num_workers", "1"], stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=tmp, start_new_session=True)
-    fe = Frontend("litellm", proc, f"http://{host}:{port}", log)
-    try:
-        wait_port(host, port, proc, 180, log)
-    except BaseException:
-        fe.stop()
-        raise
-    return fe
+    cmd = [python, "-c", code, "--config", str(cfg), "--host", host, "--port", str(port), "--num_workers", "1"]
+    return launch("litellm", cmd, host, port, tmp / "litellm.log", 180, env=env, cwd=tmp)
 
 
 # -- measurement ---------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.loadgen import pct  # noqa: E402
 from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
 
 MODEL = "bench"
@@ -229,17 +230,6 @@ def make_clients(c: TwoNodes, timeout: float) -> dict[str, Client]:
 
 
 # -- measurement ---------------------------------------------------------------------------------------------
-def pct(xs: list[float], q: float) -> float:
-    """q-th percentile (0-100), linear interpolation; xs in any order."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def summarize(xs: list[float]) -> dict:
     ms = [x * 1000 for x in xs]
     return {"n": len(ms), "p50": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99),
