@@ -14,7 +14,8 @@ holder node -> worker.
 - ``worker``: the holder's worker, straight on its unix socket (``<state>/run/*.sock``): the floor.
 
 Per level and path: aggregate tokens/s, TTFT p50/p99 (request sent -> first text chunk), per-stream decode
-tokens/s and failed streams; then node/worker ratios. Streams beyond ``--parallel`` wait in the worker's queue
+tokens/s and failed streams; then node/worker ratios. Every request's prompt is unique and the two paths' prompts
+differ from the first token, so neither reuses the other's KV cache in the shared worker. Streams beyond ``--parallel`` wait in the worker's queue
 on both paths alike.
 
 **memory**: resident set (``VmRSS``; the peak is the kernel's ``VmHWM``) of the entering node, the holder
@@ -208,7 +209,10 @@ def sweep_part(model_path: Path, tmp_root: Path, *, levels: tuple[int, ...], req
         sampler = RssSampler(node_pids(c))
         idle = sampler.measure(3.0, "median")
         servers = {"node": (c.peer.host, c.peer.port), "worker": (c.worker_socket(), 0)}
-        prompts = [prompt_for(i) for i in range(64)]
+        # Both paths end at the same worker: prompts that differ from their first token on, so neither path
+        # finds the other's prompt in the KV cache (a shared prefix would make whichever runs second faster).
+        prompts = {path: [f"{word} {i}: {prompt_for(i)}" for i in range(max(levels) * requests + 8)]
+                   for path, word in (("node", "Note"), ("worker", "Memo"))}
         print(f"sweep: entering at {c.peer.host} (holder {c.holder_id}), worker socket {servers['worker'][0]}; "
               f"levels {levels}, parallel {parallel}, ctx {ctx}, {requests} requests per stream, "
               f"max_tokens {max_tokens}", flush=True)

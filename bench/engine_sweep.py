@@ -197,17 +197,22 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
     }
 
 
-def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], requests: int, prompts: list[str],
-          max_tokens: int, sampling: dict, model: str, watch=None, max_foreign: float = 0.05, retries: int = 3,
-          warmup: int = 2) -> dict:
+def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], requests: int,
+          prompts: list[str] | dict[str, list[str]], max_tokens: int, sampling: dict, model: str, watch=None,
+          max_foreign: float = 0.05, retries: int = 3, warmup: int = 2) -> dict:
     """Each level on each server in turn (order alternating per level); returns {server: {level: figures}}.
+
+    `prompts` may differ per server (a dict): two paths to one worker must not reuse each other's KV cache.
 
     With a bench.engine.CpuWatch, a level is run again on both servers (up to `retries` times) when other
     processes took more than `max_foreign` of the machine during either run; the quietest attempt is kept.
     """
     out: dict[str, dict[int, dict]] = {name: {} for name in servers}
-    for host, port in servers.values():  # warm-up: load pages, caches, graphs
-        run_level(host, port, 1, warmup, prompts, max_tokens, sampling, model)
+    def prompts_of(name: str) -> list[str]:
+        return prompts[name] if isinstance(prompts, dict) else prompts
+
+    for name, (host, port) in servers.items():  # warm-up: load pages, caches, graphs
+        run_level(host, port, 1, warmup, prompts_of(name), max_tokens, sampling, model)
     names = list(servers)
     for k, level in enumerate(levels):
         best: dict[str, dict] | None = None
@@ -218,7 +223,7 @@ def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], reque
                     watch.wait_quiet(max_foreign, max_wait=20)
                     a = watch.snapshot()
                 host, port = servers[name]
-                fig = run_level(host, port, level, requests, prompts, max_tokens, sampling, model)
+                fig = run_level(host, port, level, requests, prompts_of(name), max_tokens, sampling, model)
                 fig["foreign_cpu"] = round(watch.foreign(a, watch.snapshot()), 4) if watch is not None else None
                 fig["attempt"] = attempt
                 figs[name] = fig

@@ -154,16 +154,32 @@ async def run(url: str, body: bytes, concurrency: int, requests: int, warmup: in
     """Closed loop over `concurrency` connections; `requests` measured answers after `warmup` per connection."""
     u = urlsplit(url)
     req = build_request(u.netloc, u.path or "/", body, headers)
-    conns = [await (connect_unix(unix) if unix else connect(url)) for _ in range(concurrency)]
+    async def dial() -> Conn:
+        return await (connect_unix(unix) if unix else connect(url))
+
+    conns = [await dial() for _ in range(concurrency)]
     lat: list[float] = []
     first: list[float] = []
     errors: list[str] = []
-    n_err = 0
+    n_err = reconnects = 0
     remaining = requests
 
-    async def one(c: Conn) -> tuple[float, float] | None:
-        nonlocal n_err
-        total, fb, ans = await asyncio.wait_for(c.send(req), timeout)
+    async def one(i: int) -> tuple[float, float] | None:
+        nonlocal n_err, reconnects
+        for attempt in (0, 1):
+            c = conns[i]
+            if c.lost.done() or c.transport is None or c.transport.is_closing():
+                # The server closed the kept-alive connection while it was idle (uvicorn does after 5 s):
+                # a new one, not counted as a sample's time.
+                conns[i] = c = await dial()
+                reconnects += 1
+            try:
+                total, fb, ans = await asyncio.wait_for(c.send(req), timeout)
+                break
+            except ConnectionError:
+                if attempt or (c.answer is not None and c.answer.buf):
+                    raise  # closed mid-answer, or twice in a row: a real failure
+                c.transport.close()  # type: ignore[union-attr]
         ok = ans.status == 200 and (not stream or b"data: [DONE]" in ans.body()[-64:])
         if not ok:
             n_err += 1
@@ -172,14 +188,14 @@ async def run(url: str, body: bytes, concurrency: int, requests: int, warmup: in
             return None
         return total, fb
 
-    async def loop(c: Conn) -> None:
+    async def loop(i: int) -> None:
         nonlocal remaining
         for _ in range(warmup):
-            await one(c)
+            await one(i)
         await barrier.wait()
         while remaining > 0:
             remaining -= 1
-            r = await one(c)
+            r = await one(i)
             if r is not None:
                 lat.append(r[0])
                 first.append(r[1])
@@ -188,7 +204,7 @@ async def run(url: str, body: bytes, concurrency: int, requests: int, warmup: in
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t_start = time.perf_counter()
     try:
-        await asyncio.gather(*(loop(c) for c in conns))
+        await asyncio.gather(*(loop(i) for i in range(concurrency)))
     finally:
         for c in conns:
             if c.transport is not None:
@@ -197,7 +213,7 @@ async def run(url: str, body: bytes, concurrency: int, requests: int, warmup: in
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     done = len(lat) + n_err
-    return {"concurrency": concurrency, "requests": done, "ok": len(lat), "errors": n_err,
+    return {"concurrency": concurrency, "requests": done, "ok": len(lat), "errors": n_err, "reconnects": reconnects,
             "error_samples": errors, "wall_s": round(wall, 4), "rps": round(len(lat) / wall, 2) if wall else 0.0,
             "latency_ms": stats_ms(lat), "first_byte_ms": stats_ms(first),
             "generator_cpu_ms_per_request": round(cpu * 1000 / max(1, done + warmup * concurrency), 4),

@@ -35,7 +35,10 @@ async def _exercise() -> None:
         if body.get("fail"):
             return web.json_response({"error": {"message": "no"}}, status=503)
         if not body.get("stream"):
-            return web.json_response({"id": "x", "choices": []})
+            resp = web.json_response({"id": "x", "choices": []})
+            if body.get("close"):
+                resp.force_close()  # as a server whose keep-alive timeout ran out
+            return resp
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for i in range(3):
@@ -53,6 +56,8 @@ async def _exercise() -> None:
         streamed = await run(url, b'{"model": "m", "stream": true}', 3, 12, 1, 10, stream=True)
         assert (streamed["ok"], streamed["errors"]) == (12, 0)
         assert streamed["first_byte_ms"]["p50"] <= streamed["latency_ms"]["p50"]
+        closing = await run(url, b'{"model": "m", "close": true}', 2, 6, 1, 10)
+        assert (closing["ok"], closing["errors"]) == (6, 0) and closing["reconnects"] >= 6
         failed = await run(url, b'{"model": "m", "fail": true}', 1, 5, 0, 10)
         assert (failed["ok"], failed["errors"]) == (0, 5)
         assert "HTTP 503" in failed["error_samples"][0]
