@@ -106,6 +106,10 @@ class Cluster:
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None
         self._upstreams: dict[str, Upstream] = {}
+        self._stamp: tuple | None = None
+        """`transport.facts_stamp()` that the cached views below were derived from."""
+        self._catalog_cache: dict[str, dict] | None = None
+        self._remote_cache: dict[str, list[Upstream]] = {}
         self._leader_since: float | None = None
         self._last_facts: dict | None = None
         self._last_nodes: set[str] = set()
@@ -147,7 +151,12 @@ class Cluster:
             except OSError as exc:
                 log.warning("mDNS discovery unavailable (%s); use --join HOST:PORT to find peers", exc)
                 self.discovery = None
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
+        # Requests proxied to peers. No connection cap (aiohttp's default of 100 would queue the 101st
+        # concurrent stream inside this node, unseen; the holder's own queue answers 429 instead) and no
+        # cookie jar (a proxy must not carry one client's upstream cookies into another's request).
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
         self._tasks += [asyncio.create_task(self._facts_loop(), name="facts"),
                         asyncio.create_task(self._coordinator_loop(), name="coordinator")]
 
@@ -263,11 +272,24 @@ class Cluster:
         await self.node.reconcile()
 
     # -- routing -------------------------------------------------------------------------------
+    def _fresh(self) -> None:
+        """Drop the cached catalog and upstream lists when any member or its facts changed."""
+        stamp = self.transport.facts_stamp()
+        if stamp != self._stamp:
+            self._stamp, self._catalog_cache, self._remote_cache = stamp, None, {}
+
     def remote_upstreams(self, model: str) -> list[Upstream]:
-        """Ready replicas of `model` on other live nodes."""
-        out = []
+        """Ready replicas of `model` on other live nodes (rebuilt only when membership or facts change)."""
         if self.transport is None:
-            return out
+            return []
+        self._fresh()
+        ups = self._remote_cache.get(model)
+        if ups is None:
+            ups = self._remote_cache[model] = self._remote_upstreams(model)
+        return list(ups)
+
+    def _remote_upstreams(self, model: str) -> list[Upstream]:
+        out: list[Upstream] = []
         for m in self.transport.members():
             if m.node_id == self.node.node_id or m.status != "alive":
                 continue
@@ -294,10 +316,13 @@ class Cluster:
                 if m.node_id != self.node.node_id and m.status == "alive" and sha256 in (m.facts.get("files") or {})}
 
     def catalog(self) -> dict[str, dict]:
-        """Every model any live node defines (name -> definition)."""
-        facts = [m.facts for m in self.member_infos() if m.facts is not None and m.state in ("alive", "suspect")]
-        cat, _conflicts = coord.merged_catalog(facts)
-        return cat
+        """Every model any live node defines (name -> definition); recomputed only when membership or facts
+        change. The dict is shared: read it, never change it."""
+        self._fresh()
+        if self._catalog_cache is None:
+            facts = [m.facts for m in self.member_infos() if m.facts is not None and m.state in ("alive", "suspect")]
+            self._catalog_cache, _conflicts = coord.merged_catalog(facts)
+        return self._catalog_cache
 
     def view(self) -> dict:
         t = self.transport

@@ -31,6 +31,8 @@ from aivailable.gossip.transport import StateStore
 log = logging.getLogger("aivailable.node")
 
 SHUTDOWN_GRACE_S = 30.0
+_NO_CATALOG: dict[str, dict] = {}
+"""The cluster catalog of a node without a cluster transport (one shared object, so models() can cache)."""
 
 
 class Node:
@@ -41,6 +43,7 @@ class Node:
         self.state_dir = settings.node.state_path
         statedir.check_writable(self.state_dir)
         self.catalog: dict[str, ModelConfig] = {m.name: m for m in settings.models}
+        self._models_cache: tuple[dict, list[dict], dict] | None = None
         self.started_at = time.monotonic()
         self.started_at_unix = int(time.time())
         self.inventory = devmod.discover(list(settings.node.simulate_gpus))
@@ -219,11 +222,18 @@ class Node:
 
     # -- routing facts -------------------------------------------------------------------------
     def models(self) -> dict[str, dict]:
-        """Every model the cluster serves (name -> definition), this node's own config included."""
-        cat = self.cluster.catalog() if self.cluster.transport is not None else {}
-        for m in self.files.catalog_entries():  # own config and offered files, also before gossip runs
-            cat.setdefault(m["name"], m)
-        return cat
+        """Every model the cluster serves (name -> definition), this node's own config and offers included.
+
+        Called for every request: built again only when the cluster's catalog or this node's files change
+        (a shared dict: read it, never change it)."""
+        cat = self.cluster.catalog() if self.cluster.transport is not None else _NO_CATALOG
+        own = self.files.catalog_entries()  # own config and offered files, also before gossip runs
+        if self._models_cache is None or self._models_cache[0] is not cat or self._models_cache[1] is not own:
+            merged = dict(cat)
+            for m in own:
+                merged.setdefault(m["name"], m)
+            self._models_cache = (cat, own, merged)
+        return self._models_cache[2]
 
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
         """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""

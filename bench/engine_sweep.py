@@ -137,9 +137,20 @@ def one_request(conn: http.client.HTTPConnection, body: bytes) -> dict:
             "finish": finish, "usage": usage is not None}
 
 
+def connection(host: str, port: int) -> http.client.HTTPConnection:
+    """A connection to HOST:PORT, or to the unix socket `host` when `port` is 0."""
+    if port:
+        return http.client.HTTPConnection(host, port, timeout=600)
+    from bench.proxy import UnixHTTPConnection
+
+    return UnixHTTPConnection(host, 600)
+
+
 def run_level(host: str, port: int, streams: int, requests: int, prompts: list[str], max_tokens: int,
               sampling: dict, model: str) -> dict:
-    """`streams` closed-loop clients at once; every request's figures and each stream's failure, if any."""
+    """`streams` closed-loop clients at once; every request's figures and each stream's failure, if any.
+
+    `port` 0: `host` is the path of a unix socket (a worker's)."""
     results: list[list[dict]] = [[] for _ in range(streams)]
     failures: list[str | None] = [None] * streams
     start = threading.Barrier(streams)
@@ -153,7 +164,7 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
                 prompt = prompts[(i * requests + r) % len(prompts)]
                 body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                                    "stream": True, "stream_options": {"include_usage": True}, **sampling}).encode()
-                conn = http.client.HTTPConnection(host, port, timeout=600)
+                conn = connection(host, port)
                 try:
                     conn.connect()
                     results[i].append(one_request(conn, body))
@@ -178,23 +189,30 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
         "ttft_ms_p90": statistics.quantiles(ttfts, n=10, method="inclusive")[8] if len(ttfts) > 1 else
         (ttfts[0] if ttfts else None),
+        "ttft_ms_p99": statistics.quantiles(ttfts, n=100, method="inclusive")[98] if len(ttfts) > 1 else
+        (ttfts[0] if ttfts else None),
         "decode_tps_median": statistics.median(tps) if tps else None,
         "failed_streams": sum(1 for f in failures if f), "failures": [f for f in failures if f],
         "usage_reported": all(r["usage"] for r in reqs),
     }
 
 
-def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], requests: int, prompts: list[str],
-          max_tokens: int, sampling: dict, model: str, watch=None, max_foreign: float = 0.05, retries: int = 3,
-          warmup: int = 2) -> dict:
+def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], requests: int,
+          prompts: list[str] | dict[str, list[str]], max_tokens: int, sampling: dict, model: str, watch=None,
+          max_foreign: float = 0.05, retries: int = 3, warmup: int = 2) -> dict:
     """Each level on each server in turn (order alternating per level); returns {server: {level: figures}}.
+
+    `prompts` may differ per server (a dict): two paths to one worker must not reuse each other's KV cache.
 
     With a bench.engine.CpuWatch, a level is run again on both servers (up to `retries` times) when other
     processes took more than `max_foreign` of the machine during either run; the quietest attempt is kept.
     """
     out: dict[str, dict[int, dict]] = {name: {} for name in servers}
-    for host, port in servers.values():  # warm-up: load pages, caches, graphs
-        run_level(host, port, 1, warmup, prompts, max_tokens, sampling, model)
+    def prompts_of(name: str) -> list[str]:
+        return prompts[name] if isinstance(prompts, dict) else prompts
+
+    for name, (host, port) in servers.items():  # warm-up: load pages, caches, graphs
+        run_level(host, port, 1, warmup, prompts_of(name), max_tokens, sampling, model)
     names = list(servers)
     for k, level in enumerate(levels):
         best: dict[str, dict] | None = None
@@ -205,7 +223,7 @@ def sweep(servers: dict[str, tuple[str, int]], *, levels: tuple[int, ...], reque
                     watch.wait_quiet(max_foreign, max_wait=20)
                     a = watch.snapshot()
                 host, port = servers[name]
-                fig = run_level(host, port, level, requests, prompts, max_tokens, sampling, model)
+                fig = run_level(host, port, level, requests, prompts_of(name), max_tokens, sampling, model)
                 fig["foreign_cpu"] = round(watch.foreign(a, watch.snapshot()), 4) if watch is not None else None
                 fig["attempt"] = attempt
                 figs[name] = fig

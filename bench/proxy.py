@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.loadgen import pct  # noqa: E402
 from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
 
 MODEL = "bench"
@@ -92,11 +93,13 @@ def ready_holders(view: dict, model: str) -> list[str]:
 class TwoNodes:
     """n1 on 127.0.0.1 and n2 on 127.0.0.2 joining it; one model with max_replicas = 1."""
 
-    def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512):
+    def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512, parallel: int | None = None,
+                 max_queue: int = 64):
         self.tmp, self.env = tmp, env
         self.cfg = tmp / "models.toml"
         self.cfg.write_text(f'[[models]]\nname = "{MODEL}"\npath = "{model_path}"\nctx = {ctx}\n'
-                            f"max_replicas = 1\nmax_queue = 64\n")
+                            f"max_replicas = 1\nmax_queue = {max_queue}\n"
+                            + (f"parallel = {parallel}\n" if parallel else ""))
         self.nodes: dict[str, NodeProc] = {}
 
     def start(self, timeout: float = 180.0) -> None:
@@ -227,17 +230,6 @@ def make_clients(c: TwoNodes, timeout: float) -> dict[str, Client]:
 
 
 # -- measurement ---------------------------------------------------------------------------------------------
-def pct(xs: list[float], q: float) -> float:
-    """q-th percentile (0-100), linear interpolation; xs in any order."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def summarize(xs: list[float]) -> dict:
     ms = [x * 1000 for x in xs]
     return {"n": len(ms), "p50": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99),

@@ -10,6 +10,7 @@ SIGTERM/SIGINT, like the real worker. So benchmarks measure the node (routing, p
 failover) without model time.
 
 Optional environment: ``AIVAILABLE_STUB_DELAY_MS`` sleeps that long before answering (default 0);
+``AIVAILABLE_STUB_CHUNK_MS`` sleeps that long before each streamed chunk (default 0: long-lived streams);
 ``AIVAILABLE_STUB_LOAD_S`` sleeps that long before announcing ready (default 0).
 """
 
@@ -41,6 +42,7 @@ class StubWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.delay_s = float(os.environ.get("AIVAILABLE_STUB_DELAY_MS", "0") or 0) / 1000.0
+        self.chunk_s = float(os.environ.get("AIVAILABLE_STUB_CHUNK_MS", "0") or 0) / 1000.0
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0,
                       "prompt_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
         self.active = 0
@@ -93,7 +95,7 @@ class StubWorker:
             finish = "length" if len(parts) < len(TEXT_PARTS) else "stop"
             use = usage(PROMPT_TOKENS, len(parts))
             if body.get("stream"):
-                resp = await self._stream(request, body, shape, parts, finish, use)
+                resp = await self._stream(request, body, shape, parts, finish, use, self.chunk_s)
             else:
                 resp = web.json_response(shape.full("".join(parts), finish, use))
             self.stats["completed"] += 1
@@ -105,7 +107,7 @@ class StubWorker:
 
     @staticmethod
     async def _stream(request: web.Request, body: dict, shape: ChatShape, parts: tuple[str, ...], finish: str,
-                      use: dict) -> web.StreamResponse:
+                      use: dict, chunk_s: float = 0.0) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
@@ -117,6 +119,8 @@ class StubWorker:
         for c in chunks:
             if include_usage:
                 c["usage"] = None
+            if chunk_s:
+                await asyncio.sleep(chunk_s)
             await resp.write(sse(c))
         if include_usage:
             await resp.write(sse(shape.usage_chunk(use)))

@@ -208,6 +208,37 @@ async def _founder(tmp_path: Path) -> None:
         await a.stop()
 
 
+def test_facts_stamp_changes_exactly_when_members_or_their_facts_do(tmp_path):
+    asyncio.run(_stamp(tmp_path))
+
+
+async def _stamp(tmp_path: Path) -> None:
+    """The node caches its merged catalog and routing table per stamp: a change a peer gossips must change
+    the stamp, and a quiet cluster must keep it (or the cache would be rebuilt for every request)."""
+    a, b = Node("a", tmp_path / "a"), Node("b", tmp_path / "b")
+    await a.start()
+    await b.start([a.addr])
+    try:
+        await wait_for(lambda: agreed([a, b]), what="two nodes form one cluster")
+        b.t.set_facts({"catalog": [{"name": "m1"}]})
+        await wait_for(lambda: any(m.facts.get("catalog") for m in a.t.members() if m.node_id == "b"),
+                       what="b's facts reach a")
+        before, rows = a.t.facts_stamp(), a.t.members()
+        await asyncio.sleep(0.3)  # gossip goes on; nothing changes
+        if a.t.members() == rows:
+            assert a.t.facts_stamp() == before
+        b.t.set_facts({"catalog": [{"name": "m1"}, {"name": "m2"}]})
+        await wait_for(lambda: a.t.facts_stamp() != before, what="a's stamp to change with b's new facts")
+        await wait_for(lambda: [len(m.facts.get("catalog", [])) for m in a.t.members() if m.node_id == "b"] == [2],
+                       what="b's new facts at a")
+        before = a.t.facts_stamp()
+        await b.crash()
+        await wait_for(lambda: a.t.facts_stamp() != before, what="a's stamp to change when b is suspected")
+    finally:
+        await b.stop()
+        await a.stop()
+
+
 def _seal(body: Any, secret: bytes = SECRET, sender: str = "intruder", ts: float | None = None) -> bytes:
     return envelope.seal(body, secret, sender, time.time() if ts is None else ts, os.urandom(12))
 

@@ -261,7 +261,9 @@ class WorkerManager:
         measured = (event.get("gpu_mib") or 0) if not a.simulated else (
             (event.get("host_mib") or 0) + (event.get("gpu_mib") or 0))
         h.vram_mib = measured or a.vram_estimate_mib
-        h.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=h.socket),
+        # Uncapped (the worker's own queue bounds the load and answers 429); no cookie jar, as for peers.
+        h.session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=h.socket, limit=0),
+                                          cookie_jar=aiohttp.DummyCookieJar(),
                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         h.state, h.ready_at, h.failures = "ready", time.monotonic(), 0
         log.info("model %s: ready in %.1fs (pid %d, %.0f MiB, chat template %s)", a.key,

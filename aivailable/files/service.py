@@ -45,6 +45,7 @@ class FileService:
         """sha256 -> one local copy (what peers may fetch)"""
         self.found: list[LocalFile] = []
         self.offers: dict[str, dict] = {}
+        self._entries: list[dict] | None = None  # catalog_entries(), until files/offers change
         self.transfers: dict[str, Transfer] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._retry_at: dict[str, float] = {}
@@ -98,6 +99,7 @@ class FileService:
                 offers[f.name] = {"name": f.name, "sha256": f.sha256, "size": f.size, "offered": True, **defaults}
         changed = set(files) != set(self.files) or offers != self.offers
         self.files, self.offers, self.found = files, offers, found
+        self._entries = None
         return changed
 
     async def _rescan_loop(self) -> None:
@@ -130,7 +132,15 @@ class FileService:
         return {s: {"size": f.size, "name": f.name} for s, f in sorted(self.files.items())}
 
     def catalog_entries(self) -> list[dict]:
-        """This node's config definitions (with sha256/size where it holds the file) and its offers."""
+        """This node's config definitions (with sha256/size where it holds the file) and its offers.
+
+        The same list object until the files or offers change (callers may cache on its identity;
+        read it, never change it)."""
+        if self._entries is None:
+            self._entries = self._build_entries()
+        return self._entries
+
+    def _build_entries(self) -> list[dict]:
         by_name = {f.name: f for f in self.found if f.origin == "config"}
         out = []
         for name, m in self.models.items():
@@ -218,6 +228,7 @@ class FileService:
                                  "MiB); raise --disk-budget-mib or free files in use")
         for sha in plan.remove:
             f = self.files.pop(sha)
+            self._entries = None
             log.warning("disk budget: removing %s (%s, %.1f MiB, unused) to make room for %s", f.path, f.name,
                         f.size / 2**20, t.model)
             self.on_event(f"disk budget: removed unused {f.name} ({f.size / 2**20:.1f} MiB) for {t.model}")

@@ -374,6 +374,20 @@ class ClusterTransport:
         """The latest accepted placement ``(term, version, assignments)`` (persisted across restarts)."""
         return self._placement
 
+    def facts_stamp(self) -> tuple:
+        """A cheap fingerprint of what `members()` says: equal stamps, equal members and facts.
+
+        Each node's facts carry a version that its owner bumps on every change, so views derived from the
+        members (the merged catalog, the replicas to route to) can be cached per stamp instead of rebuilt
+        for every request."""
+        own = self.mem.status(self.node_id)
+        rows: list[tuple] = [(self.node_id, own.value if own else "alive", self.mem.facts_version)]
+        for node in self.mem.known_members():
+            m = self.mem.member(node)
+            if m is not None:
+                rows.append((node, m.status.value, m.addr, m.incarnation, (self.mem.facts(node) or (0,))[0]))
+        return tuple(rows)
+
     def members(self) -> list[MemberView]:
         own_status = self.mem.status(self.node_id)
         rows = [
