@@ -227,6 +227,10 @@ class SimNode:
         if self.fence.accept(msg.term, msg.version):
             self.applied = msg.assignments
             self.sim.check.applied(self.id, src, msg, self.elect.term, self.sim.now)
+        elif msg.term < self.fence.highest_term:
+            self.sim.check.stale_refused += 1  # a deposed leader's placement, stopped by the fence
+        else:
+            self.sim.check.placements_refused += 1  # a repeat of one already applied
 
 
 class Sim:

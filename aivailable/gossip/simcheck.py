@@ -64,6 +64,11 @@ class Checker:
         self.converged_at: float | None = None
         self.split_brain_terms = 0
         self.false_deads = 0  # a live node declared dead by a peer on its side, 10 s after any change
+        self.double_leader_terms = 0  # terms with two leaders (not the documented disjoint takeover)
+        self.stale_applied = 0  # placements applied from a stale term or not newer than the last one
+        self.placements_applied = 0
+        self.placements_refused = 0  # refused by a node's fence as a repeat of one already applied
+        self.stale_refused = 0  # refused by a node's fence: from a term older than one it has seen
 
     def fail(self, now: float, what: str) -> None:
         self.violations.append(f"t={now:.3f} {what}")
@@ -96,10 +101,15 @@ class Checker:
 
     def applied(self, node: str, src: str, msg: PlacementPublish, node_term: int, now: float) -> None:
         pair = (msg.term, msg.version)
+        self.placements_applied += 1
+        stale = False
         if msg.term < node_term or msg.term < self.max_term.get(node, 0):
+            stale = True
             self.fail(now, f"{node} applied placement of stale term {msg.term} (it has seen {node_term})")
         if pair <= self.last_applied.get(node, (0, 0)):
+            stale = True
             self.fail(now, f"{node} applied placement {pair} not newer than {self.last_applied[node]}")
+        self.stale_applied += stale
         self.last_applied[node] = pair
         if src not in {name for name, _, _ in self.leaders.get(msg.term, [])}:
             self.fail(now, f"{node} applied placement {pair} from {src}, not a leader of term {msg.term}")
@@ -161,6 +171,7 @@ class Checker:
             if self.takeovers and disjoint:
                 self.split_brain_terms += 1
             else:
+                self.double_leader_terms += 1
                 self.fail(now, f"two leaders in term {term}: {[name for name, _, _ in entries]}")
         for c in self.crashes.values():
             if c.valid and c.first is not None:
@@ -210,6 +221,11 @@ class Checker:
             "leaders": sum(len(v) for v in self.leaders.values()),
             "takeovers": self.takeovers,
             "split_brain_terms": self.split_brain_terms,
+            "double_leader_terms": self.double_leader_terms,
+            "stale_applied": self.stale_applied,
+            "placements_applied": self.placements_applied,
+            "placements_refused": self.placements_refused,
+            "stale_refused": self.stale_refused,
             "false_deads": self.false_deads,
             "msgs_per_node_s": sim.sent / sim.cfg.nodes / horizon,
             "rejected": dict(sim.rejected),
