@@ -148,14 +148,29 @@ class Cluster:
                         asyncio.create_task(self._coordinator_loop(), name="coordinator")]
 
     async def stop(self) -> None:
+        await self.leave()
+        await self.close()
+
+    async def leave(self) -> None:
+        """Stop gossip and coordination; peers mark this node *left* at once. Proxied requests in
+        flight keep their connections until `close`."""
         for t in self._tasks:
             t.cancel()
+        self._tasks.clear()
         if self.discovery is not None:
             await self.discovery.stop()
-        if self.transport is not None:
+            self.discovery = None
+        if self.transport is not None and self.transport.running:
             await self.transport.stop()
+
+    async def close(self) -> None:
+        """Close the connections to peers (after the node's requests have drained)."""
         if self._session is not None:
             await self._session.close()
+
+    def wake(self) -> None:
+        """Run a coordinator round now (if this node leads) and gossip changed facts."""
+        self._wake.set()
 
     # -- facts and placement -------------------------------------------------------------------
     def own_facts(self) -> NodeFacts:
@@ -223,9 +238,12 @@ class Cluster:
         nodes = {f.node_id for f in facts}
         joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
         self._last_nodes = nodes
+        leaving = sorted(f.node_id for f in facts if f.leaving)
         if new != current:
             if not current:
                 cause = "first placement"
+            elif leaving:
+                cause = f"node {', '.join(leaving)} leaving (graceful shutdown)"
             elif gone:
                 cause = f"node {', '.join(gone)} gone"
             elif joined:
@@ -241,6 +259,8 @@ class Cluster:
             self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
+        if self.node.leaving:
+            return  # keep every worker until this node's requests have drained (aivailable.leave)
         await self.node.manager.reconcile(self.node.assignments_for(assignments))
 
     # -- routing -------------------------------------------------------------------------------
@@ -264,6 +284,7 @@ class Cluster:
                     self._upstreams[key] = up
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
+                up.draining = bool(m.facts.get("leaving"))
                 out.append(up)
         return out
 

@@ -49,11 +49,14 @@ class NodeFacts:
     """VRAM claimed by this node's workers per device id, loading ones included."""
     backend: str = ""
     """The llama.cpp backend compiled into this node (CPU only, CUDA, ROCm, Vulkan...)."""
+    leaving: bool = False
+    """The node is shutting down gracefully: place nothing on it and move its models elsewhere; it
+    keeps serving what it runs until they are ready on other nodes (see `aivailable.leave`)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
-                "claims_mib": self.claims_mib, "backend": self.backend}
+                "claims_mib": self.claims_mib, "backend": self.backend, "leaving": self.leaving}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:
@@ -99,6 +102,8 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
     """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies."""
     gpus: list[Gpu] = []
     for f in facts:
+        if f.leaving:
+            continue  # shutting down: its GPUs take nothing, its replicas are re-placed elsewhere
         for d in f.devices:
             if not d.get("usable", True):
                 continue
@@ -118,7 +123,7 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         need = _need(name, facts)
         if need is None:
             continue  # no node holds the file yet: nothing to place
-        holders = sorted(f.node_id for f in facts if name in f.needs_mib)
+        holders = sorted(f.node_id for f in facts if name in f.needs_mib and not f.leaving)
         aff = m.get("affinity") or {}
         # Until nodes fetch model files from each other, only nodes holding the file can run it.
         nodes = [n for n in holders if not aff.get("nodes") or n in aff["nodes"]]

@@ -14,6 +14,7 @@ import diskcache
 from aiohttp import web
 
 from aivailable import coordinator as coord
+from aivailable import leave
 from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
@@ -26,8 +27,6 @@ from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, W
 from aivailable.errors import ConfigError, ModelUnavailable
 
 log = logging.getLogger("aivailable.node")
-
-SHUTDOWN_GRACE_S = 30.0
 
 
 class Node:
@@ -47,6 +46,8 @@ class Node:
         self.estimates: dict[str, float] = {}
         self.placement: Assignments = {}
         self.planned = False
+        self.leaving = False
+        """SIGTERM received: models are being handed over, requests drained (see aivailable.leave)."""
         self.events: list[dict] = []
         self.cache = diskcache.Cache(str(self.state_dir / "cache"))
         self.metrics = NodeMetrics(self._metrics_snapshot)
@@ -124,7 +125,7 @@ class Node:
                          catalog=[m.model_dump(mode="json") for m in self.catalog.values()],
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
-                         backend=self.backend.summary())
+                         backend=self.backend.summary(), leaving=self.leaving)
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
@@ -160,9 +161,11 @@ class Node:
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
         """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""
         ups = [self._upstream(h) for h in self.manager.ready(model)]
+        for u in ups:
+            u.draining = self.leaving
         if not local_only:
             ups += self.cluster.remote_upstreams(model)
-        return ups
+        return [u for u in ups if not u.draining] or ups  # a leaving node's replicas only as a last resort
 
     def _upstream(self, h: WorkerHandle) -> Upstream:
         up = h.__dict__.get("_upstream")
@@ -239,7 +242,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.settings.node
         self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=SHUTDOWN_GRACE_S)
+                                     shutdown_timeout=leave.DRAIN_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
         try:
@@ -260,13 +263,19 @@ class Node:
             claims = {d: int(v) for d, v in self.manager.vram_claims().items()}
             self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
 
-    async def stop(self) -> None:
-        log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
+    async def stop(self, handover_s: float = leave.HANDOVER_TIMEOUT_S) -> None:
+        """Leave gracefully (aivailable.leave): hand models over, leave the cluster, drain, stop workers."""
+        log.info("node %s shutting down: handing its models over, then draining requests (signal again to stop "
+                 "at once)", self.node_id)
+        await leave.hand_over(self, handover_s)
         for t in self._tasks:
             t.cancel()
-        await self.cluster.stop()
+        await self.cluster.leave()
         if self._runner is not None:
-            await self._runner.cleanup()
+            t0 = time.monotonic()
+            await self._runner.cleanup()  # stops listening; requests in flight finish (DRAIN_GRACE_S)
+            log.info("requests drained in %.1f s; stopping workers", time.monotonic() - t0)
+        await self.cluster.close()
         await self.manager.close()
         self.cache.close()
 
@@ -282,5 +291,7 @@ async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int
     if ready_file is not None:
         ready_file.write_text(str(node.port))
     await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)  # a second signal takes its default action: stop at once
     await node.stop()
     return 0

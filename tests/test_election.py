@@ -328,6 +328,26 @@ def test_leader_removes_a_voter_dead_past_removal_timeout_one_at_a_time():
     assert net.cores[lead].config.voters == tuple(n for n in "abcde" if n not in gone)
 
 
+def test_leader_removes_a_voter_that_left_at_once_and_a_two_voter_survivor_takes_over():
+    cfg = replace(CFG, removal_timeout=30.0)
+    cores = [core(n, cfg=cfg) for n in "abc"]
+    net = Net(*cores)
+    net.run(0.0, 4.0)
+    (lead,) = net.leaders()
+    leaver = next(n for n in "abc" if n != lead)
+    net.isolate(leaver)
+    for c in cores:
+        c.observe_member(leaver, False, 4.0, left=True)  # it said goodbye: no 30 s wait
+    net.run(4.05, 4.6)
+    assert net.cores[lead].config.voters == tuple(n for n in "abc" if n != leaver)
+    # The leader leaves too: the last voter takes over at once, not after removal_timeout.
+    last = next(n for n in "abc" if n not in (lead, leaver))
+    net.isolate(lead)
+    net.cores[last].observe_member(lead, False, 5.0, left=True)
+    net.run(5.0, 7.0)
+    assert net.cores[last].is_leader and net.cores[last].config.voters == (last,)
+
+
 def test_unknown_voter_is_never_removed():
     a, net = leader_of_three()
     net.run(3.05, 200.0, step=1.0)

@@ -43,6 +43,8 @@ class Upstream:
     """Requests this node has in flight to the replica."""
     reported_load: int = 0
     """For a peer's replica: requests it reported in flight or queued (gossiped, ~1 s old)."""
+    draining: bool = False
+    """The replica's node is leaving (graceful shutdown): used only when no other replica is ready."""
     failures: int = 0
     cooldown_until: float = 0.0
     stats: dict = field(default_factory=dict)

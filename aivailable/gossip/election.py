@@ -220,9 +220,11 @@ class ElectionCore:
         self._events.clear()
         self._dirty = False
 
-    def observe_member(self, node: str, alive: bool, now: float) -> None:
-        """Membership's verdict on ``node``: alive (or suspect) or dead (or left). Forgotten members need
-        no call: they stay dead here, so a voter is never lost by being reaped."""
+    def observe_member(self, node: str, alive: bool, now: float, left: bool = False) -> None:
+        """Membership's verdict on ``node``: alive (or suspect) or dead (or ``left``: it said goodbye on a
+        graceful shutdown, so a leader removes it from the voters at once instead of after
+        ``removal_timeout``). Forgotten members need no call: they stay dead here, so a voter is never
+        lost by being reaped."""
         if node == self.id:
             return
         if alive:
@@ -230,7 +232,8 @@ class ElectionCore:
             self._dead_since.pop(node, None)
         else:
             self._alive.pop(node, None)
-            self._dead_since.setdefault(node, now)
+            since = now - self.cfg.removal_timeout if left else now
+            self._dead_since[node] = min(self._dead_since.get(node, since), since)
 
     def tick(self, now: float) -> None:
         if self.role is Role.LEADER:

@@ -79,7 +79,14 @@ from aivailable.gossip.membership import (
     MembershipCore,
     Refuted,
 )
-from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish, Send, VoterSet
+from aivailable.gossip.messages import (
+    ELECTION_TYPES,
+    MEMBERSHIP_TYPES,
+    PlacementPublish,
+    Send,
+    Status,
+    VoterSet,
+)
 
 __all__ = [
     "GOSSIP_PATH",
@@ -510,7 +517,7 @@ class ClusterTransport:
         match ev:
             case MemberChanged():
                 if ev.new is not None:
-                    self.elect.observe_member(ev.node, ev.new in LIVE, now)
+                    self.elect.observe_member(ev.node, ev.new in LIVE, now, left=ev.new is Status.LEFT)
                     if ev.new in LIVE and ev.old not in LIVE:
                         self._acked.pop(ev.node, None)  # (re)joined: deliver the placement again
                 old = ev.old.value if ev.old else "new"
