@@ -285,8 +285,18 @@ class Cluster:
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
                 up.draining = bool(m.facts.get("leaving"))
+                up.alive_fn = lambda nid=m.node_id: self._alive(nid)
                 out.append(up)
         return out
+
+    def _alive(self, node_id: str) -> bool:
+        """False once membership declares `node_id` dead or left (a suspect may just be slow: a request
+        waiting on it is not abandoned). True when this node cannot tell (gossip stopped while leaving)."""
+        t = self.transport
+        if t is None or not t.running:
+            return True
+        status = t.mem.status(node_id)
+        return status is None or status.value not in ("dead", "left")
 
     def catalog(self) -> dict[str, dict]:
         """Every model any live node defines (name -> definition)."""

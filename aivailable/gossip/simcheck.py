@@ -67,6 +67,7 @@ class Checker:
         self.double_leader_terms = 0  # terms with two leaders (not the documented disjoint takeover)
         self.stale_applied = 0  # placements applied from a stale term or not newer than the last one
         self.placements_applied = 0
+        self.extra_settle_s = 0.0  # time past the settle phase until one leader again (see Sim.run)
         self.placements_refused = 0  # refused by a node's fence as a repeat of one already applied
         self.stale_refused = 0  # refused by a node's fence: from a term older than one it has seen
 
@@ -188,27 +189,32 @@ class Checker:
                         now, f"{a.id} holds facts v{known and known[0]} of {b.id}, not v{b.mem.facts_version}"
                     )
                     break
+        problem = self.leadership_problem(sim)
+        if problem is not None:
+            self.fail(now, problem)
+
+    @staticmethod
+    def leadership_problem(sim: Sim) -> str | None:
+        """Why the up nodes do not (yet) agree on one leader and one placement; None when they do."""
         if not sim.cfg.election:
-            return
+            return None
+        up = [n for n in sim.nodes.values() if n.up]
         leaders = [n for n in up if n.elect is not None and n.elect.is_leader]
         top = max(n.elect.term for n in up if n.elect is not None)
         if len(leaders) != 1 or leaders[0].elect.term != top:
-            self.fail(now, f"no single leader of the top term {top} once stable: {[n.id for n in leaders]}")
-            return
+            return f"no single leader of the top term {top} once stable: {[n.id for n in leaders]}"
         lead = leaders[0].id
         if any(n.elect.leader != lead for n in up if n.elect is not None):
-            self.fail(
-                now, f"not every node follows {lead}: {[(n.id, n.elect.leader) for n in up if n.elect]}"
-            )
+            return f"not every node follows {lead}: {[(n.id, n.elect.leader) for n in up if n.elect]}"
         placements = {(n.fence.term, n.fence.version) for n in up}
         if len(placements) != 1:
-            self.fail(now, f"nodes applied different placements once stable: {sorted(placements)}")
+            return f"nodes applied different placements once stable: {sorted(placements)}"
         ids = {n.id for n in up}
         for n in up:
             missing = [m for m in sim.cfg.demand if n.applied.get(m, {}).get("node") not in ids]
             if missing:
-                self.fail(now, f"{n.id}: demanded models not placed on a live node: {missing}")
-                break
+                return f"{n.id}: demanded models not placed on a live node: {missing}"
+        return None
 
     def report(self, sim: Sim) -> dict[str, Any]:
         horizon = max(sim.now, 1e-9)
@@ -226,6 +232,7 @@ class Checker:
             "placements_applied": self.placements_applied,
             "placements_refused": self.placements_refused,
             "stale_refused": self.stale_refused,
+            "extra_settle_s": self.extra_settle_s,
             "false_deads": self.false_deads,
             "msgs_per_node_s": sim.sent / sim.cfg.nodes / horizon,
             "rejected": dict(sim.rejected),
