@@ -8,7 +8,8 @@ does, e.g. HAProxy's ``option redispatch``). Nothing that has started streaming 
 Every failed attempt gets one class:
 
 - ``refused_before_start``: a clean refusal before any answer byte: an OpenAI-shaped HTTP error
-  (4xx/5xx with ``{"error": {...}}``), or a connection the node refused (it is down);
+  (4xx/5xx with ``{"error": {...}}``), or a connection that could not be made (refused: the node is
+  down; not accepted within the 3-s connect timeout: the node hangs);
 - ``broken_mid_stream``: a stream that started and then ended cleanly with an OpenAI error event;
 - ``timeout``: no byte for the client's read timeout (a hang);
 - ``other``: anything else (an unshaped error body, a stream cut without an error event or a finish
@@ -82,10 +83,11 @@ def _status_error(e: openai.APIStatusError) -> _Failed:
 
 def _connection_error(e: openai.APIConnectionError, started: bool) -> _Failed:
     root = e.__cause__ or e
-    if isinstance(e, openai.APITimeoutError) or "Timeout" in type(root).__name__:
-        return _Failed("timeout", f"no byte for the read timeout ({type(root).__name__})", False)
-    if not started and type(root).__name__ == "ConnectError":
-        return _Failed("refused_before_start", f"connection refused ({root})", True)
+    name = type(root).__name__
+    if not started and name in ("ConnectError", "ConnectTimeout"):  # nothing was sent: the node is down or hung
+        return _Failed("refused_before_start", f"cannot connect ({name}: {root})", True)
+    if isinstance(e, openai.APITimeoutError) or "Timeout" in name:
+        return _Failed("timeout", f"no byte for the read timeout ({name})", False)
     return _Failed("other", f"{type(root).__name__}: {str(root)[:120]}", not started)
 
 

@@ -400,6 +400,30 @@ def test_two_voters_survivor_takes_over_after_removal_timeout_with_its_parity_te
     assert net.cores[higher].config.voters == ("a", "b")
 
 
+def test_no_takeover_with_a_two_voter_set_the_other_voter_never_got():
+    """Found by the 10,000-seed campaign: a leader of {a, b, c} removes dead c while b is cut off. b still
+    counts {a, b, c}, so c (back) and b may elect a leader of the next term; a must not take over into it."""
+    cfg = replace(CFG, removal_timeout=5.0)
+    a, b, c = (core(n, cfg=cfg) for n in "abc")
+    net = Net(a, b, c)
+    b._deadline = c._deadline = 99.0
+    net.run(0.0, 4.0)
+    assert net.leaders() == ["a"]
+    net.isolate("c")
+    a.observe_member("c", False, 4.0)
+    net.run(4.05, 8.9)
+    net.isolate("b")  # b never hears of the new set
+    net.run(9.0, 9.6)
+    assert a.config.voters == ("a", "b") and not a.config_shared and a.hard_state().config_shared is False
+    assert b.config.voters == ("a", "b", "c")
+    a.observe_member("b", False, 9.6)
+    net.run(9.65, 30.0)
+    assert not a.is_leader  # waits: b and c may lead the next term under {a, b, c}
+    # Had b acked the set, a would take over (the documented two-voter rule).
+    a2, b2 = core("a", ("a", "b"), cfg=cfg), core("b", ("a", "b"), cfg=cfg)
+    assert a2.config_shared and b2.config_shared
+
+
 def test_takeover_disabled_keeps_two_voters_leaderless():
     cfg = replace(CFG, removal_timeout=5.0, small_cluster_takeover=False)
     a = core("a", ("a", "b"), cfg=cfg)

@@ -218,6 +218,7 @@ class StateStore:
                 "voters": list(c.voters),
                 "config_term": c.term,
                 "config_index": c.index,
+                "config_shared": hs.config_shared,
             },
         )
         self.hard_state = hs
@@ -240,7 +241,10 @@ def _parse_hard_state(obj: Any) -> HardState | None:
         raise ValueError("hard_state has bad fields")
     if not (voted is None or isinstance(voted, str)) or not all(isinstance(v, str) for v in voters):
         raise ValueError("hard_state has bad node ids")
-    return HardState(term, voted, VoterSet(voters=tuple(voters), term=cterm, index=cindex))
+    shared = obj.get("config_shared", True)  # absent in state written before it existed
+    if not isinstance(shared, bool):
+        raise ValueError("hard_state has a bad config_shared")
+    return HardState(term, voted, VoterSet(voters=tuple(voters), term=cterm, index=cindex), shared)
 
 
 def _parse_placement(obj: Any) -> tuple[int, int, dict[str, Any]] | None:
