@@ -3,7 +3,8 @@
 A *request* is what an application asks for; it makes up to ``ATTEMPTS`` HTTP *attempts*, the way the
 official client retries by default (2 retries on a refused connection, 408/409/429/5xx, honouring
 ``Retry-After``), except that each retry goes to another node (what any client of a multi-node service
-does, e.g. HAProxy's ``option redispatch``). Nothing that has started streaming is retried.
+does, e.g. HAProxy's ``option redispatch``), and a node that could not be connected to is avoided for
+``AVOID_S``. Nothing that has started streaming is retried.
 
 Every failed attempt gets one class:
 
@@ -31,6 +32,9 @@ from dataclasses import dataclass, field
 import openai
 
 ATTEMPTS = 3
+AVOID_S = 5.0
+"""A node that could not be connected to is avoided this long (HAProxy-style: a failed check marks a
+server down), unless no other node is left."""
 RETRY_AFTER_CAP_S = 2.0
 """Longest the client sleeps on a Retry-After before redispatching (the official client caps at 60 s;
 a short cap keeps the loop closed and tight)."""
@@ -102,6 +106,7 @@ class Clients:
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._down: dict[str, float] = {}  # node -> avoid until (monotonic)
         self._clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="chaos", max_retries=0,
                                           timeout=openai.Timeout(timeout_s, connect=3.0))
                          for k, u in nodes.items()}
@@ -133,10 +138,15 @@ class Clients:
         tried: list[str] = []
         attempts: list[Attempt] = []
         for _ in range(ATTEMPTS):
-            node = rng.choice([k for k in self.nodes if k not in tried] or list(self.nodes))
+            now = time.monotonic()
+            fresh = [k for k in self.nodes if k not in tried]
+            up = [k for k in fresh if self._down.get(k, 0.0) <= now]
+            node = rng.choice(up or fresh or list(self.nodes))
             tried.append(node)
             a = self._attempt(node, model, stream)
             attempts.append(a)
+            if a.detail.startswith("cannot connect"):
+                self._down[node] = time.monotonic() + AVOID_S
             if a.outcome == "ok" or not a.retry:
                 break
             if a.retry_after:
