@@ -58,7 +58,8 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                 used = f.claims_mib.get(d["id"], 0.0) if d.get("simulated") else d.get("vram_used_mib", 0)
                 gpus.append({**d, "vram_used_mib": round(float(used), 1), "models": by_dev.get(d["id"], [])})
         nodes.append({"id": m.node_id, "address": m.address, "state": m.state, "gpus": gpus,
-                      "backend": f.backend if f is not None else "", "self": m.node_id == self_id})
+                      "backend": f.backend if f is not None else "", "self": m.node_id == self_id,
+                      "leaving": bool(f is not None and f.leaving and m.state in ("alive", "suspect"))})
     catalog, conflicts = merged_catalog(live_facts)
     catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
     models = []

@@ -9,7 +9,7 @@ import threading
 import openai
 import pytest
 
-from aivailable.clusterview import MemberInfo
+from aivailable.clusterview import MemberInfo, build_view
 from aivailable.coordinator import NodeFacts, build_problem
 from aivailable.leave import pending_handover, takers
 from tests.nodeproc import NodeProc, free_port, start_node
@@ -47,6 +47,12 @@ def test_leaving_node_gets_no_gpu_and_holds_no_file_in_the_placement_problem():
     p = build_problem(facts, prev)
     assert [g.node for g in p.gpus] == ["b"]
     assert p.models[0].files_on == ["b"] and not any(p.previous.values())
+
+
+def test_cluster_view_marks_a_leaving_node_for_the_operator():
+    view = build_view(self_id="a", leader="a", term=1, version=1, backend="cpu", placement={}, unplaced={},
+                      events=[], members=[member("a"), member("b", leaving=True), member("c", "dead", leaving=True)])
+    assert {n["id"]: n["leaving"] for n in view["nodes"]} == {"a": False, "b": True, "c": False}
 
 
 # ---- real nodes -------------------------------------------------------------------------------------
