@@ -193,6 +193,12 @@ class Checker:
         if problem is not None:
             self.fail(now, problem)
 
+    def settled(self, sim: Sim) -> bool:
+        """Membership, facts, leader and placement all agree among the up nodes right now."""
+        up = [n for n in sim.nodes.values() if n.up]
+        facts = all((a.mem.facts(b.id) or (None,))[0] == b.mem.facts_version for a in up for b in up)
+        return self._membership_agrees(sim) and facts and self.leadership_problem(sim) is None
+
     @staticmethod
     def leadership_problem(sim: Sim) -> str | None:
         """Why the up nodes do not (yet) agree on one leader and one placement; None when they do."""
