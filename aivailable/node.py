@@ -19,12 +19,11 @@ from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
-from aivailable.clusterview import MemberInfo, build_view
 from aivailable.config import ModelConfig, Settings
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
-from aivailable.errors import ConfigError, ModelUnavailable
+from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 
 log = logging.getLogger("aivailable.node")
 
@@ -224,10 +223,9 @@ class Node:
 
     def cluster_view(self) -> dict:
         """The facts of GET /api/cluster (see CONTRACTS.md): the whole cluster as this node sees it."""
-        if self.cluster.transport is None:
-            me = MemberInfo(self.node_id, self.address, "alive", self.facts())
-            return build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
-                              members=[me], placement=self.placement, unplaced=self.unplaced, events=self.events)
+        if self.cluster.transport is None:  # not a lone-node view with term 0: its real term is not loaded yet
+            raise NodeStarting(f"node {self.node_id} is starting: it has not loaded its cluster state and joined "
+                               "yet; retry in a second", retry_after=1)
         return self.cluster.view()
 
     def _metrics_snapshot(self) -> dict:

@@ -210,3 +210,19 @@ def test_lone_node_just_drains(tmp_path, gemma_path):
         assert "no live peer can take alpha; draining requests only" in n.log()
     finally:
         n.kill_group()
+
+
+def test_a_starting_node_reports_no_cluster_facts_rather_than_term_0(tmp_path):
+    """Between listening and loading its cluster state, a (re)started node must not show a term-0 view."""
+    from aivailable.config import load_settings
+    from aivailable.errors import NodeStarting
+    from aivailable.node import Node
+
+    settings = load_settings(None, {"state_dir": str(tmp_path), "simulate_gpus": ["s:1000"], "mdns": False}, [])
+    node = Node(settings)
+    try:
+        with pytest.raises(NodeStarting) as e:
+            node.cluster_view()
+        assert e.value.http_status == 503 and e.value.retry_after == 1
+    finally:
+        node.cache.close()
