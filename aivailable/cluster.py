@@ -290,13 +290,14 @@ class Cluster:
         return out
 
     def _alive(self, node_id: str) -> bool:
-        """False once membership declares `node_id` dead or left (a suspect may just be slow: a request
-        waiting on it is not abandoned). True when this node cannot tell (gossip stopped while leaving)."""
+        """False once membership declares `node_id` dead. A suspect may just be slow, and a node that left
+        gracefully still finishes what it was given (it drains): requests waiting on those are kept.
+        True when this node cannot tell (gossip stopped while leaving)."""
         t = self.transport
         if t is None or not t.running:
             return True
         status = t.mem.status(node_id)
-        return status is None or status.value not in ("dead", "left")
+        return status is None or status.value != "dead"
 
     def catalog(self) -> dict[str, dict]:
         """Every model any live node defines (name -> definition)."""

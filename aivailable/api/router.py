@@ -57,7 +57,7 @@ class Upstream:
 
 
 class UpstreamGone(aiohttp.ClientConnectionError):
-    """Membership declared the replica's node dead or left before its first byte."""
+    """Membership declared the replica's node dead before its first byte."""
 
 
 LIVENESS_CHECK_S = 0.25
@@ -182,7 +182,7 @@ async def _first_bytes(r: aiohttp.ClientResponse) -> bytes:
 
 
 async def _while_alive(up: Upstream, aw):
-    """Await `aw`, giving up (UpstreamGone) as soon as the upstream's node is no longer alive."""
+    """Await `aw`, giving up (UpstreamGone) as soon as membership declares the upstream's node dead."""
     if up.alive_fn is None:
         return await aw
     task = asyncio.ensure_future(aw)
@@ -192,7 +192,7 @@ async def _while_alive(up: Upstream, aw):
             if done:
                 return task.result()
             if not up.alive_fn():
-                raise UpstreamGone(f"node {up.node_id} is no longer alive")
+                raise UpstreamGone(f"node {up.node_id} was declared dead")
     finally:
         if not task.done():
             task.cancel()
