@@ -386,6 +386,9 @@ class Harness:
             "setup_s": round(setup_s, 1),
             "requests": len(reqs), "successes": ok, "success_rate": round(rate, 5),
             "success_rate_without_entry_node_kills": round(rate_cluster, 5),
+            "by_mode": {mode: {"requests": len(rs), "successes": sum(r.ok for r in rs)}
+                        for mode, rs in (("plain", [r for r in reqs if not r.stream]),
+                                         ("stream", [r for r in reqs if r.stream]))},
             "failed_requests": {c: failed.get(c, 0) for c in CLASSES},
             "attempts": len(attempts),
             "dropped_by_killed_entry_node": dropped,
