@@ -139,13 +139,17 @@ class Harness:
         for n in self.procs.values():
             n.wait_healthy(120)
         deadline = time.monotonic() + 300
+        v: dict = {}
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
                 v = get_json(self.procs["n1"].url + "/api/cluster", 3)
                 if self._healthy(v, set(self.ids)):
                     return
             time.sleep(1)
-        raise TimeoutError("cluster did not come up with every model ready within 300 s")
+        summary = {"leader": v.get("leader"), "nodes": {n["id"]: n["state"] for n in v.get("nodes", [])},
+                   "models": {m["name"]: (m["state"], m.get("reason")) for m in v.get("models", [])}}
+        tails = "\n".join(f"--- {k}\n{p.log()[-1500:]}" for k, p in self.procs.items())
+        raise TimeoutError(f"cluster did not come up with every model ready within 300 s: {summary}\n{tails}")
 
     @staticmethod
     def _healthy(view: dict, alive: set[str]) -> bool:
