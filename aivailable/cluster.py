@@ -161,14 +161,29 @@ class Cluster:
                         asyncio.create_task(self._coordinator_loop(), name="coordinator")]
 
     async def stop(self) -> None:
+        await self.leave()
+        await self.close()
+
+    async def leave(self) -> None:
+        """Stop gossip and coordination; peers mark this node *left* at once. Proxied requests in
+        flight keep their connections until `close`."""
         for t in self._tasks:
             t.cancel()
+        self._tasks.clear()
         if self.discovery is not None:
             await self.discovery.stop()
-        if self.transport is not None:
+            self.discovery = None
+        if self.transport is not None and self.transport.running:
             await self.transport.stop()
+
+    async def close(self) -> None:
+        """Close the connections to peers (after the node's requests have drained)."""
         if self._session is not None:
             await self._session.close()
+
+    def wake(self) -> None:
+        """Run a coordinator round now (if this node leads) and gossip changed facts."""
+        self._wake.set()
 
     # -- facts and placement -------------------------------------------------------------------
     def own_facts(self) -> NodeFacts:
@@ -251,9 +266,12 @@ class Cluster:
         nodes = {f.node_id for f in facts}
         joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
         self._last_nodes = nodes
+        leaving = sorted(f.node_id for f in facts if f.leaving)
         if new != current:
             if not current:
                 cause = "first placement"
+            elif leaving:
+                cause = f"node {', '.join(leaving)} leaving (graceful shutdown)"
             elif gone:
                 cause = f"node {', '.join(gone)} gone"
             elif joined:
@@ -269,6 +287,8 @@ class Cluster:
             self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
+        if self.node.leaving:
+            return  # keep every worker until this node's requests have drained (aivailable.leave)
         await self.node.reconcile()
 
     # -- routing -------------------------------------------------------------------------------
@@ -305,6 +325,8 @@ class Cluster:
                     self._upstreams[key] = up
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
+                up.draining = bool(m.facts.get("leaving"))
+                up.alive_fn = lambda nid=m.node_id: self._alive(nid)
                 out.append(up)
         return out
 
@@ -314,6 +336,15 @@ class Cluster:
             return {}
         return {m.node_id: m.address for m in self.transport.members()
                 if m.node_id != self.node.node_id and m.status == "alive" and sha256 in (m.facts.get("files") or {})}
+    def _alive(self, node_id: str) -> bool:
+        """False once membership declares `node_id` dead. A suspect may just be slow, and a node that left
+        gracefully still finishes what it was given (it drains): requests waiting on those are kept.
+        True when this node cannot tell (gossip stopped while leaving)."""
+        t = self.transport
+        if t is None or not t.running:
+            return True
+        status = t.mem.status(node_id)
+        return status is None or status.value != "dead"
 
     def catalog(self) -> dict[str, dict]:
         """Every model any live node defines (name -> definition); recomputed only when membership or facts

@@ -79,7 +79,8 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
         nodes.append({"id": m.node_id, "address": m.address, "state": m.state, "gpus": gpus,
                       "backend": f.backend if f is not None else "", "self": m.node_id == self_id,
                       "files": len(f.files) if f is not None else 0,
-                      "bad_peers": dict(f.bad_peers) if f is not None else {}})
+                      "bad_peers": dict(f.bad_peers) if f is not None else {},
+                      "leaving": bool(f is not None and f.leaving and m.state in ("alive", "suspect"))})
     catalog, conflicts = merged_catalog(live_facts)
     catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
     models = []

@@ -56,12 +56,15 @@ class NodeFacts:
     """Model-file transfers into this node (files/fetch.py `Transfer.view`)."""
     bad_peers: dict[str, str] = field(default_factory=dict)
     """Peers this node stopped fetching from because they served corrupt data, with why."""
+    leaving: bool = False
+    """The node is shutting down gracefully: place nothing on it and move its models elsewhere; it
+    keeps serving what it runs until they are ready on other nodes (see `aivailable.leave`)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
-                "transfers": self.transfers, "bad_peers": self.bad_peers}
+                "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:
@@ -90,6 +93,8 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
     """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies."""
     gpus: list[Gpu] = []
     for f in facts:
+        if f.leaving:
+            continue  # shutting down: its GPUs take nothing, its replicas are re-placed elsewhere
         for d in f.devices:
             if not d.get("usable", True):
                 continue
@@ -99,6 +104,7 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
                             reserved_mib=min(int(d["vram_total_mib"]),
                                              _reserved(d, f.claims_mib.get(d["id"], 0.0)))))
     catalog, _ = merged_catalog(facts)
+    leaving = {f.node_id for f in facts if f.leaving}  # their GPUs take nothing; their files still serve peers
     rates: dict[str, float] = {}
     for f in facts:
         for m, r in f.rates.items():
@@ -115,7 +121,7 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         # like a reload off `files_on`); without a sha256 only the nodes that hold it can run it.
         fetchable = bool(m.get("sha256")) and bool(holders)
         candidates = sorted(f.node_id for f in facts) if fetchable else holders
-        nodes = [n for n in candidates if not aff.get("nodes") or n in aff["nodes"]]
+        nodes = [n for n in candidates if n not in leaving and (not aff.get("nodes") or n in aff["nodes"])]
         if not nodes:
             continue
         models.append(ModelSpec(

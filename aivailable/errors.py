@@ -77,6 +77,14 @@ class ModelUnavailable(NodeError):
     code = "model_not_ready"
 
 
+class NodeStarting(NodeError):
+    """The node serves HTTP but has not loaded its cluster state and joined yet (a second or two)."""
+
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "node_starting"
+
+
 class UpstreamError(NodeError):
     http_status = 502
     error_type = "server_error"

@@ -14,23 +14,21 @@ from pathlib import Path
 from aiohttp import web
 
 from aivailable import coordinator as coord
-from aivailable import statedir
+from aivailable import leave, statedir
 from aivailable.api.app import build_app
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
-from aivailable.clusterview import MemberInfo, build_view
 from aivailable.config import ModelConfig, Settings
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
-from aivailable.errors import ConfigError, ModelUnavailable
+from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.transport import StateStore
 
 log = logging.getLogger("aivailable.node")
 
-SHUTDOWN_GRACE_S = 30.0
 _NO_CATALOG: dict[str, dict] = {}
 """The cluster catalog of a node without a cluster transport (one shared object, so models() can cache)."""
 
@@ -55,6 +53,8 @@ class Node:
         self.estimates: dict[str, float] = {}
         self.placement: Assignments = {}
         self.planned = False
+        self.leaving = False
+        """SIGTERM received: models are being handed over, requests drained (see aivailable.leave)."""
         self.events: list[dict] = []
         self.rate_limited: dict[str, int] = {}  # API key fingerprint -> requests refused with 429
         self.cache = statedir.open_disposable_cache(self.state_dir / "cache")
@@ -182,7 +182,7 @@ class Node:
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
                          backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
-                         bad_peers=self.files.bad_peers())
+                         bad_peers=self.files.bad_peers(), leaving=self.leaving)
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
@@ -238,9 +238,11 @@ class Node:
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
         """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""
         ups = [self._upstream(h) for h in self.manager.ready(model)]
+        for u in ups:
+            u.draining = self.leaving
         if not local_only:
             ups += self.cluster.remote_upstreams(model)
-        return ups
+        return [u for u in ups if not u.draining] or ups  # a leaving node's replicas only as a last resort
 
     def _upstream(self, h: WorkerHandle) -> Upstream:
         up = h.__dict__.get("_upstream")
@@ -304,12 +306,10 @@ class Node:
 
     def cluster_view(self) -> dict:
         """The facts of GET /api/cluster (see CONTRACTS.md): the whole cluster as this node sees it."""
-        if self.cluster.transport is None:
-            me = MemberInfo(self.node_id, self.address, "alive", self.facts())
-            view = build_view(self_id=self.node_id, leader=None, term=0, version=0, backend=self.backend.summary(),
-                              members=[me], placement=self.placement, unplaced=self.unplaced, events=self.events)
-        else:
-            view = self.cluster.view()
+        if self.cluster.transport is None:  # not a lone-node view with term 0: its real term is not loaded yet
+            raise NodeStarting(f"node {self.node_id} is starting: it has not loaded its cluster state and joined "
+                               "yet; retry in a second", retry_after=1)
+        view = self.cluster.view()
         view["security"] = self.security_view()
         return view
 
@@ -337,7 +337,7 @@ class Node:
     async def start(self) -> None:
         cfg = self.settings.node
         self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=SHUTDOWN_GRACE_S)
+                                     shutdown_timeout=leave.DRAIN_GRACE_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
         try:
@@ -374,14 +374,20 @@ class Node:
             self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
             await self.estimate_models()  # models the cluster catalog named since, whose file is here
 
-    async def stop(self) -> None:
-        log.info("node %s shutting down: draining requests, stopping workers", self.node_id)
+    async def stop(self, handover_s: float = leave.HANDOVER_TIMEOUT_S) -> None:
+        """Leave gracefully (aivailable.leave): hand models over, leave the cluster, drain, stop workers."""
+        log.info("node %s shutting down: handing its models over, then draining requests (signal again to stop "
+                 "at once)", self.node_id)
+        await leave.hand_over(self, handover_s)
         for t in self._tasks:
             t.cancel()
-        await self.cluster.stop()
+        await self.cluster.leave()
         await self.files.stop()
         if self._runner is not None:
-            await self._runner.cleanup()
+            t0 = time.monotonic()
+            await self._runner.cleanup()  # stops listening; requests in flight finish (DRAIN_GRACE_S)
+            log.info("requests drained in %.1f s; stopping workers", time.monotonic() - t0)
+        await self.cluster.close()
         await self.manager.close()
         self.cache.close()
 
@@ -401,5 +407,7 @@ async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int
     if ready_file is not None:
         ready_file.write_text(str(node.port))
     await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)  # a second signal takes its default action: stop at once
     await node.stop()
     return 0

@@ -328,6 +328,26 @@ def test_leader_removes_a_voter_dead_past_removal_timeout_one_at_a_time():
     assert net.cores[lead].config.voters == tuple(n for n in "abcde" if n not in gone)
 
 
+def test_leader_removes_a_voter_that_left_at_once_and_a_two_voter_survivor_takes_over():
+    cfg = replace(CFG, removal_timeout=30.0)
+    cores = [core(n, cfg=cfg) for n in "abc"]
+    net = Net(*cores)
+    net.run(0.0, 4.0)
+    (lead,) = net.leaders()
+    leaver = next(n for n in "abc" if n != lead)
+    net.isolate(leaver)
+    for c in cores:
+        c.observe_member(leaver, False, 4.0, left=True)  # it said goodbye: no 30 s wait
+    net.run(4.05, 4.6)
+    assert net.cores[lead].config.voters == tuple(n for n in "abc" if n != leaver)
+    # The leader leaves too: the last voter takes over at once, not after removal_timeout.
+    last = next(n for n in "abc" if n not in (lead, leaver))
+    net.isolate(lead)
+    net.cores[last].observe_member(lead, False, 5.0, left=True)
+    net.run(5.0, 7.0)
+    assert net.cores[last].is_leader and net.cores[last].config.voters == (last,)
+
+
 def test_unknown_voter_is_never_removed():
     a, net = leader_of_three()
     net.run(3.05, 200.0, step=1.0)
@@ -378,6 +398,30 @@ def test_two_voters_survivor_takes_over_after_removal_timeout_with_its_parity_te
     net.run(11.0, 14.0)
     assert net.leaders() == [higher]
     assert net.cores[higher].config.voters == ("a", "b")
+
+
+def test_no_takeover_with_a_two_voter_set_the_other_voter_never_got():
+    """Found by the 10,000-seed campaign: a leader of {a, b, c} removes dead c while b is cut off. b still
+    counts {a, b, c}, so c (back) and b may elect a leader of the next term; a must not take over into it."""
+    cfg = replace(CFG, removal_timeout=5.0)
+    a, b, c = (core(n, cfg=cfg) for n in "abc")
+    net = Net(a, b, c)
+    b._deadline = c._deadline = 99.0
+    net.run(0.0, 4.0)
+    assert net.leaders() == ["a"]
+    net.isolate("c")
+    a.observe_member("c", False, 4.0)
+    net.run(4.05, 8.9)
+    net.isolate("b")  # b never hears of the new set
+    net.run(9.0, 9.6)
+    assert a.config.voters == ("a", "b") and not a.config_shared and a.hard_state().config_shared is False
+    assert b.config.voters == ("a", "b", "c")
+    a.observe_member("b", False, 9.6)
+    net.run(9.65, 30.0)
+    assert not a.is_leader  # waits: b and c may lead the next term under {a, b, c}
+    # Had b acked the set, a would take over (the documented two-voter rule).
+    a2, b2 = core("a", ("a", "b"), cfg=cfg), core("b", ("a", "b"), cfg=cfg)
+    assert a2.config_shared and b2.config_shared
 
 
 def test_takeover_disabled_keeps_two_voters_leaderless():

@@ -202,3 +202,15 @@ def test_trivial_place_keeps_models_and_spreads_new_ones():
 def test_detection_trial_reports_first_and_all():
     first, every = detection_trial(5, replace(SimConfig(nodes=5), network=(0.0, 0.0, 0.002)))
     assert first is not None and every is not None and 0.5 < first <= every < 4.0
+
+
+def test_campaign_bench_counts_safety_and_convergence_figures():
+    """bench/sim_campaign.py (10,000 seeds by default) on a few seeds: its figures are the checker's."""
+    from bench.sim_campaign import run
+
+    out = run(seeds=24, start=500, sizes=[2, 3], jobs=JOBS)
+    t = out["total"]
+    assert t["seeds"] == 24 and set(out["per_size"]) == {"2", "3"}
+    assert t["double_leader_terms"] == 0 and t["stale_placements_applied"] == 0 and t["not_converged_seeds"] == 0
+    assert t["placements_applied"] > 0 and t["leaders"] > 24  # placements flowed, faults forced elections
+    assert out["failures"] == [] and all(out["targets"].values())

@@ -119,6 +119,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     node = _node(request)
+    if node.cluster.transport is None:  # serving HTTP, not yet its cluster state: not "ok" for a balancer
+        return web.json_response({"status": "starting", "node_id": node.node_id}, status=503,
+                                 headers={"Retry-After": "1"})
     return web.json_response({"status": "ok", "node_id": node.node_id, "uptime_s": round(node.uptime_s(), 1),
                               "models_ready": sorted({h.model for h in node.manager.workers.values()
                                                       if h.state == "ready"})})

@@ -1,12 +1,16 @@
 """Request routing: pick a replica (power of two choices), proxy the bytes, retry before first byte.
 
 A local worker (unix socket) and a remote peer (TCP) are both `Upstream`s; the router never
-cares which. Streams pass through unbuffered. A failure before the upstream's first byte moves
-the request to another replica; after it, the client gets an OpenAI error event and a clean end.
+cares which. Streams pass through unbuffered. Nothing reaches the client before the upstream's
+first body byte (for a stream, its first event), so a replica that fails before then, or whose node
+membership declares dead while we wait (a hung machine), costs only a retry on another replica;
+after it, the client gets an OpenAI error event and a clean end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -43,9 +47,21 @@ class Upstream:
     """Requests this node has in flight to the replica."""
     reported_load: int = 0
     """For a peer's replica: requests it reported in flight or queued (gossiped, ~1 s old)."""
+    draining: bool = False
+    """The replica's node is leaving (graceful shutdown): used only when no other replica is ready."""
     failures: int = 0
     cooldown_until: float = 0.0
+    alive_fn: Callable[[], bool] | None = None
+    """For a peer's replica: is its node still up in membership? Waiting for a first byte stops when not."""
     stats: dict = field(default_factory=dict)
+
+
+class UpstreamGone(aiohttp.ClientConnectionError):
+    """Membership declared the replica's node dead before its first byte."""
+
+
+LIVENESS_CHECK_S = 0.25
+"""How often a request waiting for a peer's first byte checks that the peer is still alive."""
 
 
 @dataclass(frozen=True)
@@ -100,15 +116,17 @@ class Proxy:
             if authorization and not up.local:
                 headers["Authorization"] = authorization  # peers check the same client keys
             try:
-                async with session.post(up.base_url + path, data=body, headers=headers) as r:
+                r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
+                async with r:
                     if r.status in (429, 503) and len(tried) < len(upstreams):
                         last_error = f"replica {up.key} answered {r.status}"
                         retry_after = float(r.headers.get("Retry-After", retry_after))
                         continue  # another replica may have room
+                    first = await _while_alive(up, _first_bytes(r))
                     up.failures = 0
                     if on_first_byte:
                         on_first_byte(up)
-                    return await self._relay(request, r, up)
+                    return await self._relay(request, r, up, first)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
                 self._failed(up, exc)
                 last_error = f"replica {up.key} failed ({type(exc).__name__})"
@@ -124,16 +142,17 @@ class Proxy:
             log.warning("replica %s failed %d times in a row (%s); cooling down %.0fs", up.key, up.failures,
                         exc, self.COOLDOWN_S)
 
-    async def _relay(self, request: web.Request, r: aiohttp.ClientResponse, up: Upstream) -> web.StreamResponse:
+    async def _relay(self, request: web.Request, r: aiohttp.ClientResponse, up: Upstream,
+                     first: bytes) -> web.StreamResponse:
+        """Send the client the answer whose first bytes (`first`; all of it when not a stream) arrived."""
         headers = {h: r.headers[h] for h in _PASS_HEADERS if h in r.headers}
         headers["X-AIvailable-Replica"] = up.key
-        is_stream = r.headers.get("Content-Type", "").startswith("text/event-stream")
-        if not is_stream:
-            data = await r.read()  # a complete JSON body; failure here is before our first byte
-            return web.Response(status=r.status, body=data, headers=headers)
+        if not _is_stream(r):
+            return web.Response(status=r.status, body=first, headers=headers)
         resp = web.StreamResponse(status=r.status, headers=headers)
         await resp.prepare(request)
         try:
+            await resp.write(first)
             async for chunk in r.content.iter_any():
                 await resp.write(chunk)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
@@ -146,6 +165,39 @@ class Proxy:
             await resp.write(sse(err))
         await resp.write_eof()
         return resp
+
+
+def _is_stream(r: aiohttp.ClientResponse) -> bool:
+    return r.headers.get("Content-Type", "").startswith("text/event-stream")
+
+
+async def _first_bytes(r: aiohttp.ClientResponse) -> bytes:
+    """A non-stream answer whole, or a stream's first bytes; an upstream that ends before any is a failure."""
+    if not _is_stream(r):
+        return await r.read()
+    first = await r.content.readany()
+    if not first:
+        raise aiohttp.ClientPayloadError("the replica closed the stream before its first byte")
+    return first
+
+
+async def _while_alive(up: Upstream, aw):
+    """Await `aw`, giving up (UpstreamGone) as soon as membership declares the upstream's node dead."""
+    if up.alive_fn is None:
+        return await aw
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=LIVENESS_CHECK_S)
+            if done:
+                return task.result()
+            if not up.alive_fn():
+                raise UpstreamGone(f"node {up.node_id} was declared dead")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 def check_hops(request: web.Request) -> None:

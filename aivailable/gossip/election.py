@@ -38,7 +38,9 @@ restart leads the term it already voted for itself in again, without a new term)
 survivor can never win a majority, so a node that has seen the other voter dead for ``removal_timeout``
 takes over alone: it jumps to the next term ``t`` with ``t % 2 == its rank`` in the old voter set (so
 the two sides of a true partition can never pick the same term), votes for itself, and becomes leader
-of the voter set ``{itself}``. After a real partition this means two coordinators for a while; placement
+of the voter set ``{itself}``. It takes over only with a two-voter set it knows the other voter holds
+(``HardState.config_shared``): a leader that shrank the set while the other voter was cut off must not,
+since that voter may still be electing leaders under the older, larger set. After a real partition this means two coordinators for a while; placement
 is idempotent and fenced by term, so it costs redundant model loads, never lost requests. On healing the
 higher term wins, and its leader adds the other node back as a voter. Three or more voters never take
 over: a minority side keeps serving what it has and re-places nothing (a larger cluster that removals
@@ -117,6 +119,10 @@ class HardState:
     term: int
     voted_for: str | None
     config: VoterSet
+    config_shared: bool = True
+    """The other voters of ``config`` are known to hold it: it is the bootstrap set, it came from its
+    leader, or (for the leader that decided it) every other voter acked it. A two-voter takeover needs
+    this, or the other side could still be electing leaders under the older, larger voter set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +187,7 @@ class ElectionCore:
         else:
             self._dirty = False
         self.term, self.voted_for, self.config = state.term, state.voted_for, state.config
+        self.config_shared = state.config_shared
         self.role = Role.FOLLOWER
         self.leader: str | None = None
         self.heard_at = NEVER
@@ -206,7 +213,7 @@ class ElectionCore:
         return self.role is Role.LEADER
 
     def hard_state(self) -> HardState:
-        return HardState(self.term, self.voted_for, self.config)
+        return HardState(self.term, self.voted_for, self.config, self.config_shared)
 
     def ready(self) -> Ready:
         return Ready(tuple(self._out), tuple(self._events), self.hard_state() if self._dirty else None)
@@ -220,9 +227,11 @@ class ElectionCore:
         self._events.clear()
         self._dirty = False
 
-    def observe_member(self, node: str, alive: bool, now: float) -> None:
-        """Membership's verdict on ``node``: alive (or suspect) or dead (or left). Forgotten members need
-        no call: they stay dead here, so a voter is never lost by being reaped."""
+    def observe_member(self, node: str, alive: bool, now: float, left: bool = False) -> None:
+        """Membership's verdict on ``node``: alive (or suspect) or dead (or ``left``: it said goodbye on a
+        graceful shutdown, so a leader removes it from the voters at once instead of after
+        ``removal_timeout``). Forgotten members need no call: they stay dead here, so a voter is never
+        lost by being reaped."""
         if node == self.id:
             return
         if alive:
@@ -230,7 +239,8 @@ class ElectionCore:
             self._dead_since.pop(node, None)
         else:
             self._alive.pop(node, None)
-            self._dead_since.setdefault(node, now)
+            since = now - self.cfg.removal_timeout if left else now
+            self._dead_since[node] = min(self._dead_since.get(node, since), since)
 
     def tick(self, now: float) -> None:
         if self.role is Role.LEADER:
@@ -295,6 +305,8 @@ class ElectionCore:
             self._acks[src] = max(self._acks.get(src, NEVER), msg.sent_at)
             if (msg.config_term, msg.config_index) >= self.config.id:
                 self._config_acks.add(src)
+                if not self.config_shared and set(self.config.voters) <= self._config_acks:
+                    self.config_shared, self._dirty = True, True
             if not self.established and self._quorum_since(self._became_at):
                 self.established = True
         elif isinstance(msg, Heartbeat) and src < self.id:
@@ -311,7 +323,7 @@ class ElectionCore:
         self.heard_at = now
         self._reset_timer(now)
         if msg.config.id != self.config.id:
-            self._set_config(msg.config)
+            self._set_config(msg.config, shared=True)  # our leader, a voter of it, holds it
         cfg = self.config
         ack = HeartbeatAck(
             term=self.term, sent_at=msg.sent_at, success=True, config_term=cfg.term, config_index=cfg.index
@@ -415,6 +427,8 @@ class ElectionCore:
         voters = self.config.voters
         if not self.cfg.small_cluster_takeover or len(voters) != 2 or self.id not in voters:
             return False
+        if not self.config_shared:
+            return False  # the other may never have seen this set and still count a larger, older one
         other = voters[0] if voters[1] == self.id else voters[1]
         since = self._dead_since.get(other)
         return since is not None and now - since >= self.cfg.removal_timeout and not self._in_lease(now)
@@ -425,7 +439,7 @@ class ElectionCore:
         term += (rank - term) % size
         self.term, self.voted_for, self.leader = term, self.id, None
         self._campaign_at, self._votes = now, {self.id: True}
-        self._set_config(VoterSet(voters=(self.id,), term=term, index=self.config.index + 1))
+        self._set_config(VoterSet(voters=(self.id,), term=term, index=self.config.index + 1), shared=True)
         self._become_leader(now, takeover=True)
 
     # ---- leader duties -------------------------------------------------------------------------------
@@ -464,7 +478,7 @@ class ElectionCore:
             if not joins:
                 return
             voters = tuple(sorted((*cfg.voters, joins[0])))
-        self._set_config(VoterSet(voters=voters, term=self.term, index=cfg.index + 1))
+        self._set_config(VoterSet(voters=voters, term=self.term, index=cfg.index + 1), shared=False)
         self._config_acks = {self.id}
         self._broadcast_heartbeat(now)
 
@@ -473,8 +487,8 @@ class ElectionCore:
     def _in_lease(self, now: float) -> bool:
         return self.role is Role.LEADER or (self.leader is not None and now - self.heard_at < self.cfg.lease)
 
-    def _set_config(self, config: VoterSet) -> None:
-        self.config, self._dirty = config, True
+    def _set_config(self, config: VoterSet, shared: bool) -> None:
+        self.config, self.config_shared, self._dirty = config, shared or len(config.voters) == 1, True
         self._events.append(VotersChanged(config))
 
     def _reset_timer(self, now: float) -> None:

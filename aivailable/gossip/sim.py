@@ -227,6 +227,10 @@ class SimNode:
         if self.fence.accept(msg.term, msg.version):
             self.applied = msg.assignments
             self.sim.check.applied(self.id, src, msg, self.elect.term, self.sim.now)
+        elif msg.term < self.fence.highest_term:
+            self.sim.check.stale_refused += 1  # a deposed leader's placement, stopped by the fence
+        else:
+            self.sim.check.placements_refused += 1  # a repeat of one already applied
 
 
 class Sim:
@@ -395,6 +399,15 @@ class Sim:
         while t <= end + 1e-9:
             self.run_until(t)
             self.check.sample(self)
+            t = round(t + step, 6)
+        # The network still drops messages while settling: just before the end a leader may lose its
+        # quorum to a burst of lost acks, or a peer may falsely declare a live node dead, and be put right
+        # a moment later (re-election, refutation). Liveness means the cluster gets back to agreement, so
+        # allow one election's worth of time for that (reported as extra_settle_s).
+        grace = 2 * self.cfg.election_cfg.election_timeout + self.cfg.publish_interval
+        while not self.check.settled(self) and t <= end + grace + 1e-9:
+            self.run_until(t)
+            self.check.extra_settle_s = round(t - end, 3)
             t = round(t + step, 6)
         self.check.finish(self)
         return self.check.report(self)

@@ -64,6 +64,12 @@ class Checker:
         self.converged_at: float | None = None
         self.split_brain_terms = 0
         self.false_deads = 0  # a live node declared dead by a peer on its side, 10 s after any change
+        self.double_leader_terms = 0  # terms with two leaders (not the documented disjoint takeover)
+        self.stale_applied = 0  # placements applied from a stale term or not newer than the last one
+        self.placements_applied = 0
+        self.extra_settle_s = 0.0  # time past the settle phase until one leader again (see Sim.run)
+        self.placements_refused = 0  # refused by a node's fence as a repeat of one already applied
+        self.stale_refused = 0  # refused by a node's fence: from a term older than one it has seen
 
     def fail(self, now: float, what: str) -> None:
         self.violations.append(f"t={now:.3f} {what}")
@@ -96,10 +102,15 @@ class Checker:
 
     def applied(self, node: str, src: str, msg: PlacementPublish, node_term: int, now: float) -> None:
         pair = (msg.term, msg.version)
+        self.placements_applied += 1
+        stale = False
         if msg.term < node_term or msg.term < self.max_term.get(node, 0):
+            stale = True
             self.fail(now, f"{node} applied placement of stale term {msg.term} (it has seen {node_term})")
         if pair <= self.last_applied.get(node, (0, 0)):
+            stale = True
             self.fail(now, f"{node} applied placement {pair} not newer than {self.last_applied[node]}")
+        self.stale_applied += stale
         self.last_applied[node] = pair
         if src not in {name for name, _, _ in self.leaders.get(msg.term, [])}:
             self.fail(now, f"{node} applied placement {pair} from {src}, not a leader of term {msg.term}")
@@ -161,6 +172,7 @@ class Checker:
             if self.takeovers and disjoint:
                 self.split_brain_terms += 1
             else:
+                self.double_leader_terms += 1
                 self.fail(now, f"two leaders in term {term}: {[name for name, _, _ in entries]}")
         for c in self.crashes.values():
             if c.valid and c.first is not None:
@@ -177,27 +189,38 @@ class Checker:
                         now, f"{a.id} holds facts v{known and known[0]} of {b.id}, not v{b.mem.facts_version}"
                     )
                     break
+        problem = self.leadership_problem(sim)
+        if problem is not None:
+            self.fail(now, problem)
+
+    def settled(self, sim: Sim) -> bool:
+        """Membership, facts, leader and placement all agree among the up nodes right now."""
+        up = [n for n in sim.nodes.values() if n.up]
+        facts = all((a.mem.facts(b.id) or (None,))[0] == b.mem.facts_version for a in up for b in up)
+        return self._membership_agrees(sim) and facts and self.leadership_problem(sim) is None
+
+    @staticmethod
+    def leadership_problem(sim: Sim) -> str | None:
+        """Why the up nodes do not (yet) agree on one leader and one placement; None when they do."""
         if not sim.cfg.election:
-            return
+            return None
+        up = [n for n in sim.nodes.values() if n.up]
         leaders = [n for n in up if n.elect is not None and n.elect.is_leader]
         top = max(n.elect.term for n in up if n.elect is not None)
         if len(leaders) != 1 or leaders[0].elect.term != top:
-            self.fail(now, f"no single leader of the top term {top} once stable: {[n.id for n in leaders]}")
-            return
+            return f"no single leader of the top term {top} once stable: {[n.id for n in leaders]}"
         lead = leaders[0].id
         if any(n.elect.leader != lead for n in up if n.elect is not None):
-            self.fail(
-                now, f"not every node follows {lead}: {[(n.id, n.elect.leader) for n in up if n.elect]}"
-            )
+            return f"not every node follows {lead}: {[(n.id, n.elect.leader) for n in up if n.elect]}"
         placements = {(n.fence.term, n.fence.version) for n in up}
         if len(placements) != 1:
-            self.fail(now, f"nodes applied different placements once stable: {sorted(placements)}")
+            return f"nodes applied different placements once stable: {sorted(placements)}"
         ids = {n.id for n in up}
         for n in up:
             missing = [m for m in sim.cfg.demand if n.applied.get(m, {}).get("node") not in ids]
             if missing:
-                self.fail(now, f"{n.id}: demanded models not placed on a live node: {missing}")
-                break
+                return f"{n.id}: demanded models not placed on a live node: {missing}"
+        return None
 
     def report(self, sim: Sim) -> dict[str, Any]:
         horizon = max(sim.now, 1e-9)
@@ -210,6 +233,12 @@ class Checker:
             "leaders": sum(len(v) for v in self.leaders.values()),
             "takeovers": self.takeovers,
             "split_brain_terms": self.split_brain_terms,
+            "double_leader_terms": self.double_leader_terms,
+            "stale_applied": self.stale_applied,
+            "placements_applied": self.placements_applied,
+            "placements_refused": self.placements_refused,
+            "stale_refused": self.stale_refused,
+            "extra_settle_s": self.extra_settle_s,
             "false_deads": self.false_deads,
             "msgs_per_node_s": sim.sent / sim.cfg.nodes / horizon,
             "rejected": dict(sim.rejected),

@@ -80,7 +80,14 @@ from aivailable.gossip.membership import (
     MembershipCore,
     Refuted,
 )
-from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish, Send, VoterSet
+from aivailable.gossip.messages import (
+    ELECTION_TYPES,
+    MEMBERSHIP_TYPES,
+    PlacementPublish,
+    Send,
+    Status,
+    VoterSet,
+)
 
 __all__ = [
     "GOSSIP_PATH",
@@ -219,6 +226,7 @@ class StateStore:
                 "voters": list(c.voters),
                 "config_term": c.term,
                 "config_index": c.index,
+                "config_shared": hs.config_shared,
             },
         )
         self.hard_state = hs
@@ -241,7 +249,10 @@ def _parse_hard_state(obj: Any) -> HardState | None:
         raise ValueError("hard_state has bad fields")
     if not (voted is None or isinstance(voted, str)) or not all(isinstance(v, str) for v in voters):
         raise ValueError("hard_state has bad node ids")
-    return HardState(term, voted, VoterSet(voters=tuple(voters), term=cterm, index=cindex))
+    shared = obj.get("config_shared", True)  # absent in state written before it existed
+    if not isinstance(shared, bool):
+        raise ValueError("hard_state has a bad config_shared")
+    return HardState(term, voted, VoterSet(voters=tuple(voters), term=cterm, index=cindex), shared)
 
 
 def _parse_placement(obj: Any) -> tuple[int, int, dict[str, Any]] | None:
@@ -537,7 +548,7 @@ class ClusterTransport:
         match ev:
             case MemberChanged():
                 if ev.new is not None:
-                    self.elect.observe_member(ev.node, ev.new in LIVE, now)
+                    self.elect.observe_member(ev.node, ev.new in LIVE, now, left=ev.new is Status.LEFT)
                     if ev.new in LIVE and ev.old not in LIVE:
                         self._acked.pop(ev.node, None)  # (re)joined: deliver the placement again
                 old = ev.old.value if ev.old else "new"
