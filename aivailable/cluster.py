@@ -287,9 +287,7 @@ class Cluster:
             self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
-        if self.node.leaving:
-            return  # keep every worker until this node's requests have drained (aivailable.leave)
-        await self.node.reconcile()
+        await self.node.reconcile()  # a leaving node keeps its workers until drained
 
     # -- routing -------------------------------------------------------------------------------
     def _fresh(self) -> None:

@@ -126,7 +126,8 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
             continue
         models.append(ModelSpec(
             name=name, vram_mib=max(1, int(round(need))), min_replicas=m.get("min_replicas", 0),
-            max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False), files_on=holders,
+            max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False),
+            files_on=[n for n in holders if n not in leaving],
             affinity=PAffinity(nodes=nodes, vendors=list(aff.get("vendors") or []) or None,
                                gpu_names=list(aff.get("gpu_names") or []) or None)))
         # Offered (dropped-in) files load on demand only; configured models get the baseline.

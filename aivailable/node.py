@@ -163,6 +163,8 @@ class Node:
 
     async def reconcile(self) -> None:
         """Run this node's share of the current placement (serialized: transfers and placements both call it)."""
+        if self.leaving:
+            return  # keep every worker until this node's requests have drained (aivailable.leave)
         async with self._reconcile_lock:
             await self.manager.reconcile(self.assignments_for(self.placement))
             self.files.touch(self._files_in_use())
