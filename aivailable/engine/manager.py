@@ -197,19 +197,30 @@ class WorkerManager:
         return dict(claims)
 
     # -- supervision ---------------------------------------------------------------------------
+    def _stopping(self, h: WorkerHandle) -> bool:
+        return self._closing or h.state in ("stopping", "stopped")
+
     async def _supervise(self, h: WorkerHandle) -> None:
+        # Every await is followed by a stop check: cancelling this task is not enough on its own, because
+        # asyncio.wait_for on Python 3.11 may swallow a cancellation that arrives as its inner await
+        # completes; a supervisor that missed it would restart a worker nobody tracks, and `_stop` (and
+        # with it every later reconcile) would wait for it forever.
         cfg = self.config
-        while not self._closing and h.state != "stopping":
+        while not self._stopping(h):
             delay = h.next_start_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self._closing or h.state == "stopping":
+            if self._stopping(h):
                 break
             async with self._load_lock:
+                if self._stopping(h):
+                    break
                 ok = await self._start(h)
+            if self._stopping(h):
+                break  # stopped while loading: not a failure, never restarted
             if ok:
                 code = await h.proc.wait()
-                if h.state == "stopping" or self._closing:
+                if self._stopping(h):
                     break
                 tail = " | ".join(list(h.stderr_tail)[-3:])
                 h.reason = f"worker exited with code {code} (pid {h.pid}) {tail}".strip()
@@ -248,6 +259,10 @@ class WorkerManager:
             event = json.loads(line) if line else {}
         except json.JSONDecodeError:
             event = {}
+        if self._stopping(h):  # stopped while it loaded: `_stop` may already have gone past this process
+            self._kill(h)
+            await h.proc.wait()
+            return False
         if event.get("event") != "ready":
             await h.proc.wait()
             with contextlib.suppress(TimeoutError):
@@ -299,6 +314,8 @@ class WorkerManager:
     async def _stop(self, h: WorkerHandle, *, reason: str) -> None:
         log.info("model %s: stopping worker (%s)", h.assignment.key, reason)
         h.state = "stopping"
+        if h.task is not None:
+            h.task.cancel()
         if h.proc is not None and h.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 h.proc.send_signal(signal.SIGTERM)
@@ -308,9 +325,12 @@ class WorkerManager:
                 self._kill(h)
                 await h.proc.wait()
         if h.task is not None:
-            h.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await h.task
+            # Bounded: a stop must never hang the reconcile that asked for it.
+            _, pending = await asyncio.wait({h.task}, timeout=self.config.stop_grace_s)
+            if pending:
+                log.error("model %s: its supervisor did not stop within %.0f s; killing its worker",
+                          h.assignment.key, self.config.stop_grace_s)
+            self._kill(h)  # whatever it may have started meanwhile
         await self._close_session(h)
         h.state = "stopped"
         with contextlib.suppress(FileNotFoundError):
