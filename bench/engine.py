@@ -166,32 +166,15 @@ class Api:
                 "stream_options": {"include_usage": True}}
         try:
             t0, resp = self._post(body)
-            first = last = None
-            parts: list[str] = []
-            usage, finish = None, None
-            while line := resp.readline():
-                if not line.startswith(b"data: "):
-                    continue
-                if line.startswith(b"data: [DONE]"):
-                    break
-                now = time.perf_counter()
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for c in chunk.get("choices") or ():
-                    if c.get("text"):
-                        parts.append(c["text"])
-                        first = first or now
-                        last = now
-                    finish = c.get("finish_reason") or finish
-            resp.read()  # the chunked terminator, so the connection can be reused
+            sse = engine_sweep.read_completion_stream(resp)
             end = time.perf_counter()
         except (OSError, http.client.HTTPException):
             self.close()
             raise
+        first, last, usage, finish = sse.first, sse.last, sse.usage, sse.finish
         if usage is None:
             raise RuntimeError("streamed response had no usage chunk")
-        return _result(t0, first, last, end, usage["completion_tokens"], usage["prompt_tokens"], "".join(parts),
+        return _result(t0, first, last, end, usage["completion_tokens"], usage["prompt_tokens"], "".join(sse.texts),
                        finish)
 
     def full(self, prompt: str, max_tokens: int) -> dict:

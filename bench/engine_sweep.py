@@ -35,6 +35,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LEVELS = (1, 2, 4, 8, 16)
@@ -102,16 +103,21 @@ class LlamaServer:
                 self.proc.wait(10)
 
 
-def one_request(conn: http.client.HTTPConnection, body: bytes) -> dict:
-    """One streamed completion; times and tokens (usage if the server sends it, else text chunks)."""
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/completions", body=body,
-                 headers={"Content-Type": "application/json", "Content-Length": str(len(body))})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
-    first = last = None
-    chunks, usage, finish = 0, None, None
+@dataclass
+class StreamRead:
+    """What one streamed text completion delivered: its text chunks, when the first and last arrived
+    (perf_counter), usage if the server sent it, and the last finish reason."""
+
+    texts: list[str] = field(default_factory=list)
+    first: float | None = None
+    last: float | None = None
+    usage: dict | None = None
+    finish: str | None = None
+
+
+def read_completion_stream(resp: http.client.HTTPResponse) -> StreamRead:
+    """Read an OpenAI `/v1/completions` SSE stream to its end (the connection stays reusable)."""
+    out = StreamRead()
     while line := resp.readline():
         if not line.startswith(b"data: "):
             continue
@@ -120,15 +126,29 @@ def one_request(conn: http.client.HTTPConnection, body: bytes) -> dict:
         now = time.perf_counter()
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
-            usage = chunk["usage"]
+            out.usage = chunk["usage"]
         for c in chunk.get("choices") or ():
             if c.get("text"):
-                chunks += 1
-                first = first or now
-                last = now
-            finish = c.get("finish_reason") or finish
-    resp.read()
+                out.texts.append(c["text"])
+                out.first = out.first or now
+                out.last = now
+            out.finish = c.get("finish_reason") or out.finish
+    resp.read()  # the chunked terminator
+    return out
+
+
+def one_request(conn: http.client.HTTPConnection, body: bytes) -> dict:
+    """One streamed completion; times and tokens (usage if the server sends it, else text chunks)."""
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Content-Type": "application/json", "Content-Length": str(len(body))})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+    sse = read_completion_stream(resp)
     end = time.perf_counter()
+    first, last, usage, finish = sse.first, sse.last, sse.usage, sse.finish
+    chunks = len(sse.texts)
     tokens = usage["completion_tokens"] if usage else chunks
     if finish is None:
         raise RuntimeError("stream ended without a finish reason")

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.proxy import ours, wait_for  # noqa: E402
 from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
 
 MODEL = "bench"
@@ -77,27 +78,6 @@ def http_json(host: str, port: int, path: str, timeout: float) -> dict:
         return json.loads(data)
     finally:
         conn.close()
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
-            last = pred()
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last})")
-
-
-def ours(pid: int, marker: str) -> bool:
-    """Whether `pid` is still a worker this benchmark started (its command line names our temp dir)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return marker.encode() in f.read()
-    except OSError:
-        return False
 
 
 def ready_replicas(view: dict) -> list[dict]:
