@@ -374,6 +374,7 @@ class Node:
             await asyncio.sleep(interval_s)
             claims = {d: int(v) for d, v in self.manager.vram_claims().items()}
             self.inventory = await asyncio.to_thread(self.inventory.refresh, claims)
+            self.manager.measure_vram({d.id: dict(d.processes) for d in self.inventory.devices if d.processes})
             await self.estimate_models()  # models the cluster catalog named since, whose file is here
 
     async def stop(self, handover_s: float = leave.HANDOVER_TIMEOUT_S) -> None:

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 N_CTX = 4096
 GEN_TOKENS = 256
+PARALLEL = 4  # slots of the replica the node runs (its model spec asks for this many)
 PROMPT = "The history of computing began"
 
 
@@ -40,7 +41,13 @@ def get(url: str) -> dict:
         return json.load(r)
 
 
+DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
+"""On a machine without a GPU: a simulated GPU and no NVML, to check this script itself before a lease."""
+
+
 def nvml_snapshot(pid: int | None) -> dict:
+    if DRY_RUN:
+        return {"name": "dry-run", "total_mib": 1.0, "used_mib": 1.0, "process_mib": None, "processes": {}}
     import pynvml
 
     pynvml.nvmlInit()
@@ -76,27 +83,73 @@ def stream_timing(url: str, body: dict) -> tuple[float, float, int]:
 
 
 def direct_timing(path: str) -> list[tuple[float, float, int]]:
+    """The same measure in-process: greedy tokens from Llama.generate, counted as the node's usage counts
+    them; first = the first token with text (as over HTTP, where a chunk needs text)."""
+    import codecs
+
     import llama_cpp
 
-    llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_gpu_layers=-1, verbose=False, seed=1)
+    llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_gpu_layers=0 if DRY_RUN else -1, verbose=False, seed=1)
+    vocab = llm._model.vocab
     out = []
-    for _ in range(3):
+    for _ in range(4):
+        llm.reset()
         t0 = time.perf_counter()
+        tokens = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         first = None
         n = 0
-        for chunk in llm.create_completion(PROMPT, max_tokens=GEN_TOKENS, temperature=0, stream=True):
-            if chunk["choices"][0]["text"]:
-                n += 1
-                first = first or time.perf_counter()
+        gen = llm.generate(tokens, temp=0.0, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0)
+        for tok in gen:
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                break
+            n += 1
+            if first is None and decoder.decode(llm.detokenize([tok], special=False)):
+                first = time.perf_counter()
+            if n >= GEN_TOKENS:
+                break
+        gen.close()
         end = time.perf_counter()
         out.append((first - t0, (n - 1) / (end - first), n))
     llm.close()
-    return out
+    return out[1:]  # the first run warms up, as the node's first request does
+
+
+def concurrent_tps(url: str, body: dict, streams: int) -> dict:
+    """Aggregate completion tokens/s of `streams` simultaneous streamed requests through the node."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        runs = list(pool.map(lambda _: stream_timing(url, body), range(streams)))
+    wall = time.perf_counter() - t0
+    return {"streams": streams, "tokens": sum(r[2] for r in runs), "wall_s": wall,
+            "aggregate_tps": sum(r[2] for r in runs) / wall, "ttft_ms": [r[0] * 1e3 for r in runs]}
+
+
+def write_results(results: dict) -> None:
+    card = (results.get("card") or "gpu").lower().replace(" ", "_")
+    text = json.dumps(results, indent=2, default=str)
+    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (REPO / "bench" / "results" / f"gpu_{card}.json").write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"gpu_{card}.json").write_text(text)
 
 
 def main() -> int:
     model_path = Path(sys.argv[1])
     results: dict = {"card": None, "model": str(model_path), "model_size_mib": model_path.stat().st_size / 2**20}
+    try:
+        return check(model_path, results)
+    except Exception as exc:  # noqa: BLE001 - a failed check still leaves what it measured
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        print("check failed:", results["error"])
+        return 1
+    finally:
+        write_results(results)
+
+
+def check(model_path: Path, results: dict) -> int:
     doctor = subprocess.run([sys.executable, "-m", "aivailable", "doctor", "--json"], capture_output=True, text=True,
                             cwd=REPO)
     print(doctor.stdout[-3000:], doctor.stderr[-2000:])
@@ -108,18 +161,22 @@ def main() -> int:
     port = free_port()
     state = Path("/tmp/gpu-node-state")
     log = open("/tmp/gpu-node.log", "wb")  # noqa: SIM115
+    config = Path("/tmp/gpu-node.toml")
+    config.write_text(f'[[models]]\nname = "gen"\npath = "{model_path}"\nctx = {N_CTX * PARALLEL}\n'
+                      f'parallel = {PARALLEL}\n')
     node = subprocess.Popen([sys.executable, "-m", "aivailable", "up", "--host", "127.0.0.1", "--port", str(port),
-                             "--state-dir", str(state), "--no-mdns", "--model", f"gen={model_path}:{N_CTX}"],
+                             "--state-dir", str(state), "--no-mdns", "--config", str(config),
+                             *(["--simulate-gpu", "dry:16000"] if DRY_RUN else [])],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 180
         model = None
         while time.monotonic() < deadline:
             try:
                 view = get(base + "/api/cluster")
                 model = view["models"][0]
-                if model["state"] in ("ready", "failed", "unplaced"):
+                if model["state"] in ("ready", "failed"):  # "unplaced" is also the state before the first plan
                     break
             except OSError:
                 pass
@@ -147,6 +204,8 @@ def main() -> int:
                 "stream_options": {"include_usage": True}}
         stream_timing(base + "/v1/completions", body)  # warm-up
         api_runs = [stream_timing(base + "/v1/completions", body) for _ in range(3)]
+        results["concurrency"] = [concurrent_tps(base + "/v1/completions", body, n) for n in (1, PARALLEL)]
+        results["cluster_view_after"] = get(base + "/api/cluster")
     finally:
         node.terminate()
         node.wait(60)
@@ -168,12 +227,8 @@ def main() -> int:
           f"{v['nvml_worker_process_mib']} MiB | {v['replica_vs_nvml_process']} |")
     print(f"| GPU used /api/cluster vs NVML | {v['api_gpu_used_mib']:.0f} | {v['nvml_gpu_used_mib']:.0f} | "
           f"{v['api_vs_nvml_gpu_used']:.3f} |")
-    card = (results["card"] or "gpu").lower().replace(" ", "_")
-    text = json.dumps(results, indent=2, default=str)
-    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (REPO / "bench" / "results" / f"gpu_{card}.json").write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"gpu_{card}.json").write_text(text)
+    for c in results["concurrency"]:
+        print(f"| {c['streams']} concurrent streams through the node | {c['aggregate_tps']:.1f} tok/s aggregate | | |")
     return 0
 
 

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import textwrap
+import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,48 @@ def test_pynvml_missing_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     result = probe_nvidia()
     assert not result.available and result.devices == ()
     assert "pynvml is not installed" in result.status and "nvidia-ml-py" in result.status
+
+
+class FakeNvml:
+    """pynvml's surface that probe_nvidia uses, for one GPU with two compute processes (no driver here)."""
+
+    def __init__(self, processes: list[tuple[int, int | None]]) -> None:
+        self.processes = processes
+
+    def nvmlInit(self) -> None: ...
+    def nvmlSystemGetDriverVersion(self) -> str: return "580.159.04"
+    def nvmlDeviceGetCount(self) -> int: return 1
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int: return i
+    def nvmlDeviceGetName(self, h: int) -> bytes: return b"NVIDIA H100 80GB HBM3"
+    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]: return (9, 0)
+    def nvmlDeviceGetUUID(self, h: int) -> str: return "GPU-1"
+    def nvmlDeviceGetPciInfo(self, h: int) -> types.SimpleNamespace: return types.SimpleNamespace(busId="00:06.0")
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> types.SimpleNamespace:
+        mib = 1024 * 1024
+        return types.SimpleNamespace(total=81559 * mib, used=4872 * mib, free=76687 * mib)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[types.SimpleNamespace]:
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=None if mib is None else mib * 1024 * 1024)
+                for pid, mib in self.processes]
+
+
+def test_nvml_devices_and_worker_processes_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figures as NVML gave them on the H100 of bench/results/gpu_h100.json; a process whose memory the
+    driver hides (None) is left out rather than counted as 0."""
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([(4939, 4384), (77, None)]))
+    monkeypatch.setattr(devices, "_nvml_ready", False)
+    result = probe_nvidia()
+    assert result.available and result.status == "NVML driver 580.159.04: 1 NVIDIA GPU(s)"
+    (dev,) = result.devices
+    assert (dev.id, dev.name, dev.vram_total_mib, dev.vram_used_mib, dev.compute_capability) == (
+        "nvidia:0", "NVIDIA H100 80GB HBM3", 81559, 4872, "9.0")
+    assert dev.processes == ((4939, 4384),)
+    # A refresh carries the processes over to the node's inventory (same uuid and bus id).
+    inv = devices.Inventory((replace(dev, processes=(), vram_used_mib=0),), CUDA_BUILD)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([(4939, 4400)]))
+    fresh = inv.refresh({}).get("nvidia:0")
+    assert (fresh.vram_used_mib, fresh.processes) == (4872, ((4939, 4400),))
 
 
 # ------------------------------------------------------------------------------------------ AMD
@@ -488,3 +532,29 @@ def test_default_threads_counts_physical_cores(tmp_path):
     assert default_threads({0, 2}, sysfs=str(tmp_path)) == 1  # affinity limited to one core's threads
     assert default_threads({7, 8, 9}, sysfs=str(tmp_path)) == 3  # no topology: each CPU counts
     assert default_threads() >= 1
+
+
+def test_ready_workers_take_their_vram_from_the_driver(tmp_path: Path) -> None:
+    """The driver's per-process figure replaces llama.cpp's buffer sum for a ready worker on a real GPU
+    (it includes the CUDA context); simulated, loading and unreported workers keep theirs."""
+    from aivailable.engine.manager import Assignment, WorkerHandle, WorkerManager
+
+    m = WorkerManager(socket_dir=str(tmp_path), n_threads=1)
+
+    def handle(key: str, devs: tuple[str, ...], pid: int, state: str = "ready", simulated: bool = False):
+        a = Assignment(model=key, path="/m.gguf", device_ids=devs, n_ctx=512, simulated=simulated)
+        h = WorkerHandle(a, socket="s", state=state, pid=pid, vram_mib=3860.4)  # type: ignore[arg-type]
+        m.workers[a.key] = h
+        return h
+
+    one = handle("one", ("nvidia:0",), 10)
+    split = handle("split", ("nvidia:0", "nvidia:1"), 11)
+    half = handle("half", ("nvidia:0", "nvidia:1"), 12)
+    loading = handle("loading", ("nvidia:0",), 13, state="loading")
+    sim = handle("sim", ("sim:0",), 14, simulated=True)
+    gone = handle("gone", ("nvidia:1",), 15)
+    m.measure_vram({"nvidia:0": {10: 4384, 11: 2000, 12: 900, 13: 50, 14: 1},
+                    "nvidia:1": {11: 2100}, "sim:0": {14: 1}})
+    assert one.vram_mib == 4384 and split.vram_mib == 4100
+    assert half.vram_mib == loading.vram_mib == sim.vram_mib == gone.vram_mib == 3860.4
+    assert m.vram_claims()["nvidia:1"] == 4100 / 2 + 3860.4 / 2 + 3860.4

@@ -208,3 +208,18 @@ def test_worker_refuses_a_real_gpu_model_that_is_not_fully_offloaded(tmp_path, g
     assert event["event"] == "failed"
     assert "refusing to run partly on the CPU" in event["reason"]
     assert not (tmp_path / "w.sock").exists()
+
+
+def test_worker_loads_llama_cpp_before_any_other_cpp_extension():
+    """A CUDA build of libllama crashed in every load when another C++ extension (aiohttp's frozenlist)
+    had loaded libstdc++ first (H100, bench/README.md); the worker must bring llama.cpp in first."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aivailable.engine.worker\n"
+            "print('\\n'.join(m for m in sys.modules))\n"
+            "print('MAPS', *sorted({l.split()[-1] for l in open('/proc/self/maps') if 'stdc++' in l}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    mods = out.splitlines()
+    assert "frozenlist._frozenlist" in mods and "libstdc++" in mods[-1]  # the hazard is still there
+    assert mods.index("llama_cpp.llama_cpp") < mods.index("frozenlist._frozenlist")

@@ -59,6 +59,8 @@ class Device:
     pci_bus_id: str | None = None
     driver: str | None = None
     compute_capability: str | None = None  # NVIDIA "6.1"; AMD gfx target such as "gfx1030"
+    processes: tuple[tuple[int, int], ...] = ()
+    """(pid, MiB) of each compute process the driver reports on this GPU (NVIDIA; empty where unknown)."""
 
     def __post_init__(self) -> None:
         if min(self.vram_total_mib, self.vram_used_mib, self.vram_free_mib) < 0:
@@ -208,6 +210,10 @@ def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
     with contextlib.suppress(Exception):
         cc = "{}.{}".format(*pynvml.nvmlDeviceGetCudaComputeCapability(handle))
     uuid = bus = None
+    processes: tuple[tuple[int, int], ...] = ()
+    with contextlib.suppress(Exception):  # usedGpuMemory is None where the driver hides it (some containers)
+        processes = tuple((int(p.pid), int(p.usedGpuMemory) // _MIB)
+                          for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.usedGpuMemory)
     with contextlib.suppress(Exception):
         uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
     with contextlib.suppress(Exception):
@@ -224,6 +230,7 @@ def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
         pci_bus_id=bus,
         driver=driver,
         compute_capability=cc,
+        processes=processes,
     )
 
 
@@ -732,7 +739,7 @@ class Inventory:
             if vendor in vendors:
                 fresh.update({d.id: d for d in probe().devices})
         devices = tuple(
-            replace(d, vram_used_mib=f.vram_used_mib, vram_free_mib=f.vram_free_mib)
+            replace(d, vram_used_mib=f.vram_used_mib, vram_free_mib=f.vram_free_mib, processes=f.processes)
             if (f := fresh.get(d.id)) is not None and (f.uuid, f.pci_bus_id) == (d.uuid, d.pci_bus_id)
             else d
             for d in self.devices

@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -195,6 +196,18 @@ class WorkerManager:
             for d in ids:
                 claims[d] += need / max(1, len(ids))
         return dict(claims)
+
+    def measure_vram(self, processes: Mapping[str, Mapping[int, int]]) -> None:
+        """Take each ready worker's VRAM from what the driver reports for its process (`processes`: local
+        device id -> {pid: MiB}), where it reports the worker on every one of its devices. This counts
+        the CUDA context and library workspaces that llama.cpp's own buffer sizes leave out (about
+        0.5 GiB per process on an H100, bench/results/gpu_h100.json)."""
+        for h in self.workers.values():
+            if h.state != "ready" or h.pid is None or h.assignment.simulated:
+                continue
+            found = [processes.get(d, {}).get(h.pid) for d in h.assignment.device_ids]
+            if found and all(f for f in found):
+                h.vram_mib = float(sum(found))
 
     # -- supervision ---------------------------------------------------------------------------
     def _stopping(self, h: WorkerHandle) -> bool:

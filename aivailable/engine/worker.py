@@ -10,9 +10,17 @@ BatchEngine (continuous batching), and a client that disconnects stops its gener
 
 from __future__ import annotations
 
+# llama.cpp is loaded before anything else in this process. aiohttp pulls in frozenlist, a C++
+# extension, so libstdc++ was already loaded when libllama came in; with a CUDA build (CUDA 13, H100)
+# libllama's iostream calls then bound to the libstdc++ code linked into libggml-cuda, and every load
+# crashed (SIGSEGV in llama_model::print_info; bench/gpu_diag.py found it, bench/README.md has more).
+import contextlib
+
+with contextlib.suppress(ImportError):  # Runner.load() then says why the model cannot load
+    import llama_cpp  # noqa: F401
+
 import asyncio
 import collections
-import contextlib
 import faulthandler
 import json
 import logging
