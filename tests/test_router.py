@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
@@ -116,3 +117,121 @@ def test_wait_on_a_peer_declared_dead_moves_to_another_replica():
     declared_dead_at = time.monotonic() + 0.5
     status, body, replica = asyncio.run(_through_proxy(_hangs, alive_fn=lambda: time.monotonic() < declared_dead_at))
     assert (status, body, replica) == (200, GOOD_EVENTS, "good")
+
+
+# ---- resuming a stream on another replica after it broke mid-way, over real sockets -------------------
+
+def _events(*objs) -> bytes:
+    return b"".join(b"data: " + (o if isinstance(o, bytes) else json.dumps(o).encode()) + b"\n\n" for o in objs)
+
+
+def _chunk(kind: str, cid: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    if kind == "chat":
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "finish_reason": finish}
+    return {"id": cid, "object": "x", "created": 111 if cid == "first" else 999, "model": "m", "choices": [choice]}
+
+
+async def _resume_through_proxy(kind: str, request: dict, limit: int | None, break_after: list[str],
+                                second_dies: bool = False):
+    """`first` sends `break_after` as text events then dies; `second` records what it was asked and finishes."""
+    from aivailable.api.resume import Continuation
+
+    asked: list[dict] = []
+
+    async def first(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        opening = [_chunk(kind, "first", None, role=True)] if kind == "chat" else []
+        await resp.write(_events(*opening, *(_chunk(kind, "first", t) for t in break_after)))
+        await resp.write(b'data: {"id": "first", "choi')  # half an event: it must never reach the client
+        await asyncio.sleep(0.05)
+        request.transport.close()  # type: ignore[union-attr]  # kill -9 of the worker
+        return resp
+
+    async def second(request: web.Request) -> web.StreamResponse:
+        asked.append(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        opening = [_chunk(kind, "second", None, role=True)] if kind == "chat" else []
+        usage = {"id": "second", "object": "x", "created": 999, "model": "m", "choices": [],
+                 "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}}
+        await resp.write(_events(*opening, _chunk(kind, "second", " three"), _chunk(kind, "second", " four")))
+        if second_dies:
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
+        await resp.write(_events(_chunk(kind, "second", None, "stop"), usage, b"[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    runners = [await _serve(first), await _serve(second)]
+    session = aiohttp.ClientSession()
+    a = Upstream("a", "m", lambda: session, runners[0][1], False)
+    b = Upstream("b", "m", lambda: session, runners[1][1], False, cooldown_until=time.monotonic() + 60)
+    proxy = Proxy(seed=1)
+    body = json.dumps(request).encode()
+
+    async def front(req: web.Request) -> web.StreamResponse:
+        return await proxy.forward(req, "/v1/completions", body, [a, b], resume=Continuation(kind, request, limit))
+
+    front_runner, front_url = await _serve(front)
+    try:
+        async with aiohttp.ClientSession() as client, client.post(front_url + "/v1/completions", data=b"{}") as r:
+            raw = await r.read()
+    finally:
+        await session.close()
+        for runner in (front_runner, *(x[0] for x in runners)):
+            await runner.cleanup()
+    events = [e[len(b"data: "):] for e in raw.split(b"\n\n") if e]
+    return events, asked, proxy, (a.outstanding, b.outstanding)
+
+
+def _texts(kind: str, events: list[bytes]) -> list[str]:
+    out = []
+    for e in events:
+        if e == b"[DONE]":
+            continue
+        for c in json.loads(e).get("choices", []):
+            t = c.get("text") if kind == "completions" else c.get("delta", {}).get("content")
+            if t:
+                out.append(t)
+    return out
+
+
+def test_completion_stream_broken_mid_way_goes_on_from_another_replica():
+    request = {"model": "m", "prompt": "Count:", "max_tokens": 10, "stream": True,
+               "stream_options": {"include_usage": True}}
+    events, asked, proxy, outstanding = asyncio.run(
+        _resume_through_proxy("completions", request, 10, [" one", " two"]))
+    assert asked == [{**request, "prompt": "Count: one two", "max_tokens": 8}]
+    assert _texts("completions", events) == [" one", " two", " three", " four"]
+    objs = [json.loads(e) for e in events if e != b"[DONE]"]
+    assert {(o["id"], o["created"]) for o in objs} == {("first", 111)}  # one stream to the client
+    assert objs[-1]["usage"] == {"prompt_tokens": 18, "completion_tokens": 5, "total_tokens": 23}
+    assert objs[-2]["choices"][0]["finish_reason"] == "stop" and events[-1] == b"[DONE]"
+    assert not any("error" in o for o in objs) and proxy.resumed == 1 and outstanding == (0, 0)
+
+
+def test_chat_stream_resumes_by_continuing_the_assistant_message():
+    request = {"model": "m", "messages": [{"role": "user", "content": "Count"}], "max_completion_tokens": 10,
+               "stream": True}
+    events, asked, _, _ = asyncio.run(_resume_through_proxy("chat", request, 10, [" one", " two"]))
+    assert asked == [{"model": "m", "stream": True, "max_tokens": 8, "continue_final_message": True,
+                      "messages": [{"role": "user", "content": "Count"},
+                                   {"role": "assistant", "content": " one two"}]}]
+    roles = [json.loads(e)["choices"][0]["delta"].get("role") for e in events if e != b"[DONE]"
+             and json.loads(e).get("choices")]
+    assert roles.count("assistant") == 1  # the continuation's own opening chunk is dropped
+    assert _texts("chat", events) == [" one", " two", " three", " four"]
+
+
+def test_stream_that_breaks_again_with_no_replica_left_ends_with_an_error_event():
+    request = {"model": "m", "prompt": "Count:", "stream": True}
+    events, asked, proxy, outstanding = asyncio.run(
+        _resume_through_proxy("completions", request, 16, [" one"], second_dies=True))
+    assert asked[0]["max_tokens"] == 15  # the default 16, less the one token sent
+    assert _texts("completions", events) == [" one", " three", " four"]
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "upstream_failed" and proxy.resumed == 1 and outstanding == (0, 0)

@@ -13,6 +13,7 @@ from aiohttp import web
 from aivailable.api.errors import openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
+from aivailable.api.resume import Continuation
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
@@ -101,13 +102,18 @@ async def inference(request: web.Request) -> web.StreamResponse:
     if not upstreams:
         node.raise_unavailable(name)
     t0 = time.perf_counter()
-    body = body_bytes(req.model_dump(exclude_unset=True))
+    sent = req.model_dump(exclude_unset=True)
+    body = body_bytes(sent)
+    resume = None
+    if kind in ("chat", "completions") and getattr(req, "stream", False):
+        limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
+        resume = Continuation(kind, sent, limit)
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)
     try:
         resp = await request.app[PROXY].forward(
             request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
-            authorization=request.headers.get("Authorization"))
+            authorization=request.headers.get("Authorization"), resume=resume)
     except Exception as exc:
         status = getattr(exc, "http_status", 500)
         metrics.requests.labels(name, kind, str(status)).inc()

@@ -3,8 +3,9 @@
 A local worker (unix socket) and a remote peer (TCP) are both `Upstream`s; the router never
 cares which. Streams pass through unbuffered. Nothing reaches the client before the upstream's
 first body byte (for a stream, its first event), so a replica that fails before then, or whose node
-membership declares dead while we wait (a hung machine), costs only a retry on another replica;
-after it, the client gets an OpenAI error event and a clean end.
+membership declares dead while we wait (a hung machine), costs only a retry on another replica.
+A stream that breaks after that goes on from another replica where the request can be continued
+(api/resume.py); otherwise the client gets an OpenAI error event and a clean end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable.api.responses import sse
+from aivailable.api.resume import Continuation, Splice, StreamLog, progress
 from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
@@ -54,6 +56,10 @@ class Upstream:
     alive_fn: Callable[[], bool] | None = None
     """For a peer's replica: is its node still up in membership? Waiting for a first byte stops when not."""
     stats: dict = field(default_factory=dict)
+
+
+class ClientGone(Exception):
+    """The client of a stream disconnected: nothing is left to relay or resume."""
 
 
 class UpstreamGone(aiohttp.ClientConnectionError):
@@ -93,12 +99,60 @@ class Proxy:
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed)
         self.retries = 0
+        self.resumed = 0
+        """Streams continued on another replica after theirs broke mid-way."""
 
     async def forward(self, request: web.Request, path: str, body: bytes, upstreams: list[Upstream],
                       on_first_byte: Callable[[Upstream], None] | None = None,
-                      authorization: str | None = None) -> web.StreamResponse:
-        """Proxy to the best replica; raise ModelUnavailable if none could take it."""
+                      authorization: str | None = None,
+                      resume: Continuation | None = None) -> web.StreamResponse:
+        """Proxy to the best replica; raise ModelUnavailable if none could take it. With `resume`, a
+        stream whose replica breaks after its first token goes on from another replica (api/resume.py)."""
         tried: set[str] = set()
+        r, up, first = await self._open(request, path, body, upstreams, tried, authorization)
+        try:
+            if on_first_byte:
+                on_first_byte(up)
+            headers = {h: r.headers[h] for h in _PASS_HEADERS if h in r.headers}
+            headers["X-AIvailable-Replica"] = up.key
+            if not _is_stream(r):
+                self._close(r, up)
+                return web.Response(status=r.status, body=first, headers=headers)
+            resp = web.StreamResponse(status=r.status, headers=headers)
+            await resp.prepare(request)
+        except BaseException:
+            self._close(r, up)
+            raise
+        sent = StreamLog()
+        splice: Splice | None = None
+        while True:
+            try:
+                await self._relay(resp, r, first, sent, splice)
+                break
+            except ClientGone:
+                return resp  # nobody to answer; the upstream's answer is dropped with its connection
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
+                self._failed(up, exc)
+                broken = f"{type(exc).__name__}"
+            finally:
+                self._close(r, up)
+            step = await self._resume(request, path, upstreams, tried, authorization, resume, sent, up, broken)
+            if step is None:
+                err = {"error": {"message": f"the replica serving this stream failed ({broken}); "
+                                            "retry the request", "type": "server_error", "param": None,
+                                 "code": "upstream_failed"}}
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await resp.write(sse(err))
+                break
+            r, up, first, splice = step
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write_eof()
+        return resp
+
+    async def _open(self, request: web.Request, path: str, body: bytes, upstreams: list[Upstream],
+                    tried: set[str], authorization: str | None) -> tuple[aiohttp.ClientResponse, Upstream, bytes]:
+        """The first replica (not in `tried`) that answers, with its first bytes; counted in its `outstanding`
+        until `_close`. Raises ModelUnavailable when none does."""
         last_error = "no replica is ready"
         retry_after = 2.0
         hops = int(request.headers.get(HOP_HEADER, "0") or 0)
@@ -115,25 +169,63 @@ class Proxy:
             headers = {"Content-Type": "application/json", HOP_HEADER: str(hops + 1)}
             if authorization and not up.local:
                 headers["Authorization"] = authorization  # peers check the same client keys
+            r = None
             try:
                 r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
-                async with r:
-                    if r.status in (429, 503) and len(tried) < len(upstreams):
-                        last_error = f"replica {up.key} answered {r.status}"
-                        retry_after = float(r.headers.get("Retry-After", retry_after))
-                        continue  # another replica may have room
-                    first = await _while_alive(up, _first_bytes(r))
-                    up.failures = 0
-                    if on_first_byte:
-                        on_first_byte(up)
-                    return await self._relay(request, r, up, first)
+                if r.status in (429, 503) and len(tried) < len(upstreams):
+                    last_error = f"replica {up.key} answered {r.status}"
+                    retry_after = float(r.headers.get("Retry-After", retry_after))
+                    self._close(r, up)
+                    continue  # another replica may have room
+                first = await _while_alive(up, _first_bytes(r))
+                up.failures = 0
+                return r, up, first
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
+                self._close(r, up)
                 self._failed(up, exc)
                 last_error = f"replica {up.key} failed ({type(exc).__name__})"
                 self.retries += 1
                 continue
-            finally:
-                up.outstanding -= 1
+            except BaseException:
+                self._close(r, up)
+                raise
+
+    @staticmethod
+    def _close(r: aiohttp.ClientResponse | None, up: Upstream) -> None:
+        """Done with one replica's answer (`r` None: the request never got one). Called once per request."""
+        if r is not None:
+            r.release()
+        up.outstanding -= 1
+
+    async def _resume(self, request: web.Request, path: str, upstreams: list[Upstream], tried: set[str],
+                      authorization: str | None, resume: Continuation | None, sent: StreamLog, failed: Upstream,
+                      broken: str) -> tuple[aiohttp.ClientResponse, Upstream, bytes, Splice] | None:
+        """Continue a broken stream on another replica, or None (then the client gets an error event)."""
+        if resume is None or sent.done:
+            log.warning("replica %s broke mid-stream (%s); ending the client's stream with an error",
+                        failed.key, broken)
+            return None
+        done = progress(sent)
+        body = resume.request(done)
+        if body is None:
+            log.warning("replica %s broke mid-stream (%s) with nothing left to continue; ending the client's "
+                        "stream with an error", failed.key, broken)
+            return None
+        try:
+            r, up, first = await self._open(request, path, body, upstreams, tried, authorization)
+        except ModelUnavailable as exc:
+            log.warning("replica %s broke mid-stream (%s) after %d tokens; no other replica could continue it "
+                        "(%s); ending the client's stream with an error", failed.key, broken, done.text_events, exc)
+            return None
+        if not _is_stream(r) or r.status != 200:
+            log.warning("replica %s broke mid-stream (%s); %s refused the continuation with %d", failed.key,
+                        broken, up.key, r.status)
+            self._close(r, up)
+            return None
+        self.resumed += 1
+        log.warning("replica %s broke mid-stream (%s) after %d tokens; the stream goes on from %s", failed.key,
+                    broken, done.text_events, up.key)
+        return r, up, first, Splice(resume.kind, done)
 
     def _failed(self, up: Upstream, exc: BaseException) -> None:
         up.failures += 1
@@ -142,29 +234,28 @@ class Proxy:
             log.warning("replica %s failed %d times in a row (%s); cooling down %.0fs", up.key, up.failures,
                         exc, self.COOLDOWN_S)
 
-    async def _relay(self, request: web.Request, r: aiohttp.ClientResponse, up: Upstream,
-                     first: bytes) -> web.StreamResponse:
-        """Send the client the answer whose first bytes (`first`; all of it when not a stream) arrived."""
-        headers = {h: r.headers[h] for h in _PASS_HEADERS if h in r.headers}
-        headers["X-AIvailable-Replica"] = up.key
-        if not _is_stream(r):
-            return web.Response(status=r.status, body=first, headers=headers)
-        resp = web.StreamResponse(status=r.status, headers=headers)
-        await resp.prepare(request)
-        try:
-            await resp.write(first)
-            async for chunk in r.content.iter_any():
-                await resp.write(chunk)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as exc:
-            self._failed(up, exc)
-            log.warning("replica %s broke mid-stream (%s); ending the client's stream with an error",
-                        up.key, type(exc).__name__)
-            err = {"error": {"message": f"the replica serving this stream failed ({type(exc).__name__}); "
-                                        "retry the request", "type": "server_error", "param": None,
-                             "code": "upstream_failed"}}
-            await resp.write(sse(err))
-        await resp.write_eof()
-        return resp
+    @staticmethod
+    async def _relay(resp: web.StreamResponse, r: aiohttp.ClientResponse, first: bytes, sent: StreamLog,
+                     splice: Splice | None) -> None:
+        """Send the client a stream's whole events, starting with `first`; raise when the upstream breaks
+        (also when it ends without its `[DONE]`)."""
+        sent.new_upstream()
+        data = first
+        while True:
+            whole = sent.split(data)
+            if whole:
+                if splice is not None:
+                    whole = splice.rewrite(whole)
+                sent.record(whole)
+                try:
+                    await resp.write(whole)
+                except (ConnectionError, RuntimeError) as exc:  # the client went away (RuntimeError: transport closed)
+                    raise ClientGone from exc
+            if sent.done:
+                return
+            data = await r.content.readany()
+            if not data:
+                raise aiohttp.ClientPayloadError("the replica ended the stream without [DONE]")
 
 
 def _is_stream(r: aiohttp.ClientResponse) -> bool:

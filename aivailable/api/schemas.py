@@ -100,6 +100,17 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     response_format: ResponseFormat | None = None
     logprobs: Literal[False] | None = None
+    continue_final_message: bool = False
+    """vLLM's extension: continue the final (assistant) message instead of starting a new turn. The
+    router uses it to resume a stream on another replica (api/resume.py); clients may use it to prefill."""
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _final_is_assistant(cls, v: bool, info: ValidationInfo) -> bool:
+        messages = info.data.get("messages")
+        if v and messages and messages[-1].role != "assistant":
+            raise ValueError("it needs the last message to be from the assistant")
+        return v
 
     def token_limit(self) -> int | None:
         """`max_completion_tokens` wins over the deprecated `max_tokens`; None = until context ends."""

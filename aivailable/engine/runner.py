@@ -179,13 +179,18 @@ class Runner:
         return self._llm
 
     # -- prompts -------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
-        """Tokens of the rendered chat prompt, and the template's stop strings."""
+    def chat_prompt(self, messages: list[dict[str, str]], *,
+                    continue_final: bool = False) -> tuple[list[int], list[str]]:
+        """Tokens of the rendered chat prompt, and the template's stop strings. With `continue_final`,
+        the last (assistant) message is continued: the prompt is the turn opener plus its text."""
         if self.template is None:
             raise InvalidRequest(
                 f"model {self.spec.model!r} has no chat template and no known template for its architecture; "
                 "use /v1/completions or set chat_format for it in the config", param="messages")
-        prompt = render(self.template, messages, bos=self._bos, eos=self._eos)
+        if continue_final:  # one string, so the tokens at the seam are the ones one replica would have made
+            prompt = render(self.template, messages[:-1], bos=self._bos, eos=self._eos) + messages[-1]["content"]
+        else:
+            prompt = render(self.template, messages, bos=self._bos, eos=self._eos)
         return self.llm.tokenize(prompt.encode(), add_bos=False, special=True), list(self.template.stops)
 
     def text_prompt(self, prompt: str) -> list[int]:

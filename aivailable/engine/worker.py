@@ -125,8 +125,9 @@ class Worker:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         params = self._params(req, req.token_limit())
         params.json_mode = bool(req.response_format and req.response_format.type == "json_object")
+        cont = req.continue_final_message
         return await self._generate(request, req, ChatShape(req.model), params,
-                                    lambda: self.runner.chat_prompt(messages))
+                                    lambda: self.runner.chat_prompt(messages, continue_final=cont))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request("completions", await read_json(request))

@@ -1,0 +1,208 @@
+"""Mid-stream resume: a stream whose replica dies after its first token goes on from another replica.
+
+The router forwards whole server-sent events only, and keeps the ones it sent (`StreamLog`). When the
+upstream breaks, `Continuation` turns the request and the text already sent into a new request:
+- completions: the prompt with the text so far appended;
+- chat: the messages plus an assistant message holding the text so far, with
+  `continue_final_message: true`, vLLM's extension that our API also accepts. The replica renders
+  the conversation and continues that message instead of opening a new turn.
+The token budget is reduced by the text events already sent. The new stream's events are rewritten
+(`Splice`): they carry the original `id` and `created`, chat's opening role chunk is dropped, and the
+usage chunk counts both parts.
+
+Our workers send one text event per token, except where a stop-string check held text back. So on a
+resumed stream, usage and `max_tokens` are exact to within the events that carried several tokens. The
+continuation is sampled with the same settings; at temperature 0 it is the answer one replica would have
+given, up to the batching limit noted in engine/batch.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DONE = b"[DONE]"
+_SEP = b"\n\n"
+_PREFIX = b"data: "
+
+
+class StreamLog:
+    """The events of one stream sent to the client so far, and the tail of an unfinished one."""
+
+    def __init__(self) -> None:
+        self._sent = bytearray()
+        self._tail = b""
+        self.done = False
+        """The stream's `[DONE]` was sent: nothing is left to resume."""
+
+    def split(self, data: bytes) -> bytes:
+        """Take upstream bytes; return the complete events among them (with the tail kept from before)."""
+        data = self._tail + data if self._tail else data
+        cut = data.rfind(_SEP)
+        if cut < 0:
+            self._tail = data
+            return b""
+        self._tail = data[cut + 2 :]
+        return data[: cut + 2]
+
+    def new_upstream(self) -> None:
+        """Forget the unfinished event of a replica that broke: it never reaches the client."""
+        self._tail = b""
+
+    def record(self, sent: bytes) -> None:
+        """Remember events as they were sent to the client."""
+        self._sent += sent
+        if sent.endswith(_PREFIX + DONE + _SEP):
+            self.done = True
+
+    def payloads(self) -> list[bytes]:
+        """Each sent event's data, in order."""
+        out = []
+        for event in bytes(self._sent).split(_SEP):
+            for line in event.split(b"\n"):
+                if line.startswith(_PREFIX):
+                    out.append(line[len(_PREFIX):])
+        return out
+
+
+@dataclass
+class Progress:
+    """What the client has received of one stream."""
+
+    text: str = ""
+    text_events: int = 0
+    id: str | None = None
+    created: int | None = None
+    finish_reason: str | None = None
+    usage_sent: bool = False
+    errored: bool = False
+
+
+def progress(log: StreamLog) -> Progress:
+    """Read the sent events back: the text so far, how many events carried it, the stream's identity."""
+    p = Progress()
+    parts: list[str] = []
+    for payload in log.payloads():
+        if payload == DONE:
+            continue
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if "error" in obj:
+            p.errored = True
+            continue
+        p.id = p.id or obj.get("id")
+        p.created = p.created or obj.get("created")
+        if obj.get("usage") and not obj.get("choices"):
+            p.usage_sent = True
+        for choice in obj.get("choices") or []:
+            piece = choice.get("text")
+            if piece is None:
+                piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                parts.append(piece)
+                p.text_events += 1
+            if choice.get("finish_reason"):
+                p.finish_reason = choice["finish_reason"]
+    p.text = "".join(parts)
+    return p
+
+
+@dataclass
+class Continuation:
+    """How to continue one validated streaming request (`kind` "chat" or "completions")."""
+
+    kind: str
+    body: dict[str, Any]
+    """The request as forwarded (unset fields left out)."""
+    token_limit: int | None
+    """Its completion-token limit after defaults (None: until the context ends)."""
+
+    def request(self, p: Progress) -> bytes | None:
+        """The continuation request after `p`, or None when there is nothing to continue."""
+        if p.errored or p.finish_reason is not None or not p.text:
+            return None
+        body = dict(self.body)
+        if self.token_limit is not None:
+            left = self.token_limit - p.text_events
+            if left < 1:
+                return None
+            body.pop("max_completion_tokens", None)
+            body["max_tokens"] = left
+        if self.kind == "completions":
+            body["prompt"] = _prompt(body.get("prompt")) + p.text
+        elif self.kind == "chat":
+            messages = list(body.get("messages") or [])
+            if body.get("continue_final_message") and messages and messages[-1].get("role") == "assistant":
+                last = dict(messages[-1])
+                last["content"] = _content(last.get("content")) + p.text
+                messages[-1] = last
+            else:
+                messages.append({"role": "assistant", "content": p.text})
+            body["messages"] = messages
+            body["continue_final_message"] = True
+        else:
+            return None
+        return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _prompt(prompt: Any) -> str:
+    return prompt[0] if isinstance(prompt, list) else str(prompt or "")
+
+
+def _content(content: Any) -> str:
+    if isinstance(content, list):  # content parts: the text ones, in order
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
+@dataclass
+class Splice:
+    """Rewrites a continuation's events so the client sees one stream."""
+
+    kind: str
+    first: Progress
+    _opened: bool = field(default=False)
+
+    def rewrite(self, events: bytes) -> bytes:
+        out = bytearray()
+        for event in events.split(_SEP):
+            if not event.startswith(_PREFIX):
+                continue
+            payload = event[len(_PREFIX):]
+            if payload != DONE:
+                payload = self._rewrite(payload)
+                if payload is None:
+                    continue
+            out += _PREFIX + payload + _SEP
+        return bytes(out)
+
+    def _rewrite(self, payload: bytes) -> bytes | None:
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return payload
+        if not isinstance(obj, dict) or "error" in obj:
+            return payload
+        if self.first.id:
+            obj["id"] = self.first.id
+        if self.first.created:
+            obj["created"] = self.first.created
+        choices = obj.get("choices") or []
+        if self.kind == "chat" and not self._opened and choices:
+            delta = choices[0].get("delta") or {}
+            if delta.get("role") and not delta.get("content") and not choices[0].get("finish_reason"):
+                self._opened = True
+                return None  # the client already had the opening role chunk
+        usage = obj.get("usage")
+        if usage and not choices:
+            n = self.first.text_events
+            prompt = max(0, int(usage.get("prompt_tokens", 0)) - n)
+            completion = int(usage.get("completion_tokens", 0)) + n
+            obj["usage"] = {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
+                            "total_tokens": prompt + completion}
+        return json.dumps(obj, separators=(",", ":")).encode()
