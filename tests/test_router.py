@@ -235,3 +235,26 @@ def test_stream_that_breaks_again_with_no_replica_left_ends_with_an_error_event(
     assert _texts("completions", events) == [" one", " three", " four"]
     last = json.loads(events[-1])
     assert last["error"]["code"] == "upstream_failed" and proxy.resumed == 1 and outstanding == (0, 0)
+
+
+def test_stream_log_reads_back_what_was_sent_across_folds_and_chunk_splits():
+    """Upstream bytes cut anywhere; only whole events are passed on, and the log's progress equals what
+    the client got, also for a stream long enough to be folded several times."""
+    from aivailable.api.resume import StreamLog
+
+    events = [_chunk("completions", "first", f" w{i}") for i in range(3000)]
+    raw = _events(*events, _chunk("completions", "first", None, "length"), b"[DONE]")
+    rng = random.Random(5)
+    log, passed, i = StreamLog(), bytearray(), 0
+    while i < len(raw):
+        n = rng.randint(1, 300)
+        whole = log.split(raw[i:i + n])
+        i += n
+        assert whole == b"" or whole.endswith(b"\n\n")
+        log.record(whole)
+        passed += whole
+    assert bytes(passed) == raw and log.done
+    p = log.progress()
+    assert p.text == "".join(f" w{i}" for i in range(3000)) and p.text_events == 3000
+    assert (p.id, p.created, p.finish_reason, p.errored) == ("first", 111, "length", False)
+    assert len(raw) > 3 * StreamLog.FOLD_BYTES

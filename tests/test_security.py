@@ -104,7 +104,7 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
 def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node):
     fake = SimpleNamespace(settings=SimpleNamespace(node=SimpleNamespace(
         max_body_bytes=1 << 20, rate_limit_rpm=0, api_key_rpm={}, rate_limit_burst=0)),
-        cluster=SimpleNamespace(handle=None))
+        cluster=SimpleNamespace(handle=None, secret=b"s"), node_id="n0")
     routes = {(r.method, r.resource.canonical) for r in build_app(fake).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
     assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
@@ -143,6 +143,43 @@ def test_api_keys_are_rate_limited_per_key(node):
     metrics = fetch(node.url + "/metrics")[1]
     assert f'aivailable_rate_limited_total{{key="{fingerprint(LIMITED)}"}} 1.0' in metrics
     assert node.cluster()["security"]["rate_limited"] == {fingerprint(LIMITED): 1}
+
+
+def test_a_request_forwarded_by_a_peer_is_charged_only_where_it_entered(node):
+    """A peer's signed hop header (api/hop.py) spares the key's bucket here; a forged, replayed, stale
+    or misdirected one is ignored, so clients cannot skip their limit by sending the header."""
+    import time
+
+    from aivailable.api import hop
+
+    limited = openai.OpenAI(base_url=node.api, api_key=LIMITED, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        for _ in range(RPM + 1):  # empty the bucket (whatever earlier tests left in it)
+            limited.models.list()
+
+    def models(header: str | None) -> int:
+        req = urllib.request.Request(node.api + "/models", headers={
+            "Authorization": f"Bearer {LIMITED}", **({hop.HEADER: header} if header else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    good = hop.sign(SECRET.encode(), "n1", "/v1/models", time.time())
+    assert models(good) == 200  # forwarded: charged on the entry node, not here
+    assert models(good) == 429  # the same header again is a replay
+    assert models(hop.sign(b"not-the-cluster-secret-000", "n1", "/v1/models", time.time())) == 429
+    assert models(hop.sign(SECRET.encode(), "n1", "/v1/models", time.time() - 120)) == 429
+    assert models(hop.sign(SECRET.encode(), "n1", "/v1/chat/completions", time.time())) == 429
+    assert models("n1.1.2.3") == 429 and models("x" * 600) == 429
+    # The key itself is still checked on a signed hop.
+    req = urllib.request.Request(node.api + "/models", headers={
+        "Authorization": "Bearer sk-wrong-guess-000", hop.HEADER: hop.sign(SECRET.encode(), "n1", "/v1/models",
+                                                                          time.time())})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=10)
+    assert err.value.code == 401
 
 
 def raw_http(node, head: bytes, body: bytes) -> tuple[int, bytes]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from aivailable.api import hop
 from aivailable.api.errors import openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
@@ -26,6 +27,7 @@ log = logging.getLogger("aivailable.api")
 NODE = web.AppKey("node", object)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", KeyLimiter)
+HOPS = web.AppKey("hops", hop.HopVerifier)
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
@@ -49,8 +51,10 @@ async def api_keys(request: web.Request, handler):
         key = next((k for k in keys if hmac.compare_digest(token.encode(), k.encode())), None)
         if key is None:
             raise AuthenticationError("Incorrect API key provided.")
+        if request.app[HOPS].verify(request.headers.get(hop.HEADER), request.path, time.time()):
+            return await handler(request)  # charged where it entered the cluster (api/hop.py)
         wait = request.app[LIMITER].check(key, time.monotonic())
-        if wait > 0:  # a request proxied to a peer counts there too: clients can set the hop header
+        if wait > 0:
             rpm, fp = request.app[LIMITER].limit(key), fingerprint(key)
             node.metrics.rate_limited.labels(fp).inc()
             node.rate_limited[fp] = node.rate_limited.get(fp, 0) + 1
@@ -165,7 +169,9 @@ def build_app(node: Node) -> web.Application:
     """The node's aiohttp application; `node` provides catalog, replicas and cluster facts."""
     app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
     app[NODE] = node
-    app[PROXY] = Proxy()
+    secret = node.cluster.secret
+    app[PROXY] = Proxy(hop_auth=lambda path: hop.sign(secret, node.node_id, path, time.time()))
+    app[HOPS] = hop.HopVerifier(secret)
     cfg = node.settings.node
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
     if cfg.rate_limit_rpm and not cfg.api_keys:

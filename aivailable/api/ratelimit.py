@@ -4,7 +4,8 @@ A key with limit `rpm` refills `rpm / 60` tokens a second into a bucket of `burs
 minute's worth), and each request takes one. An empty bucket answers with the seconds until the next
 token, which the API sends as `Retry-After` with a 429. Keys are identified in logs and metrics only by
 :func:`fingerprint`, never by their text. Limits are per node: a client spreading requests over N nodes
-gets up to N times the rate.
+gets up to N times the rate. A request counts once, on the node where it entered the cluster: the peer
+it is forwarded to sees the forwarding node's signed hop header (api/hop.py) and does not charge it again.
 """
 
 from __future__ import annotations

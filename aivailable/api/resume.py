@@ -18,6 +18,7 @@ given, up to the batching limit noted in engine/batch.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,59 @@ _SEP = b"\n\n"
 _PREFIX = b"data: "
 
 
+@dataclass
+class Progress:
+    """What the client has received of one stream."""
+
+    text: str = ""
+    text_events: int = 0
+    id: str | None = None
+    created: int | None = None
+    finish_reason: str | None = None
+    usage_sent: bool = False
+    errored: bool = False
+
+    def add(self, payload: bytes) -> None:
+        """Account for one sent event's data."""
+        if payload == DONE:
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if "error" in obj:
+            self.errored = True
+            return
+        self.id = self.id or obj.get("id")
+        self.created = self.created or obj.get("created")
+        if obj.get("usage") and not obj.get("choices"):
+            self.usage_sent = True
+        for choice in obj.get("choices") or []:
+            piece = choice.get("text")
+            if piece is None:
+                piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                self.text += piece
+                self.text_events += 1
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+
+
 class StreamLog:
-    """The events of one stream sent to the client so far, and the tail of an unfinished one."""
+    """What one stream has sent the client so far, and the tail of an unfinished upstream event.
+
+    Sent events are kept as bytes and read (folded into a Progress) only every FOLD_BYTES or when a
+    resume needs them, so the proxy does no JSON work per event, and a long stream keeps its text, not
+    its events."""
+
+    FOLD_BYTES = 64 * 1024
 
     def __init__(self) -> None:
         self._sent = bytearray()
         self._tail = b""
+        self._progress = Progress()
         self.done = False
         """The stream's `[DONE]` was sent: nothing is left to resume."""
 
@@ -55,61 +103,20 @@ class StreamLog:
         self._sent += sent
         if sent.endswith(_PREFIX + DONE + _SEP):
             self.done = True
+        if len(self._sent) >= self.FOLD_BYTES:
+            self._fold()
 
-    def payloads(self) -> list[bytes]:
-        """Each sent event's data, in order."""
-        out = []
+    def progress(self) -> Progress:
+        """The text so far, how many events carried it, and the stream's identity."""
+        self._fold()
+        return dataclasses.replace(self._progress)
+
+    def _fold(self) -> None:
         for event in bytes(self._sent).split(_SEP):
             for line in event.split(b"\n"):
                 if line.startswith(_PREFIX):
-                    out.append(line[len(_PREFIX):])
-        return out
-
-
-@dataclass
-class Progress:
-    """What the client has received of one stream."""
-
-    text: str = ""
-    text_events: int = 0
-    id: str | None = None
-    created: int | None = None
-    finish_reason: str | None = None
-    usage_sent: bool = False
-    errored: bool = False
-
-
-def progress(log: StreamLog) -> Progress:
-    """Read the sent events back: the text so far, how many events carried it, the stream's identity."""
-    p = Progress()
-    parts: list[str] = []
-    for payload in log.payloads():
-        if payload == DONE:
-            continue
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        if "error" in obj:
-            p.errored = True
-            continue
-        p.id = p.id or obj.get("id")
-        p.created = p.created or obj.get("created")
-        if obj.get("usage") and not obj.get("choices"):
-            p.usage_sent = True
-        for choice in obj.get("choices") or []:
-            piece = choice.get("text")
-            if piece is None:
-                piece = (choice.get("delta") or {}).get("content")
-            if piece:
-                parts.append(piece)
-                p.text_events += 1
-            if choice.get("finish_reason"):
-                p.finish_reason = choice["finish_reason"]
-    p.text = "".join(parts)
-    return p
+                    self._progress.add(line[len(_PREFIX):])
+        self._sent.clear()
 
 
 @dataclass

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from aivailable.api import hop
 from aivailable.api.responses import sse
-from aivailable.api.resume import Continuation, Splice, StreamLog, progress
+from aivailable.api.resume import Continuation, Splice, StreamLog
 from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
@@ -96,8 +97,10 @@ class Proxy:
     """Consecutive failures before an upstream is put in cooldown."""
     COOLDOWN_S = 5.0
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, hop_auth: Callable[[str], str] | None = None):
         self.rng = random.Random(seed)
+        self.hop_auth = hop_auth
+        """Signs a request forwarded to a peer (api/hop.py): its client's key was charged here."""
         self.retries = 0
         self.resumed = 0
         """Streams continued on another replica after theirs broke mid-way."""
@@ -169,6 +172,8 @@ class Proxy:
             headers = {"Content-Type": "application/json", HOP_HEADER: str(hops + 1)}
             if authorization and not up.local:
                 headers["Authorization"] = authorization  # peers check the same client keys
+                if self.hop_auth is not None:
+                    headers[hop.HEADER] = self.hop_auth(path)
             r = None
             try:
                 r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
@@ -205,7 +210,7 @@ class Proxy:
             log.warning("replica %s broke mid-stream (%s); ending the client's stream with an error",
                         failed.key, broken)
             return None
-        done = progress(sent)
+        done = sent.progress()
         body = resume.request(done)
         if body is None:
             log.warning("replica %s broke mid-stream (%s) with nothing left to continue; ending the client's "
