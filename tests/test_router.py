@@ -258,3 +258,26 @@ def test_stream_log_reads_back_what_was_sent_across_folds_and_chunk_splits():
     assert p.text == "".join(f" w{i}" for i in range(3000)) and p.text_events == 3000
     assert (p.id, p.created, p.finish_reason, p.errored) == ("first", 111, "length", False)
     assert len(raw) > 3 * StreamLog.FOLD_BYTES
+
+
+def test_chat_stream_broken_before_its_first_token_is_asked_again():
+    """Only the opening role chunk had been sent: the other replica gets the request as it was."""
+    request = {"model": "m", "messages": [{"role": "user", "content": "Count"}], "stream": True}
+    events, asked, proxy, _ = asyncio.run(_resume_through_proxy("chat", request, None, []))
+    assert asked == [request] and proxy.resumed == 1
+    roles = [json.loads(e)["choices"][0]["delta"].get("role") for e in events
+             if e != b"[DONE]" and json.loads(e).get("choices")]
+    assert roles.count("assistant") == 1 and _texts("chat", events) == [" three", " four"]
+
+
+def test_stream_broken_after_its_last_token_gets_only_its_end():
+    """The budget was spent but the finish had not come: one muted token supplies finish and usage."""
+    request = {"model": "m", "prompt": "Count:", "max_tokens": 2, "stream": True,
+               "stream_options": {"include_usage": True}}
+    events, asked, _, _ = asyncio.run(_resume_through_proxy("completions", request, 2, [" one", " two"]))
+    assert asked[0]["max_tokens"] == 1 and asked[0]["prompt"] == "Count: one two"
+    assert _texts("completions", events) == [" one", " two"]
+    objs = [json.loads(e) for e in events if e != b"[DONE]"]
+    assert [o["choices"][0]["finish_reason"] for o in objs if o["choices"]][-1] == "length"
+    assert objs[-1]["usage"] == {"prompt_tokens": 18, "completion_tokens": 2, "total_tokens": 20}
+    assert events[-1] == b"[DONE]"

@@ -6,7 +6,10 @@ upstream breaks, `Continuation` turns the request and the text already sent into
 - chat: the messages plus an assistant message holding the text so far, with
   `continue_final_message: true`, vLLM's extension that our API also accepts. The replica renders
   the conversation and continues that message instead of opening a new turn.
-The token budget is reduced by the text events already sent. The new stream's events are rewritten
+The token budget is reduced by the text events already sent. A stream that broke before its first
+token (chat had sent only its opening chunk) is asked again as it was. One that broke after its last
+token, before its end, gets a one-token continuation whose text is dropped ("muted"): it supplies only
+the finish and usage. The new stream's events are rewritten
 (`Splice`): they carry the original `id` and `created`, chat's opening role chunk is dropped, and the
 usage chunk counts both parts.
 
@@ -129,20 +132,24 @@ class Continuation:
     token_limit: int | None
     """Its completion-token limit after defaults (None: until the context ends)."""
 
-    def request(self, p: Progress) -> bytes | None:
-        """The continuation request after `p`, or None when there is nothing to continue."""
-        if p.errored or p.finish_reason is not None or not p.text:
+    def request(self, p: Progress) -> tuple[bytes, bool] | None:
+        """The continuation request after `p` and whether it must be muted, or None when the stream had
+        ended (or failed) on its own. Before any text, that is the request itself. With the token budget
+        spent but the end not yet sent, it asks for one token and is muted: it supplies only the finish
+        and usage (`Splice`)."""
+        if p.errored or p.finish_reason is not None or self.kind not in ("chat", "completions"):
             return None
         body = dict(self.body)
+        mute = False
         if self.token_limit is not None:
             left = self.token_limit - p.text_events
             if left < 1:
-                return None
+                left, mute = 1, True
             body.pop("max_completion_tokens", None)
             body["max_tokens"] = left
-        if self.kind == "completions":
+        if p.text and self.kind == "completions":
             body["prompt"] = _prompt(body.get("prompt")) + p.text
-        elif self.kind == "chat":
+        elif p.text:
             messages = list(body.get("messages") or [])
             if body.get("continue_final_message") and messages and messages[-1].get("role") == "assistant":
                 last = dict(messages[-1])
@@ -152,9 +159,7 @@ class Continuation:
                 messages.append({"role": "assistant", "content": p.text})
             body["messages"] = messages
             body["continue_final_message"] = True
-        else:
-            return None
-        return json.dumps(body, separators=(",", ":")).encode()
+        return json.dumps(body, separators=(",", ":")).encode(), mute
 
 
 def _prompt(prompt: Any) -> str:
@@ -173,6 +178,8 @@ class Splice:
 
     kind: str
     first: Progress
+    mute: bool = False
+    """The client already has all the text it asked for: pass on only the end (finish "length", usage)."""
     _opened: bool = field(default=False)
 
     def rewrite(self, events: bytes) -> bytes:
@@ -205,11 +212,20 @@ class Splice:
             if delta.get("role") and not delta.get("content") and not choices[0].get("finish_reason"):
                 self._opened = True
                 return None  # the client already had the opening role chunk
+        if self.mute and choices:
+            c = choices[0]
+            if not c.get("finish_reason"):
+                return None
+            c["finish_reason"] = "length"
+            if "text" in c:
+                c["text"] = ""
+            else:
+                c["delta"] = {}
         usage = obj.get("usage")
         if usage and not choices:
             n = self.first.text_events
             prompt = max(0, int(usage.get("prompt_tokens", 0)) - n)
-            completion = int(usage.get("completion_tokens", 0)) + n
+            completion = (0 if self.mute else int(usage.get("completion_tokens", 0))) + n
             obj["usage"] = {**usage, "prompt_tokens": prompt, "completion_tokens": completion,
                             "total_tokens": prompt + completion}
         return json.dumps(obj, separators=(",", ":")).encode()

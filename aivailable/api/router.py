@@ -211,11 +211,12 @@ class Proxy:
                         failed.key, broken)
             return None
         done = sent.progress()
-        body = resume.request(done)
-        if body is None:
-            log.warning("replica %s broke mid-stream (%s) with nothing left to continue; ending the client's "
-                        "stream with an error", failed.key, broken)
+        asked = resume.request(done)
+        if asked is None:
+            log.warning("replica %s broke mid-stream (%s) after the stream had %s; ending the client's stream "
+                        "with an error", failed.key, broken, "failed" if done.errored else "finished")
             return None
+        body, mute = asked
         try:
             r, up, first = await self._open(request, path, body, upstreams, tried, authorization)
         except ModelUnavailable as exc:
@@ -230,7 +231,7 @@ class Proxy:
         self.resumed += 1
         log.warning("replica %s broke mid-stream (%s) after %d tokens; the stream goes on from %s", failed.key,
                     broken, done.text_events, up.key)
-        return r, up, first, Splice(resume.kind, done)
+        return r, up, first, Splice(resume.kind, done, mute)
 
     def _failed(self, up: Upstream, exc: BaseException) -> None:
         up.failures += 1
