@@ -268,7 +268,7 @@ class Harness:
         poller = threading.Thread(target=self.poll, daemon=True)
         poller.start()
         clients = Clients({n: p.url for n, p in self.procs.items()}, list(MODELS), args.clients, args.seed,
-                          args.timeout, args.max_tokens)
+                          args.timeout, args.max_tokens, client_resume=args.client_resume)
         clients.start()
         gap = args.gap
         next_fault = self.rng.uniform(*gap)
@@ -358,7 +358,10 @@ class Harness:
         kills = [(f.t + self.t0, f.node) for f in self.faults if f.kind in ("kill9", "kill_leader")]
         n = 0
         for a in attempts:
-            if a.outcome != "other" or not any(a.t0 <= t <= a.t1 + 0.5 and node == a.node for t, node in kills):
+            # A connection made just after the signal can still be accepted by the kernel, then reset as
+            # the process dies: count kills up to 0.5 s before the attempt too.
+            if a.outcome != "other" or not any(a.t0 - 0.5 <= t <= a.t1 + 0.5 and node == a.node
+                                               for t, node in kills):
                 continue
             a.outcome = "broken_mid_stream" if a.started else "refused_before_start"
             a.detail = f"entry node {a.node} killed: {a.detail}"
@@ -464,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", dest="model_path", type=Path, help="GGUF (default: the bundled demo model)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (node logs)")
+    p.add_argument("--client-resume", dest="client_resume", action="store_true",
+                   help="clients continue a stream cut by their entry node's death through another node "
+                        "(continue_final_message); default: the plain official client")
     args = p.parse_args(argv)
     if args.ci:
         args.duration = 60.0

@@ -4,7 +4,10 @@ A *request* is what an application asks for; it makes up to ``ATTEMPTS`` HTTP *a
 official client retries by default (2 retries on a refused connection, 408/409/429/5xx, honouring
 ``Retry-After``), except that each retry goes to another node (what any client of a multi-node service
 does, e.g. HAProxy's ``option redispatch``), and a node that could not be connected to is avoided for
-``AVOID_S``. Nothing that has started streaming is retried.
+``AVOID_S``. Nothing that has started streaming is retried, except with ``client_resume``: then a
+stream cut by the death of the node it was connected to is continued through another node, with the
+text received so far as a final assistant message and ``continue_final_message`` (what a client can do
+that keeps its partial answer; the API supports it for that). The default is the plain official client.
 
 Every failed attempt gets one class:
 
@@ -55,6 +58,9 @@ class Attempt:
     retry_after: float = 0.0
     started: bool = False
     """A stream whose first event arrived before the failure."""
+    text: str = ""
+    """What a broken stream delivered before it broke (continued by a resuming client)."""
+    pieces: int = 0
 
 
 @dataclass
@@ -99,8 +105,9 @@ class Clients:
     """``n`` closed-loop client threads over ``nodes`` (name -> base URL) until ``stop()``."""
 
     def __init__(self, nodes: dict[str, str], models: list[str], n: int, seed: int, timeout_s: float,
-                 max_tokens: int):
+                 max_tokens: int, client_resume: bool = False):
         self.nodes, self.models, self.n = nodes, models, n
+        self.client_resume = client_resume
         self.timeout_s, self.max_tokens = timeout_s, max_tokens
         self.rng = random.Random(seed)
         self.requests: list[Request] = []
@@ -143,7 +150,8 @@ class Clients:
             up = [k for k in fresh if self._down.get(k, 0.0) <= now]
             node = rng.choice(up or fresh or list(self.nodes))
             tried.append(node)
-            a = self._attempt(node, model, stream)
+            a = self._attempt(node, model, stream, "".join(x.text for x in attempts),
+                              sum(x.pieces for x in attempts))
             attempts.append(a)
             if a.detail.startswith("cannot connect"):
                 self._down[node] = time.monotonic() + AVOID_S
@@ -153,13 +161,18 @@ class Clients:
                 time.sleep(min(RETRY_AFTER_CAP_S, a.retry_after))
         return Request(t0, time.monotonic(), model, stream, attempts[-1].outcome == "ok", attempts)
 
-    def _attempt(self, node: str, model: str, stream: bool) -> Attempt:
+    def _attempt(self, node: str, model: str, stream: bool, prefix: str = "", used: int = 0) -> Attempt:
         client = self._clients[node]
         t0 = time.monotonic()
         started = False
         replica = ""
+        pieces: list[str] = []
         try:
             msgs = [{"role": "user", "content": "Name a colour."}]
+            extra: dict = {}
+            if prefix:  # continue the answer a dead entry node was carrying
+                msgs.append({"role": "assistant", "content": prefix})
+                extra = {"extra_body": {"continue_final_message": True}}
             if not stream:
                 raw = client.chat.completions.with_raw_response.create(
                     model=model, messages=msgs, max_tokens=self.max_tokens)
@@ -169,12 +182,14 @@ class Clients:
                     raise _Failed("other", f"answer without a finish reason: {str(r)[:120]}", False)
             else:
                 raw = client.chat.completions.with_raw_response.create(
-                    model=model, messages=msgs, max_tokens=self.max_tokens, stream=True)
+                    model=model, messages=msgs, max_tokens=max(1, self.max_tokens - used), stream=True, **extra)
                 replica = raw.headers.get("X-AIvailable-Replica", "")
                 finish = None
                 try:
                     for c in raw.parse():
                         started = True
+                        if c.choices and c.choices[0].delta.content:
+                            pieces.append(c.choices[0].delta.content)
                         if c.choices and c.choices[0].finish_reason:
                             finish = c.choices[0].finish_reason
                 except openai.APIError as e:
@@ -188,10 +203,21 @@ class Clients:
         except openai.APIStatusError as e:
             return self._failed(t0, node, model, stream, _status_error(e), replica, started)
         except openai.APIConnectionError as e:
-            return self._failed(t0, node, model, stream, _connection_error(e, started), replica, started)
+            f = _connection_error(e, started)
+            if started and self.client_resume and f.cls == "other":  # the connection dropped mid-stream
+                f.retry = True
+                a = self._failed(t0, node, model, stream, f, replica, started)
+                a.text, a.pieces = "".join(pieces), len(pieces)
+                return a
+            return self._failed(t0, node, model, stream, f, replica, started)
         except Exception as e:  # noqa: BLE001 - e.g. the HTTP library's own error from inside a stream
             cls = "timeout" if "Timeout" in type(e).__name__ else "other"
             f = _Failed(cls, f"{type(e).__name__}: {str(e)[:120]}", not started)
+            if started and self.client_resume and cls == "other":  # the connection dropped mid-stream
+                f.retry = True
+                a = self._failed(t0, node, model, stream, f, replica, started)
+                a.text, a.pieces = "".join(pieces), len(pieces)
+                return a
             return self._failed(t0, node, model, stream, f, replica, started)
         return Attempt(t0, time.monotonic(), node, model, stream, "ok", replica=replica)
 

@@ -135,7 +135,7 @@ def _chunk(kind: str, cid: str, text: str | None, finish: str | None = None, rol
 
 
 async def _resume_through_proxy(kind: str, request: dict, limit: int | None, break_after: list[str],
-                                second_dies: bool = False):
+                                second_dies: bool = False, peer_error: bool = False):
     """`first` sends `break_after` as text events then dies; `second` records what it was asked and finishes."""
     from aivailable.api.resume import Continuation
 
@@ -146,6 +146,11 @@ async def _resume_through_proxy(kind: str, request: dict, limit: int | None, bre
         await resp.prepare(request)
         opening = [_chunk(kind, "first", None, role=True)] if kind == "chat" else []
         await resp.write(_events(*opening, *(_chunk(kind, "first", t) for t in break_after)))
+        if peer_error:  # a peer node whose own replica broke and which had no other to continue on
+            await resp.write(b'data: {"error":{"message":"the replica serving this stream failed","type":'
+                             b'"server_error","param":null,"code":"upstream_failed"}}\n\n')
+            await resp.write_eof()
+            return resp
         await resp.write(b'data: {"id": "first", "choi')  # half an event: it must never reach the client
         await asyncio.sleep(0.05)
         request.transport.close()  # type: ignore[union-attr]  # kill -9 of the worker
@@ -281,3 +286,13 @@ def test_stream_broken_after_its_last_token_gets_only_its_end():
     assert [o["choices"][0]["finish_reason"] for o in objs if o["choices"]][-1] == "length"
     assert objs[-1]["usage"] == {"prompt_tokens": 18, "completion_tokens": 2, "total_tokens": 20}
     assert events[-1] == b"[DONE]"
+
+
+def test_a_peers_upstream_failed_event_is_resumed_here_not_passed_on():
+    """The holder node could not continue (no other local replica): the entry node continues elsewhere."""
+    request = {"model": "m", "prompt": "Count:", "max_tokens": 10, "stream": True}
+    events, asked, proxy, _ = asyncio.run(
+        _resume_through_proxy("completions", request, 10, [" one", " two"], peer_error=True))
+    assert asked == [{**request, "prompt": "Count: one two", "max_tokens": 8}] and proxy.resumed == 1
+    assert _texts("completions", events) == [" one", " two", " three", " four"]
+    assert not any(b"error" in e for e in events)

@@ -30,6 +30,9 @@ from aivailable.errors import ModelUnavailable, UpstreamError
 log = logging.getLogger("aivailable.router")
 
 HOP_HEADER = "X-AIvailable-Hops"
+UPSTREAM_FAILED = "upstream_failed"
+"""The error code of the event that ends a stream no replica could continue."""
+_PEER_BROKE = f'"code":"{UPSTREAM_FAILED}"'.encode()
 MAX_HOPS = 2
 _PASS_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
@@ -143,7 +146,7 @@ class Proxy:
             if step is None:
                 err = {"error": {"message": f"the replica serving this stream failed ({broken}); "
                                             "retry the request", "type": "server_error", "param": None,
-                                 "code": "upstream_failed"}}
+                                 "code": UPSTREAM_FAILED}}
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await resp.write(sse(err))
                 break
@@ -249,6 +252,10 @@ class Proxy:
         data = first
         while True:
             whole = sent.split(data)
+            broke = whole.find(_PEER_BROKE) if whole else -1
+            if broke >= 0:  # a peer whose replica broke and which could not continue it: we may
+                cut = whole.rfind(b"\n\n", 0, broke)
+                whole = whole[: cut + 2] if cut >= 0 else b""
             if whole:
                 if splice is not None:
                     whole = splice.rewrite(whole)
@@ -257,6 +264,8 @@ class Proxy:
                     await resp.write(whole)
                 except (ConnectionError, RuntimeError) as exc:  # the client went away (RuntimeError: transport closed)
                     raise ClientGone from exc
+            if broke >= 0:
+                raise aiohttp.ClientPayloadError("the peer's replica broke mid-stream")
             if sent.done:
                 return
             data = await r.content.readany()
