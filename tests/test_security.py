@@ -208,8 +208,17 @@ def test_broken_and_stalled_bodies_get_clean_errors(node):
         status, body = raw_http(node, b"POST /_cluster/" + endpoint + b" HTTP/1.1\r\nContent-Encoding: gzip\r\n"
                                 b"Content-Length: %d" % len(gz), gz)
         assert (status, body) == (400, b"malformed"), endpoint
+    # Requests aiohttp cannot parse at all: a bad chunk size, a header without a colon, a broken request line.
+    for head, body in ((b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n" + auth,
+                        b"zz\r\n{}\r\n0\r\n\r\n"),
+                       (b"POST /v1/chat/completions HTTP/1.1\r\nNot a header\r\n" + auth, b""),
+                       (b"POST /v1/chat/completions HTTP/9.9 extra", b"")):
+        status, answer = raw_http(node, head, body)
+        err = json.loads(answer)["error"]
+        assert status == 400 and err["code"] == "malformed_http", answer
+        assert err["message"].startswith("The HTTP request could not be parsed:"), err
     assert get_json(node.url + "/health")["status"] == "ok"
-    assert "Traceback" not in node.log()
+    assert "Traceback" not in node.log() and "refused an unparsable HTTP request" in node.log()
 
 
 def test_no_key_or_secret_in_any_page_metric_or_log(node):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api import hop
-from aivailable.api.errors import openai_errors, read_json
+from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.resume import Continuation
@@ -167,6 +167,7 @@ async def status_page(request: web.Request) -> web.Response:
 
 def build_app(node: Node) -> web.Application:
     """The node's aiohttp application; `node` provides catalog, replicas and cluster facts."""
+    install_protocol_error_bodies()
     app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
     app[NODE] = node
     secret = node.cluster.secret

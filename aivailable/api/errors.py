@@ -105,3 +105,35 @@ async def read_json(request: web.Request, timeout_s: float = BODY_TIMEOUT_S) -> 
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+
+
+def install_protocol_error_bodies() -> None:
+    """Answer requests that aiohttp cannot parse at all (a broken request line, header or chunked
+    encoding) in OpenAI's error shape, and log one line instead of a traceback.
+
+    aiohttp answers those itself, before any middleware runs, with a plain-text body from
+    `RequestHandler.handle_error`. This wraps that method for status 400 (every HTTP parse error); any
+    other status keeps aiohttp's own handling. Installed once per process, by build_app.
+    """
+    from aiohttp import web_protocol
+
+    original = web_protocol.RequestHandler.handle_error
+    if getattr(original, "_aivailable", False):
+        return
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400:
+            return original(self, request, status, exc, message)
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        why = str(getattr(exc, "message", "") or message or exc or "bad request").strip().splitlines()[0][:200]
+        log.info("refused an unparsable HTTP request from %s: %s", request.remote, why)
+        body = error_body(f"The HTTP request could not be parsed: {why}", type_="invalid_request_error",
+                          code="malformed_http")
+        resp = web.Response(status=400, text=json.dumps(body), content_type="application/json")
+        resp.force_close()
+        return resp
+
+    handle_error._aivailable = True  # type: ignore[attr-defined]
+    web_protocol.RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
