@@ -5,7 +5,7 @@
    this node's included, prefer replicas on nodes that are not leaving. The node keeps running its
    workers (it ignores placements that drop them) so requests in progress are not cut.
 2. **Hand over.** Wait until every model this node runs is ready on a live peer that is not leaving, at
-   most ``HANDOVER_TIMEOUT_S``. Skipped when no such peer exists (a lone node, or the last one), and given
+   most ``HANDOVER_TIMEOUT_S``, then ``SETTLE_S`` more so every peer's router has learnt it too. Skipped when no such peer exists (a lone node, or the last one), and given
    up when the time runs out (the model is then unavailable until placed again, as after a crash).
 3. **Leave the cluster.** Gossip says *left* (peers drop it at once, no suspicion period). A coordinator
    that leaves stops beating; the others elect a new one within one election timeout.
@@ -35,6 +35,10 @@ model, minutes for a large one on a slow disk); after it the node leaves anyway.
 DRAIN_GRACE_S = 30.0
 """Longest wait for requests in flight (streams included) once the node stops listening."""
 POLL_S = 0.2
+SETTLE_S = 1.0
+"""After the hand-over, this long before saying goodbye: peers learn that the new replica is ready within a
+few gossip rounds (0.2 s each on a LAN), and until their routers know it, this node's replica is the one
+they send to. Leaving at once opened a window in which a peer had no replica to route to (503)."""
 
 
 def takers(members: list[MemberInfo], self_id: str) -> list[str]:
@@ -78,7 +82,8 @@ async def hand_over(node: Node, timeout_s: float = HANDOVER_TIMEOUT_S) -> dict:
                     "anyway, the coordinator re-places them when it can", ", ".join(pending), waited)
         why = "timed out"
     else:
-        log.info("leaving: %s served by other nodes now (%.1f s); leaving the cluster", ", ".join(sorted(models)),
-                 waited)
+        log.info("leaving: %s served by other nodes now (%.1f s); leaving the cluster in %.1f s, once peers "
+                 "know it", ", ".join(sorted(models)), waited, SETTLE_S)
+        await asyncio.sleep(SETTLE_S)
         why = "handed over"
     return {"models": sorted(models), "pending": pending, "waited_s": waited, "why": why}

@@ -126,6 +126,9 @@ def sigterm_and_wait(n: NodeProc, timeout: float = 120.0) -> int:
 
 def leave_under_load(leaving: NodeProc, via: NodeProc) -> tuple[Loop, Stream, int]:
     """A stream in flight on `leaving` and a closed loop through `via` while `leaving` gets SIGTERM."""
+    # The loop counts every failure, so it may start only once `via` itself knows a ready replica (the
+    # fixture waited for n1's view; gossip takes a moment to bring it to the others).
+    wait_for(lambda: holders(via.cluster(), MODEL), 30, f"{via.host} sees {MODEL} ready")
     with Loop(via) as loop:
         wait_for(lambda: loop.ok >= 2, 60, "closed loop running")
         stream = Stream(leaving)
