@@ -204,22 +204,18 @@ class Clients:
             return self._failed(t0, node, model, stream, _status_error(e), replica, started)
         except openai.APIConnectionError as e:
             f = _connection_error(e, started)
-            if started and self.client_resume and f.cls == "other":  # the connection dropped mid-stream
-                f.retry = True
-                a = self._failed(t0, node, model, stream, f, replica, started)
-                a.text, a.pieces = "".join(pieces), len(pieces)
-                return a
-            return self._failed(t0, node, model, stream, f, replica, started)
         except Exception as e:  # noqa: BLE001 - e.g. the HTTP library's own error from inside a stream
             cls = "timeout" if "Timeout" in type(e).__name__ else "other"
             f = _Failed(cls, f"{type(e).__name__}: {str(e)[:120]}", not started)
-            if started and self.client_resume and cls == "other":  # the connection dropped mid-stream
-                f.retry = True
-                a = self._failed(t0, node, model, stream, f, replica, started)
-                a.text, a.pieces = "".join(pieces), len(pieces)
-                return a
-            return self._failed(t0, node, model, stream, f, replica, started)
-        return Attempt(t0, time.monotonic(), node, model, stream, "ok", replica=replica)
+        else:
+            return Attempt(t0, time.monotonic(), node, model, stream, "ok", replica=replica)
+        # A connection that dropped mid-stream: a resuming client continues from what it received.
+        resume = started and self.client_resume and f.cls == "other"
+        f.retry = f.retry or resume
+        a = self._failed(t0, node, model, stream, f, replica, started)
+        if resume:
+            a.text, a.pieces = "".join(pieces), len(pieces)
+        return a
 
     @staticmethod
     def _failed(t0: float, node: str, model: str, stream: bool, f: _Failed, replica: str,

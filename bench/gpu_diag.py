@@ -1,12 +1,15 @@
 """Bisect a worker crash on a real GPU before the node-level check (run by bench/gpu_check.sh).
 
-Each step runs in its own process with a time limit, so one native crash cannot hide the others:
-  direct        llama-cpp-python's Llama, n_gpu_layers=-1, 8 tokens (what a user would try first)
-  runner        our Runner (load + offload check + BatchEngine + 8 tokens), with the environment the
-                manager gives a worker on that GPU (devices.device_env)
-  runner-split  the same with tensor_split=(1.0,), as a one-GPU placement may send it
-A step that dies of a signal is run again under cuda-gdb (the image has no gdb) for a native backtrace.
-Prints one line per step and writes $OUT/gpu_diag.json.
+Each step runs in its own process with a time limit, so one native crash cannot hide the others.
+By default (what bench/results/gpu_diag_h100.json holds):
+  worker-node-spec         `python -m aivailable.engine.worker` with the spec and environment the node gives it
+  runner-after-frozenlist  our Runner with `frozenlist._frozenlist` imported first: the crash's cause
+                           (libstdc++ loaded before libllama; expected to die of SIGSEGV)
+With GPU_DIAG_ALL=1 also the steps that found it (bench/results/gpu_diag_crash_h100.json): direct
+llama-cpp-python, our Runner alone and with tensor_split=(1.0,), the worker with 4 threads, and the
+manager on asyncio and on uvloop.
+A step that dies of a signal (or whose worker child does) is run again under cuda-gdb (the image has no
+gdb) for a native backtrace, unless GPU_DIAG_NO_GDB is set. Writes $OUT/gpu_diag.json.
 """
 
 from __future__ import annotations

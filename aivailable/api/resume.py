@@ -40,7 +40,6 @@ class Progress:
     id: str | None = None
     created: int | None = None
     finish_reason: str | None = None
-    usage_sent: bool = False
     errored: bool = False
 
     def add(self, payload: bytes) -> None:
@@ -58,8 +57,6 @@ class Progress:
             return
         self.id = self.id or obj.get("id")
         self.created = self.created or obj.get("created")
-        if obj.get("usage") and not obj.get("choices"):
-            self.usage_sent = True
         for choice in obj.get("choices") or []:
             piece = choice.get("text")
             if piece is None:

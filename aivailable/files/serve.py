@@ -19,9 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from aivailable.api.errors import abandon_body
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
+from aivailable.gossip.transport import Refused, open_signed
 
 log = logging.getLogger("aivailable.files")
 
@@ -73,24 +73,11 @@ class FileServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         peer = request.remote or "unknown"
-        if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
-            return self._reject(peer, "oversized", f"Content-Length {request.content_length}")
         try:
-            async with asyncio.timeout(READ_TIMEOUT_S):
-                data = await request.content.read(MAX_REQUEST_BYTES + 1)
-            src, msg = envelope.open(data, self.secret, time.time(), self._replay, max_bytes=MAX_REQUEST_BYTES)
-        except envelope.EnvelopeError as exc:
-            return self._reject(peer, exc.reason, str(exc))
-        except TimeoutError:
-            resp = self._reject(peer, "timeout", f"request not received within {READ_TIMEOUT_S:g} s")
-            abandon_body(request, resp)
-            return resp
-        except Exception as exc:  # e.g. a corrupt gzip body: refused like any malformed frame, never a 500
-            resp = self._reject(peer, "malformed", type(exc).__name__)
-            abandon_body(request, resp)
-            return resp
-        if src == self.node_id:
-            return self._reject(peer, "own_id", f"a request signed as this node's id {src!r}")
+            src, msg = await open_signed(request, self.secret, self._replay, own_id=self.node_id,
+                                         max_bytes=MAX_REQUEST_BYTES, timeout_s=READ_TIMEOUT_S)
+        except Refused as r:
+            return r.answer(request, self._reject(peer, r.reason, r.detail))
         if not isinstance(msg, FileRequest):
             return self._reject(peer, "malformed", f"a {type(msg).__name__} is not a file request")
         if not MIN_CHUNK <= msg.chunk_size <= MAX_CHUNK:

@@ -109,6 +109,47 @@ MIN_SECRET_CHARS = 16  # shorter secrets can be guessed offline from the cluster
 _STATUS_FOR = envelope.REJECT_STATUS
 
 
+class Refused(Exception):
+    """A signed inter-node request refused before its message is looked at: `reason` is what the sender
+    is told and what is counted; `abandon` when its body was not read to the end."""
+
+    def __init__(self, reason: str, detail: str, *, abandon: bool = False):
+        super().__init__(detail)
+        self.reason, self.detail, self.abandon = reason, detail, abandon
+
+    def answer(self, request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+        """`resp` (the caller's refusal), closing the connection when the body was left unread."""
+        if self.abandon:
+            abandon_body(request, resp)
+        return resp
+
+
+async def open_signed(request: web.Request, secret: bytes, replay: envelope.ReplayCache, *, own_id: str,
+                      max_bytes: int, timeout_s: float) -> tuple[str, Any]:
+    """Read one signed envelope (at most `max_bytes`, within `timeout_s`) and open it: (sender, message).
+    Raises Refused for anything else, a message signed with `own_id` included. Gossip and model-file
+    requests (files/serve.py) are received with it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            if request.content_length is not None and request.content_length > max_bytes:
+                raise envelope.Oversized(f"Content-Length {request.content_length} > {max_bytes}")
+            buf = bytearray()
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise envelope.Oversized(f"body over {max_bytes} bytes")
+        src, msg = envelope.open(bytes(buf), secret, time.time(), replay, max_bytes=max_bytes)
+    except envelope.EnvelopeError as exc:
+        raise Refused(exc.reason, str(exc)) from None
+    except TimeoutError:
+        raise Refused("timeout", f"body not received within {timeout_s:g} s", abandon=True) from None
+    except Exception as exc:  # e.g. a corrupt gzip body, or a frame the codec did not foresee: never a 500
+        raise Refused("malformed", type(exc).__name__, abandon=True) from None
+    if src == own_id:
+        raise Refused("own_id", f"a message signed as this node's id {src!r}")
+    return src, msg
+
+
 @dataclass(frozen=True, slots=True)
 class TransportConfig:
     """Timers in seconds. Field defaults are the LAN profile; :meth:`local` is a delta from it."""
@@ -697,23 +738,10 @@ class ClusterTransport:
         if not self.running or self._closing:
             return web.Response(status=503, text="cluster transport not running")
         try:
-            async with asyncio.timeout(self.cfg.read_timeout):
-                data = await self._read_body(request)
-            src, msg = envelope.open(
-                data, self._secret, time.time(), self._replay, max_bytes=self.cfg.max_bytes
-            )
-        except envelope.EnvelopeError as exc:
-            return self._reject(peer, exc.reason, str(exc))
-        except TimeoutError:
-            resp = self._reject(peer, "timeout", f"body not received within {self.cfg.read_timeout}s")
-            abandon_body(request, resp)
-            return resp
-        except Exception as exc:  # e.g. a corrupt gzip body, or a frame the codec did not foresee
-            resp = self._reject(peer, "malformed", type(exc).__name__)
-            abandon_body(request, resp)
-            return resp
-        if src == self.node_id:
-            return self._reject(peer, "own_id", f"a message signed as this node's id {src!r}")
+            src, msg = await open_signed(request, self._secret, self._replay, own_id=self.node_id,
+                                         max_bytes=self.cfg.max_bytes, timeout_s=self.cfg.read_timeout)
+        except Refused as r:
+            return r.answer(request, self._reject(peer, r.reason, r.detail))
         now = time.monotonic()
         try:
             if isinstance(msg, MEMBERSHIP_TYPES):
@@ -734,17 +762,6 @@ class ClusterTransport:
                 log.exception("cluster core failed on a %s from %s", type(msg).__name__, src)
             return web.Response(status=500, text="internal error")
         return web.Response(status=204)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.cfg.max_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise envelope.Oversized(f"Content-Length {request.content_length} > {limit}")
-        buf = bytearray()
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            buf += chunk
-            if len(buf) > limit:
-                raise envelope.Oversized(f"body over {limit} bytes")
-        return bytes(buf)
 
     def count_rejection(self, reason: str) -> None:
         """Count a refused inter-node request (gossip or model-file) for /metrics and the status page."""
