@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ async def wait_for(cond, timeout: float = WAIT_S, what: str = "condition") -> No
 class Node:
     """One transport inside its own aiohttp server, as the node will host it."""
 
-    def __init__(self, node_id: str, state_dir: Path, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(
+        self, node_id: str, state_dir: Path, port: int = 0, host: str = "127.0.0.1", config: TransportConfig | None = None
+    ):
         self.id, self.state_dir, self.host = node_id, state_dir, host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,7 +68,7 @@ class Node:
             state_dir,
             membership=MembershipConfig.local(),
             election=ElectionConfig.local(),
-            config=TransportConfig.local(),
+            config=config or TransportConfig.local(),
             seed=sum(map(ord, node_id)),
             registry=self.registry,
             on_placement=lambda *p: self.placements.append(p),
@@ -333,3 +336,81 @@ def test_secret_flag_and_file_win(tmp_path):
         load_or_create_secret(tmp_path, secret_file=str(f))
     with pytest.raises(ConfigError, match="cannot read"):
         load_or_create_secret(tmp_path, secret_file=str(tmp_path / "missing"))
+
+
+def test_join_seeds_that_start_late_do_not_split_new_nodes_into_two_clusters(tmp_path):
+    asyncio.run(_late_seed(tmp_path))
+
+
+async def _late_seed(tmp_path: Path) -> None:
+    """``n2 --join n1`` and ``n3 --join n1,n2`` start before n1 listens (the chaos harness hit this once
+    in CI): n2 and n3 find each other first. The old rule made n2 found a cluster with n3 while n1 founded
+    its own, and the two never met; now n2 waits for its seed and everyone keeps pushing to it."""
+    n1, n2, n3 = (Node(n, tmp_path / n) for n in ("n1", "n2", "n3"))
+    nodes = [n1, n2, n3]
+    try:
+        await n2.start([n1.addr])
+        await n3.start([n1.addr, n2.addr])
+        await wait_for(lambda: n2.alive() >= {"n2", "n3"} and n3.alive() >= {"n2", "n3"}, what="n2 and n3 meet")
+        await asyncio.sleep(4 * TransportConfig.local().bootstrap_grace)
+        assert n2.t.term == 0 and n3.t.term == 0, "a node founded a cluster without hearing from its join seed"
+        assert any("waiting up to" in text and n1.addr in text for _, text in n2.t.events)
+        await n1.start()
+        await wait_for(lambda: agreed(nodes), what="one cluster of three")
+        founders = [n.id for n in nodes if any("bootstrapped" in text for _, text in n.t.events)]
+        assert founders == ["n1"]
+    finally:
+        for n in nodes:
+            if n.t.running:
+                await n.stop()
+
+
+def test_two_clusters_that_meet_later_merge_into_one(tmp_path):
+    asyncio.run(_merge(tmp_path))
+
+
+async def _merge(tmp_path: Path) -> None:
+    """Two clusters share a secret but formed apart (say mDNS found the peers after the grace): once one
+    node learns an address of the other side, membership meets and the election's lineage rule leaves
+    one leader with every node a voter."""
+    a, b, c = (Node(n, tmp_path / n) for n in ("a", "b", "c"))
+    nodes = [a, b, c]
+    try:
+        await a.start()
+        await wait_for(lambda: a.t.is_leader, what="a founds alone")
+        await c.start([b.addr])
+        await b.start([c.addr])
+        await wait_for(lambda: agreed([b, c]), what="b and c found their own cluster")
+        assert a.alive() == {"a"} and not {"a"} & b.alive()
+        b.t.join([a.addr])
+        await wait_for(lambda: agreed(nodes), what="the two clusters to merge")
+        assert sum(n.t.is_leader for n in nodes) == 1
+    finally:
+        for n in nodes:
+            if n.t.running:
+                await n.stop()
+
+
+def test_a_seed_silent_past_seed_wait_is_founded_without_and_merged_once_it_answers(tmp_path):
+    asyncio.run(_silent_seed(tmp_path))
+
+
+async def _silent_seed(tmp_path: Path) -> None:
+    """The bounded wait: new nodes found without a seed that stays silent past ``seed_wait`` (and say so),
+    but keep pushing to it, so the node that comes up there later joins them instead of staying apart."""
+    cfg = replace(TransportConfig.local(), seed_wait=1.0)
+    n1 = Node("n1", tmp_path / "n1")
+    n2, n3 = (Node(n, tmp_path / n, config=cfg) for n in ("n2", "n3"))
+    nodes = [n1, n2, n3]
+    try:
+        await n2.start([n1.addr])
+        await n3.start([n2.addr])
+        await wait_for(lambda: agreed([n2, n3]), what="n2 founds with n3 after seed_wait")
+        assert any("never answered" in text and n1.addr in text for _, text in n2.t.events)
+        await asyncio.sleep(1.0)
+        await n1.start()
+        await wait_for(lambda: agreed(nodes), what="the late seed to join the others")
+    finally:
+        for n in nodes:
+            if n.t.running:
+                await n.stop()

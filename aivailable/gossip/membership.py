@@ -27,8 +27,12 @@ Protocol (hashicorp/memberlist's SWIM + Lifeguard, rewritten as one state machin
   At equal incarnation dead beats suspect beats alive.
 * Dead members are still gossiped to for ``gossip_to_dead``, and every ``reconnect_interval`` one of
   them is pinged: if it answers, it gets our full state, learns it was declared dead and refutes (this
-  heals partitions). They are forgotten (``MemberChanged(new=None)``) after ``reap_timeout``. A node
-  that knows no live peer re-pushes its state to its join seeds every ``reconnect_interval``.
+  heals partitions). They are forgotten (``MemberChanged(new=None)``) after ``reap_timeout``. Every
+  ``reconnect_interval`` a node re-pushes its state to each join seed that has neither answered
+  (:meth:`MembershipCore.seed_answered`, fed by the driver) nor shows up as a live member's address;
+  a node that knows no live peer re-pushes to all of them. So a seed that was not up yet when this
+  node started is reached once it is, even if other peers found this node first: without that, two
+  groups that started apart would never learn of each other.
 * Updates (alive/suspect/dead/facts) ride on every ping, ack and ping-req, plus a :class:`Gossip` to
   ``gossip_nodes`` random members every ``gossip_interval``, each update ``retransmit_limit`` times;
   membership changes take the byte budget first, facts get the rest (``broadcast.py``).
@@ -88,7 +92,7 @@ class MembershipConfig:
     gossip_nodes: int = 3  # fan-out of each gossip round
     gossip_to_dead: float = 30.0  # keep gossiping to the dead this long, so a healed side can refute
     push_pull_interval: float = 10.0  # full-state sync period (x push_pull_scale above 32 nodes)
-    reconnect_interval: float = 2.0  # ping one recently dead member (sync if it answers); retry seeds alone
+    reconnect_interval: float = 2.0  # ping one recently dead member (sync if it answers); retry silent seeds
     reap_timeout: float = 60.0  # forget a dead member after this; >= gossip_to_dead
     awareness_max: int = 8  # local health multiplies probe interval/timeout by 1..awareness_max
     max_piggyback_bytes: int = 8192  # estimated JSON bytes of updates per message (at least one is sent)
@@ -192,6 +196,7 @@ class MembershipCore:
         self._forwards: dict[int, tuple[str, int, float]] = {}  # local seq -> (origin, origin seq, deadline)
         self._reconnects: dict[int, str] = {}  # seq of a ping to a dead member -> that member
         self._seeds: list[str] = []
+        self._seeds_answered: set[str] = set()
         self._next_probe = now + rng.uniform(0, config.probe_interval)
         self._next_gossip = now + rng.uniform(0, config.gossip_interval)
         self._next_reconnect = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -242,10 +247,21 @@ class MembershipCore:
 
     def join(self, addrs: list[str]) -> None:
         """Push our full state to each seed address; their replies fill in the cluster. Retried every
-        ``reconnect_interval`` for as long as this node knows no live peer."""
+        ``reconnect_interval`` to each seed that has not answered (:meth:`seed_answered`) and is not a
+        live member's address, and to all of them while this node knows no live peer."""
         self._seeds = [a for a in addrs if a != self.addr]
         for addr in self._seeds:
             self._out.append(Send("", Sync(members=self._full_state()), addr=addr))
+
+    def seed_answered(self, addr: str) -> None:
+        """The driver's word that a node at seed ``addr`` accepted our push (a 2xx answer)."""
+        if addr in self._seeds:
+            self._seeds_answered.add(addr)
+
+    def unreached_seeds(self) -> list[str]:
+        """Seeds that have not answered and are not the address of a live member, in join order."""
+        live = {m.addr for m in self._t.members.values() if m.status in LIVE}
+        return [a for a in self._seeds if a not in self._seeds_answered and a not in live]
 
     def set_facts(self, facts: dict[str, Any]) -> int:
         """Publish this node's facts (the core never looks inside); returns the new version."""
@@ -396,10 +412,15 @@ class MembershipCore:
             self._on_suspect(m.node, m.incarnation, self.id, now)
 
     def _reconnect(self, now: float) -> None:
-        """Partition healing: ping a random recently-dead member; while alone, re-push to the seeds."""
+        """Partition healing: ping a random recently-dead member; re-push to the seeds not reached yet
+        (all of them while alone)."""
         self._reconnects.clear()
-        if self._t.n_live == 1 and self._seeds:
-            self.join(self._seeds)
+        if self._t.n_live == 1:
+            self._seeds_answered.clear()
+        unreached = self.unreached_seeds()
+        if unreached:
+            push = Sync(members=self._full_state())
+            self._out.extend(Send("", push, addr=addr) for addr in unreached)
         window = self.cfg.gossip_to_dead
         dead = [n for n, m in self._t.dead.items() if m.status is Status.DEAD and now - m.since < window]
         if dead:

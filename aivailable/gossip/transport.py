@@ -25,6 +25,13 @@ Bootstrap rule (a node with a persisted term or voter set never bootstraps, it r
   reserved and hidden from :meth:`members`); once the facts of every live peer are known and none is
   bootstrapped, the node with the lowest id founds the cluster and the others are added by it. A node
   that knows of peers never founds alone, so a restarted node with a wiped disk waits for its cluster.
+* Before founding by that rule, a node also waits (up to ``seed_wait``, 30 s) for every join seed to
+  answer: peers that found it first are not the whole story. Without this wait, ``b --join a`` and
+  ``c --join a,b`` started before ``a`` was listening made ``b`` found a cluster with ``c`` while ``a``
+  founded its own. Seeds that have not answered are retried every ``reconnect_interval`` for as long
+  as they stay silent (membership), so should two clusters ever form anyway (a seed silent past
+  ``seed_wait``, or mDNS slower than ``bootstrap_grace``), they meet once the seed answers, and the
+  election's rule for two lineages merges them into one (the higher term, then the lower leader id).
 
 Placement delivery: :meth:`publish_placement` (leader only) stamps ``(term, version)``, applies it
 locally through the :class:`PlacementFence` (``on_placement`` fires for the leader too), and sends it
@@ -43,6 +50,7 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -156,6 +164,7 @@ class TransportConfig:
 
     tick_interval: float = 0.05  # cores' tick period; finer than every core timer
     bootstrap_grace: float = 2.0  # wait this long for seeds/discovered peers before founding alone
+    seed_wait: float = 30.0  # new nodes wait this long for every join seed to answer before founding
     send_timeout: float = 1.0  # one POST, connect included; a later answer is useless to SWIM anyway
     max_inflight_per_peer: int = 32  # POSTs in flight to one address; beyond it messages are dropped
     placement_resend: float = 0.5  # leader re-sends the placement to live members that did not ack it
@@ -172,7 +181,7 @@ class TransportConfig:
     @classmethod
     def local(cls) -> TransportConfig:
         """All nodes on one host (development, tests)."""
-        return replace(cls.lan(), bootstrap_grace=0.5, placement_resend=0.2, placement_refresh=2.0)
+        return replace(cls.lan(), bootstrap_grace=0.5, seed_wait=5.0, placement_resend=0.2, placement_refresh=2.0)
 
     def validate(self) -> TransportConfig:
         for name in (
@@ -184,8 +193,9 @@ class TransportConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 seconds", param=name)
-        if self.bootstrap_grace < 0:
-            raise ConfigError("bootstrap_grace must be >= 0 seconds", param="bootstrap_grace")
+        for name in ("bootstrap_grace", "seed_wait"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 seconds", param=name)
         if self.max_inflight_per_peer < 1:
             raise ConfigError("max_inflight_per_peer must be >= 1", param="max_inflight_per_peer")
         if self.max_bytes < 1024:
@@ -361,6 +371,9 @@ class ClusterTransport:
         self._flag = self._bootstrapped()
         self.mem.set_facts(self._facts())
         self._seeds: list[str] = []
+        self._seed_answered: dict[str, float] = {}  # seed address -> when it first answered a push (2xx)
+        self._silent_seeds: list[str] = []  # seeds still silent when this node founded its cluster
+        self._seed_wait_logged = False
         self._replay = envelope.ReplayCache()
         self._events: deque[tuple[float, str]] = deque(maxlen=self.cfg.events_max)
         self._published: PlacementPublish | None = None
@@ -628,9 +641,11 @@ class ClusterTransport:
                 facts = (self.mem.facts(node) or (0, {}))[1].get(CLUSTER_KEY)
                 if not isinstance(facts, dict) or facts.get("bootstrapped") is not False:
                     return  # unknown yet, or an established cluster: its leader will add us
-            if min(peers) < self.node_id:
+            if min(peers) < self.node_id or self._waiting_for_seeds(now):
                 return
             why = f"lowest id of {len(peers) + 1} new nodes"
+            if self._silent_seeds:
+                why += f"; join seed(s) {', '.join(self._silent_seeds)} never answered"
         self.elect = ElectionCore(
             self.node_id, self._election_cfg, random.Random(self._rng.random()), now, voters=(self.node_id,)
         )
@@ -641,6 +656,43 @@ class ClusterTransport:
         self._note(f"bootstrapped a new cluster as its only voter ({why})")
         log.info("cluster: %s bootstrapped a new cluster as its only voter (%s)", self.node_id, why)
         self.elect.step(self.node_id, Hup(), now)  # campaign now rather than after an election timeout
+
+    def _waiting_for_seeds(self, now: float) -> bool:
+        """Founding by the lowest-id rule waits for every join seed to answer, up to ``seed_wait``. A seed
+        counts as heard once a live member has its address, or ``bootstrap_grace`` after its 2xx answer
+        (its reply, with its cluster, is on the way; a seed given by host name never matches an address)."""
+        live = {m.addr for n in self.mem.live_members() if (m := self.mem.member(n)) is not None}
+        silent = [
+            a
+            for a in self._seeds
+            if a not in live and now - self._seed_answered.get(a, math.inf) < self.cfg.bootstrap_grace
+        ]
+        if not silent:
+            self._silent_seeds = []
+            return False
+        if now - self._started_at < self.cfg.seed_wait:
+            if not self._seed_wait_logged:
+                self._seed_wait_logged = True
+                self._note(
+                    f"waiting up to {self.cfg.seed_wait:g} s for join seed(s) {', '.join(silent)} "
+                    "to answer before founding a cluster"
+                )
+                log.info(
+                    "cluster: %s and its new peers could found a cluster, but join seed(s) %s have not answered "
+                    "yet; waiting up to %g s for them, so that two clusters do not form",
+                    self.node_id,
+                    ", ".join(silent),
+                    self.cfg.seed_wait,
+                )
+            return True
+        self._silent_seeds = silent
+        log.warning(
+            "cluster: join seed(s) %s did not answer within %g s; founding without them. If a cluster runs "
+            "there, the two merge once they reach each other (check --join and that those nodes are up)",
+            ", ".join(silent),
+            self.cfg.seed_wait,
+        )
+        return False
 
     def _bootstrapped(self) -> bool:
         return self.elect.term > 0 or bool(self.elect.config.voters)
@@ -691,13 +743,19 @@ class ClusterTransport:
         if send.to == self.node_id:
             return
         addr = send.addr
-        if addr is None:
-            m = self.mem.member(send.to)
-            addr = m.addr if m is not None else None
-        if addr is None:
+        if addr is not None:  # a push to a join seed: note when one answers
+            self._post(addr, send.msg, lambda ok, a=addr: self._seed_pushed(a, ok))
+            return
+        m = self.mem.member(send.to)
+        if m is None:
             self._send_failed.labels(why="no_address").inc()
             return
-        self._post(addr, send.msg)
+        self._post(m.addr, send.msg)
+
+    def _seed_pushed(self, addr: str, ok: bool) -> None:
+        if ok and addr not in self._seed_answered:
+            self._seed_answered[addr] = time.monotonic()
+            self.mem.seed_answered(addr)
 
     def _post(self, addr: str, msg: Any, done: Callable[[bool], None] | None = None) -> bool:
         if self._session is None or self._closing:
