@@ -271,7 +271,7 @@ class Harness:
         poller = threading.Thread(target=self.poll, daemon=True)
         poller.start()
         clients = Clients({n: p.url for n, p in self.procs.items()}, list(MODELS), args.clients, args.seed,
-                          args.timeout, args.max_tokens, client_resume=args.client_resume)
+                          args.timeout, args.max_tokens, failover=args.failover)
         clients.start()
         gap = args.gap
         next_fault = self.rng.uniform(*gap)
@@ -400,6 +400,7 @@ class Harness:
                         for mode, rs in (("plain", [r for r in reqs if not r.stream]),
                                          ("stream", [r for r in reqs if r.stream]))},
             "failed_requests": {c: failed.get(c, 0) for c in CLASSES},
+            "failover_client": clients.failover_stats or None,
             "attempts": len(attempts),
             "dropped_by_killed_entry_node": dropped,
             "failed_attempts": {c: att_failed.get(c, 0) for c in CLASSES},
@@ -436,6 +437,7 @@ def table(r: dict) -> str:
         f"(target {100 * TARGET_SUCCESS:.1f} %); without requests whose entry node was killed under them "
         f"{100 * r['success_rate_without_entry_node_kills']:.2f} %",
         "failed requests: " + ", ".join(f"{k} {v}" for k, v in r["failed_requests"].items()),
+        *([f"failover client: {r['failover_client']}"] if r.get("failover_client") else []),
         f"attempts {r['attempts']}; failed attempts (retried on another node where the client may): "
         + ", ".join(f"{k} {v}" for k, v in r["failed_attempts"].items()),
         f"latency p50 {r['latency_s']['p50']} s  p99 {r['latency_s']['p99']} s  max {r['latency_s']['max']} s",
@@ -470,9 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-path", dest="model_path", type=Path, help="GGUF (default: the bundled demo model)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (node logs)")
-    p.add_argument("--client-resume", dest="client_resume", action="store_true",
-                   help="clients continue a stream cut by their entry node's death through another node "
-                        "(continue_final_message); default: the plain official client")
+    p.add_argument("--failover-client", dest="failover", action="store_true",
+                   help="clients are the official openai client made by aivailable.client over every node "
+                        "(fails over and continues streams cut by their node's death); default: the plain "
+                        "official client, one node per request")
     args = p.parse_args(argv)
     if args.ci:
         args.duration = 60.0

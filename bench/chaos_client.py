@@ -4,10 +4,11 @@ A *request* is what an application asks for; it makes up to ``ATTEMPTS`` HTTP *a
 official client retries by default (2 retries on a refused connection, 408/409/429/5xx, honouring
 ``Retry-After``), except that each retry goes to another node (what any client of a multi-node service
 does, e.g. HAProxy's ``option redispatch``), and a node that could not be connected to is avoided for
-``AVOID_S``. Nothing that has started streaming is retried, except with ``client_resume``: then a
-stream cut by the death of the node it was connected to is continued through another node, with the
-text received so far as a final assistant message and ``continue_final_message`` (what a client can do
-that keeps its partial answer; the API supports it for that). The default is the plain official client.
+``AVOID_S``. Nothing that has started streaming is retried. That is the plain official client, the
+default. With ``failover``, each request is one call of the official client made by
+``aivailable.client.openai_client`` over every node, with the client's default 2 retries: its transport
+sends a request on to the next node when its node cannot be reached, and continues a stream cut by
+the death of the node it was connected to through another node.
 
 Every failed attempt gets one class:
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 
 import openai
 
+from aivailable.client import FailoverTransport
+
 ATTEMPTS = 3
 AVOID_S = 5.0
 """A node that could not be connected to is avoided this long (HAProxy-style: a failed check marks a
@@ -58,9 +61,6 @@ class Attempt:
     retry_after: float = 0.0
     started: bool = False
     """A stream whose first event arrived before the failure."""
-    text: str = ""
-    """What a broken stream delivered before it broke (continued by a resuming client)."""
-    pieces: int = 0
 
 
 @dataclass
@@ -105,18 +105,26 @@ class Clients:
     """``n`` closed-loop client threads over ``nodes`` (name -> base URL) until ``stop()``."""
 
     def __init__(self, nodes: dict[str, str], models: list[str], n: int, seed: int, timeout_s: float,
-                 max_tokens: int, client_resume: bool = False):
+                 max_tokens: int, failover: bool = False):
         self.nodes, self.models, self.n = nodes, models, n
-        self.client_resume = client_resume
+        self.failover = failover
         self.timeout_s, self.max_tokens = timeout_s, max_tokens
         self.rng = random.Random(seed)
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._down: dict[str, float] = {}  # node -> avoid until (monotonic)
-        self._clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="chaos", max_retries=0,
-                                          timeout=openai.Timeout(timeout_s, connect=3.0))
-                         for k, u in nodes.items()}
+        timeout = openai.Timeout(timeout_s, connect=3.0)
+        self.failover_stats: dict[str, int] = {}
+        if failover:  # one client over every node; each request enters through a random node's URL
+            transport = FailoverTransport(list(nodes.values()))
+            self.failover_stats = transport.nodes.stats
+            shared = openai.OpenAI(base_url=next(iter(nodes.values())) + "/v1", api_key="chaos", timeout=timeout,
+                                   http_client=openai.DefaultHttpxClient(transport=transport))
+            self._clients = {k: shared.with_options(base_url=u + "/v1") for k, u in nodes.items()}
+        else:
+            self._clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="chaos", max_retries=0, timeout=timeout)
+                             for k, u in nodes.items()}
         self._threads = [threading.Thread(target=self._loop, args=(i, random.Random(self.rng.random())),
                                           daemon=True, name=f"client{i}") for i in range(n)]
 
@@ -144,14 +152,13 @@ class Clients:
         t0 = time.monotonic()
         tried: list[str] = []
         attempts: list[Attempt] = []
-        for _ in range(ATTEMPTS):
+        for _ in range(1 if self.failover else ATTEMPTS):
             now = time.monotonic()
             fresh = [k for k in self.nodes if k not in tried]
             up = [k for k in fresh if self._down.get(k, 0.0) <= now]
             node = rng.choice(up or fresh or list(self.nodes))
             tried.append(node)
-            a = self._attempt(node, model, stream, "".join(x.text for x in attempts),
-                              sum(x.pieces for x in attempts))
+            a = self._attempt(node, model, stream)
             attempts.append(a)
             if a.detail.startswith("cannot connect"):
                 self._down[node] = time.monotonic() + AVOID_S
@@ -161,18 +168,13 @@ class Clients:
                 time.sleep(min(RETRY_AFTER_CAP_S, a.retry_after))
         return Request(t0, time.monotonic(), model, stream, attempts[-1].outcome == "ok", attempts)
 
-    def _attempt(self, node: str, model: str, stream: bool, prefix: str = "", used: int = 0) -> Attempt:
+    def _attempt(self, node: str, model: str, stream: bool) -> Attempt:
         client = self._clients[node]
         t0 = time.monotonic()
         started = False
         replica = ""
-        pieces: list[str] = []
         try:
             msgs = [{"role": "user", "content": "Name a colour."}]
-            extra: dict = {}
-            if prefix:  # continue the answer a dead entry node was carrying
-                msgs.append({"role": "assistant", "content": prefix})
-                extra = {"extra_body": {"continue_final_message": True}}
             if not stream:
                 raw = client.chat.completions.with_raw_response.create(
                     model=model, messages=msgs, max_tokens=self.max_tokens)
@@ -182,14 +184,12 @@ class Clients:
                     raise _Failed("other", f"answer without a finish reason: {str(r)[:120]}", False)
             else:
                 raw = client.chat.completions.with_raw_response.create(
-                    model=model, messages=msgs, max_tokens=max(1, self.max_tokens - used), stream=True, **extra)
+                    model=model, messages=msgs, max_tokens=self.max_tokens, stream=True)
                 replica = raw.headers.get("X-AIvailable-Replica", "")
                 finish = None
                 try:
                     for c in raw.parse():
                         started = True
-                        if c.choices and c.choices[0].delta.content:
-                            pieces.append(c.choices[0].delta.content)
                         if c.choices and c.choices[0].finish_reason:
                             finish = c.choices[0].finish_reason
                 except openai.APIError as e:
@@ -209,13 +209,7 @@ class Clients:
             f = _Failed(cls, f"{type(e).__name__}: {str(e)[:120]}", not started)
         else:
             return Attempt(t0, time.monotonic(), node, model, stream, "ok", replica=replica)
-        # A connection that dropped mid-stream: a resuming client continues from what it received.
-        resume = started and self.client_resume and f.cls == "other"
-        f.retry = f.retry or resume
-        a = self._failed(t0, node, model, stream, f, replica, started)
-        if resume:
-            a.text, a.pieces = "".join(pieces), len(pieces)
-        return a
+        return self._failed(t0, node, model, stream, f, replica, started)
 
     @staticmethod
     def _failed(t0: float, node: str, model: str, stream: bool, f: _Failed, replica: str,

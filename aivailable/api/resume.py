@@ -27,8 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DONE = b"[DONE]"
+UPSTREAM_FAILED = "upstream_failed"
+"""The error code of the event that ends a stream no replica could continue."""
 _SEP = b"\n\n"
 _PREFIX = b"data: "
+_PEER_BROKE = f'"code":"{UPSTREAM_FAILED}"'.encode()
+
+
+def cut_at_failure(events: bytes) -> tuple[bytes, bytes]:
+    """Split whole events at an `upstream_failed` error event (a node whose replica broke and which could
+    not continue the stream): ``(events before it, the error event and what follows)``; the second part
+    is empty when there is none. Whoever can continue the stream elsewhere holds it back."""
+    broke = events.find(_PEER_BROKE)
+    if broke < 0:
+        return events, b""
+    cut = events.rfind(_SEP, 0, broke)
+    return (events[: cut + 2], events[cut + 2 :]) if cut >= 0 else (b"", events)
 
 
 @dataclass

@@ -24,15 +24,12 @@ from aiohttp import web
 
 from aivailable.api import hop
 from aivailable.api.responses import sse
-from aivailable.api.resume import Continuation, Splice, StreamLog
+from aivailable.api.resume import UPSTREAM_FAILED, Continuation, Splice, StreamLog, cut_at_failure
 from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
 
 HOP_HEADER = "X-AIvailable-Hops"
-UPSTREAM_FAILED = "upstream_failed"
-"""The error code of the event that ends a stream no replica could continue."""
-_PEER_BROKE = f'"code":"{UPSTREAM_FAILED}"'.encode()
 MAX_HOPS = 2
 _PASS_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
@@ -251,11 +248,7 @@ class Proxy:
         sent.new_upstream()
         data = first
         while True:
-            whole = sent.split(data)
-            broke = whole.find(_PEER_BROKE) if whole else -1
-            if broke >= 0:  # a peer whose replica broke and which could not continue it: we may
-                cut = whole.rfind(b"\n\n", 0, broke)
-                whole = whole[: cut + 2] if cut >= 0 else b""
+            whole, broke = cut_at_failure(sent.split(data))  # a peer that could not continue it: we may
             if whole:
                 if splice is not None:
                     whole = splice.rewrite(whole)
@@ -264,7 +257,7 @@ class Proxy:
                     await resp.write(whole)
                 except (ConnectionError, RuntimeError) as exc:  # the client went away (RuntimeError: transport closed)
                     raise ClientGone from exc
-            if broke >= 0:
+            if broke:
                 raise aiohttp.ClientPayloadError("the peer's replica broke mid-stream")
             if sent.done:
                 return
