@@ -44,7 +44,10 @@ from aivailable.api.resume import UPSTREAM_FAILED, Continuation, Splice, StreamL
 try:  # the openai client of 2026 runs on httpx2; older ones on httpx
     import httpx2 as httpx
 except ImportError:  # pragma: no cover - depends on the installed openai
-    import httpx  # type: ignore[no-redef]
+    try:
+        import httpx  # type: ignore[no-redef]
+    except ImportError:
+        raise ImportError("aivailable.client needs the openai package: pip install 'aivailable[client]'") from None
 
 __all__ = ["AsyncFailoverTransport", "FailoverTransport", "Nodes", "async_openai_client", "openai_client"]
 
