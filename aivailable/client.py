@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aivailable.api.resume import UPSTREAM_FAILED, Continuation, Splice, StreamLog, cut_at_failure
+from aivailable.api.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 
 try:  # the openai client of 2026 runs on httpx2; older ones on httpx
     import httpx2 as httpx
@@ -61,6 +61,11 @@ FAILOVER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, ht
 """Transport errors before an answer's headers that send the request to the next node: the node is down,
 or died (its connection dropped) while the request was on its way. A read timeout is the openai client's
 to retry (it does, and the retry goes to the next node)."""
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)  # the openai client's own
+
+
+def _addr(url: httpx.URL) -> tuple[str, str, int]:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
 @dataclass
@@ -84,7 +89,7 @@ class Nodes:
             url = httpx.URL(raw if "://" in raw else f"http://{raw}")
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError(f"bad node address {raw!r}: expected HOST:PORT or http://HOST:PORT")
-            addr = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+            addr = _addr(url)
             if addr not in addrs:
                 addrs.append(addr)
         if not addrs:
@@ -94,7 +99,7 @@ class Nodes:
     def plan(self, url: httpx.URL, retry: int, now: float) -> list[int]:
         """Node indexes to try for a request to ``url``: its own node (added to the list if new) moved
         ``retry`` places on, then the others in list order; nodes that failed lately go last."""
-        own = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
+        own = _addr(url)
         if own not in self.addrs:
             self.addrs.append(own)
         n = len(self.addrs)
@@ -108,6 +113,11 @@ class Nodes:
 
     def ok(self, i: int) -> None:
         self.down_until.pop(i, None)
+
+    def base_url(self) -> str:
+        """The OpenAI base URL of the first node."""
+        scheme, host, port = self.addrs[0]
+        return f"{scheme}://{host}:{port}/v1"
 
     def retarget(self, request: httpx.Request, i: int) -> httpx.Request:
         """``request`` sent to node ``i`` instead (its body must have been read)."""
@@ -175,9 +185,8 @@ class StreamResume:
         body, mute = asked
         return _with_body(original, original.url, body), mute
 
-    def continued(self, mute: bool, stats: dict[str, int]) -> None:
+    def continued(self, mute: bool) -> None:
         """Another node took the continuation: rewrite its events from now on."""
-        stats["streams_continued"] += 1
         self.resumes += 1
         self.held = b""
         self.splice = Splice(self.cont.kind, self.log.progress(), mute)
@@ -185,12 +194,8 @@ class StreamResume:
     def give_up(self, why: str) -> bytes:
         """The end the application gets when no node continued the stream: the held `upstream_failed`
         event, or one saying why."""
-        if self.held:
-            return self.held
-        err = {"error": {"message": f"the node serving this stream failed ({why}) and no other node could "
-                                    "continue it; retry the request", "type": "server_error", "param": None,
-                         "code": UPSTREAM_FAILED}}
-        return b"data: " + json.dumps(err, separators=(",", ":")).encode() + b"\n\n"
+        return self.held or failure_event(
+            f"the node serving this stream failed ({why}) and no other node could continue it; retry the request")
 
 
 def _with_body(request: httpx.Request, url: httpx.URL, body: bytes) -> httpx.Request:
@@ -237,32 +242,66 @@ def _retry_count(request: httpx.Request) -> int:
         return 0
 
 
-def _stream_response(response: httpx.Response, stream: Any) -> httpx.Response:
-    return httpx.Response(response.status_code, headers=response.headers, stream=stream,
-                          extensions=response.extensions)
-
-
 def _ended(exc: BaseException | None) -> str:
     return type(exc).__name__ if exc is not None else "the stream ended without [DONE]"
 
 
-class FailoverTransport(httpx.BaseTransport):
+class _Failover:
+    """What the sync and async transports share: the node list, the inner transport, the clock."""
+
+    def __init__(self, nodes: Sequence[str], avoid_s: float, inner: Any, clock: Callable[[], float]):
+        self.nodes = Nodes.parse(nodes, avoid_s)
+        self._inner = inner
+        self._clock = clock
+
+    def _answer(self, request: httpx.Request, response: httpx.Response, node: int,
+                stream_type: type[_StreamState]) -> httpx.Response:
+        """``response`` as is, or, for a resumable stream, with a body that continues it elsewhere."""
+        resume = StreamResume.of(request, response)
+        if resume is None:
+            return response
+        body = stream_type(self, request, response, node, resume)
+        return httpx.Response(response.status_code, headers=response.headers, stream=body,
+                              extensions=response.extensions)
+
+
+class _StreamState:
+    """What the sync and async stream bodies share: where the stream is, and the steps around a break."""
+
+    def __init__(self, t: _Failover, request: httpx.Request, response: httpx.Response, node: int,
+                 resume: StreamResume):
+        self.t, self.request, self.response, self.node, self.resume = t, request, response, node, resume
+
+    def _broke(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.t.nodes.failed(self.node, self.t._clock())
+
+    def _took(self, asked: httpx.Request, response: httpx.Response, node: int, mute: bool) -> bool:
+        """Whether ``node``'s answer to the continuation ``asked`` is a stream to go on with (if not, the
+        caller closes it)."""
+        if StreamResume.of(asked, response) is None:
+            return False
+        self.response, self.node = response, node
+        self.t.nodes.stats["streams_continued"] += 1
+        self.resume.continued(mute)
+        return True
+
+    def _give_up(self, exc: Exception | None) -> bytes:
+        self.t.nodes.stats["streams_given_up"] += 1
+        return self.resume.give_up(_ended(exc))
+
+
+class FailoverTransport(_Failover, httpx.BaseTransport):
     """An httpx transport that fails over between cluster nodes (see the module docstring)."""
 
     def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S,
                  transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
-        self.nodes = Nodes.parse(nodes, avoid_s)
-        self._inner = transport or httpx.HTTPTransport(limits=httpx.Limits(max_connections=1000,
-                                                                            max_keepalive_connections=100))
-        self._clock = clock
+        super().__init__(nodes, avoid_s, transport or httpx.HTTPTransport(limits=_LIMITS), clock)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
         response, node = self._send(request, _retry_count(request), skip=None)
-        resume = StreamResume.of(request, response)
-        if resume is None:
-            return response
-        return _stream_response(response, _Stream(self, request, response, node, resume))
+        return self._answer(request, response, node, _Stream)
 
     def _send(self, request: httpx.Request, retry: int, skip: int | None) -> tuple[httpx.Response, int]:
         tries = _Tries(self.nodes, self._clock, request, retry, skip)
@@ -277,10 +316,8 @@ class FailoverTransport(httpx.BaseTransport):
         self._inner.close()
 
 
-class _Stream(httpx.SyncByteStream):
-    def __init__(self, t: FailoverTransport, request: httpx.Request, response: httpx.Response, node: int,
-                 resume: StreamResume):
-        self.t, self.request, self.response, self.node, self.resume = t, request, response, node, resume
+class _Stream(_StreamState, httpx.SyncByteStream):
+    t: FailoverTransport
 
     def __iter__(self) -> Iterator[bytes]:
         r = self.resume
@@ -298,16 +335,13 @@ class _Stream(httpx.SyncByteStream):
             self.response.close()
             if r.done:
                 return
-            if broke is not None:
-                self.t.nodes.failed(self.node, self.t._clock())
+            self._broke(broke)
             if not self._continue():
-                self.t.nodes.stats["streams_given_up"] += 1
-                yield r.give_up(_ended(broke))
+                yield self._give_up(broke)
                 return
 
     def _continue(self) -> bool:
-        r = self.resume
-        asked = r.continuation(self.request)
+        asked = self.resume.continuation(self.request)
         if asked is None:
             return False
         request, mute = asked
@@ -315,34 +349,26 @@ class _Stream(httpx.SyncByteStream):
             response, node = self.t._send(request, 0, skip=self.node)
         except FAILOVER_ERRORS:
             return False
-        if StreamResume.of(request, response) is None:
+        if not self._took(request, response, node, mute):
             response.close()
             return False
-        self.response, self.node = response, node
-        r.continued(mute, self.t.nodes.stats)
         return True
 
     def close(self) -> None:
         self.response.close()
 
 
-class AsyncFailoverTransport(httpx.AsyncBaseTransport):
+class AsyncFailoverTransport(_Failover, httpx.AsyncBaseTransport):
     """The asyncio twin of :class:`FailoverTransport`."""
 
     def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S,
                  transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
-        self.nodes = Nodes.parse(nodes, avoid_s)
-        self._inner = transport or httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=1000,
-                                                                                 max_keepalive_connections=100))
-        self._clock = clock
+        super().__init__(nodes, avoid_s, transport or httpx.AsyncHTTPTransport(limits=_LIMITS), clock)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
         response, node = await self._send(request, _retry_count(request), skip=None)
-        resume = StreamResume.of(request, response)
-        if resume is None:
-            return response
-        return _stream_response(response, _AsyncStream(self, request, response, node, resume))
+        return self._answer(request, response, node, _AsyncStream)
 
     async def _send(self, request: httpx.Request, retry: int, skip: int | None) -> tuple[httpx.Response, int]:
         tries = _Tries(self.nodes, self._clock, request, retry, skip)
@@ -357,10 +383,8 @@ class AsyncFailoverTransport(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-class _AsyncStream(httpx.AsyncByteStream):
-    def __init__(self, t: AsyncFailoverTransport, request: httpx.Request, response: httpx.Response, node: int,
-                 resume: StreamResume):
-        self.t, self.request, self.response, self.node, self.resume = t, request, response, node, resume
+class _AsyncStream(_StreamState, httpx.AsyncByteStream):
+    t: AsyncFailoverTransport
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         r = self.resume
@@ -378,16 +402,13 @@ class _AsyncStream(httpx.AsyncByteStream):
             await self.response.aclose()
             if r.done:
                 return
-            if broke is not None:
-                self.t.nodes.failed(self.node, self.t._clock())
+            self._broke(broke)
             if not await self._continue():
-                self.t.nodes.stats["streams_given_up"] += 1
-                yield r.give_up(_ended(broke))
+                yield self._give_up(broke)
                 return
 
     async def _continue(self) -> bool:
-        r = self.resume
-        asked = r.continuation(self.request)
+        asked = self.resume.continuation(self.request)
         if asked is None:
             return False
         request, mute = asked
@@ -395,11 +416,9 @@ class _AsyncStream(httpx.AsyncByteStream):
             response, node = await self.t._send(request, 0, skip=self.node)
         except FAILOVER_ERRORS:
             return False
-        if StreamResume.of(request, response) is None:
+        if not self._took(request, response, node, mute):
             await response.aclose()
             return False
-        self.response, self.node = response, node
-        r.continued(mute, self.t.nodes.stats)
         return True
 
     async def aclose(self) -> None:
@@ -412,8 +431,7 @@ def openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, **kwargs: A
     import openai
 
     transport = FailoverTransport(nodes, avoid_s=avoid_s)
-    scheme, host, port = transport.nodes.addrs[0]
-    kwargs.setdefault("base_url", f"{scheme}://{host}:{port}/v1")
+    kwargs.setdefault("base_url", transport.nodes.base_url())
     return openai.OpenAI(http_client=openai.DefaultHttpxClient(transport=transport), **kwargs)
 
 
@@ -422,6 +440,5 @@ def async_openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, **kwa
     import openai
 
     transport = AsyncFailoverTransport(nodes, avoid_s=avoid_s)
-    scheme, host, port = transport.nodes.addrs[0]
-    kwargs.setdefault("base_url", f"{scheme}://{host}:{port}/v1")
+    kwargs.setdefault("base_url", transport.nodes.base_url())
     return openai.AsyncOpenAI(http_client=openai.DefaultAsyncHttpxClient(transport=transport), **kwargs)

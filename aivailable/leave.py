@@ -5,8 +5,9 @@
    this node's included, prefer replicas on nodes that are not leaving. The node keeps running its
    workers (it ignores placements that drop them) so requests in progress are not cut.
 2. **Hand over.** Wait until every model this node runs is ready on a live peer that is not leaving, at
-   most ``HANDOVER_TIMEOUT_S``, then ``SETTLE_S`` more so every peer's router has learnt it too. Skipped when no such peer exists (a lone node, or the last one), and given
-   up when the time runs out (the model is then unavailable until placed again, as after a crash).
+   most ``HANDOVER_TIMEOUT_S``, then ``SETTLE_S`` more so every peer's router has learnt it too. Skipped
+   when no such peer exists (a lone node, or the last one), and given up when the time runs out (the
+   model is then unavailable until placed again, as after a crash).
 3. **Leave the cluster.** Gossip says *left* (peers drop it at once, no suspicion period). A coordinator
    that leaves stops beating; the others elect a new one within one election timeout.
 4. **Drain.** Stop listening; requests in flight, streams included, finish within ``DRAIN_GRACE_S``.

@@ -5,8 +5,8 @@ official client retries by default (2 retries on a refused connection, 408/409/4
 ``Retry-After``), except that each retry goes to another node (what any client of a multi-node service
 does, e.g. HAProxy's ``option redispatch``), and a node that could not be connected to is avoided for
 ``AVOID_S``. Nothing that has started streaming is retried. That is the plain official client, the
-default. With ``failover``, each request is one call of the official client made by
-``aivailable.client.openai_client`` over every node, with the client's default 2 retries: its transport
+default. With ``failover``, each request is one call of the official client over every node through
+``aivailable.client.FailoverTransport``, with the client's default 2 retries: the transport
 sends a request on to the next node when its node cannot be reached, and continues a stream cut by
 the death of the node it was connected to through another node.
 
@@ -23,7 +23,8 @@ Every failed attempt gets one class:
 One case no node can make clean: the node the client is connected to is killed (``kill -9``) while the
 request is in flight, so the TCP connection just drops. bench/chaos.py counts such a drop as
 ``refused_before_start`` (no answer byte yet) or ``broken_mid_stream`` (stream started) only when that
-node was killed during the attempt, and says so in the detail; any other drop stays ``other``.
+node was killed during the attempt (or up to 0.5 s before it), and says so in the detail; any other drop
+stays ``other``.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Clients:
         if failover:  # one client over every node; each request enters through a random node's URL
             transport = FailoverTransport(list(nodes.values()))
             self.failover_stats = transport.nodes.stats
-            shared = openai.OpenAI(base_url=next(iter(nodes.values())) + "/v1", api_key="chaos", timeout=timeout,
+            shared = openai.OpenAI(base_url=transport.nodes.base_url(), api_key="chaos", timeout=timeout,
                                    http_client=openai.DefaultHttpxClient(transport=transport))
             self._clients = {k: shared.with_options(base_url=u + "/v1") for k, u in nodes.items()}
         else:

@@ -54,11 +54,14 @@ def test_bad_node_addresses_are_refused_by_name(bad):
 
 def test_every_node_down_gives_the_connection_error_after_trying_each(tmp_path):
     ports = [free_port("127.0.0.1") for _ in range(2)]
-    client = openai_client([f"127.0.0.1:{p}" for p in ports], api_key="x", max_retries=0, timeout=5)
+    t = FailoverTransport([f"127.0.0.1:{p}" for p in ports])
+    client = openai.OpenAI(base_url=t.nodes.base_url(), api_key="x", max_retries=0, timeout=5,
+                           http_client=openai.DefaultHttpxClient(transport=t))
     t0 = time.monotonic()
     with pytest.raises(openai.APIConnectionError):
         client.models.list()
     assert time.monotonic() - t0 < 5
+    assert t.nodes.stats["failovers"] == 2 and set(t.nodes.down_until) == {0, 1}  # both tried, both avoided
 
 
 # ---- a real cluster, kill -9 of the entry node --------------------------------------------------------

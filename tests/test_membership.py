@@ -449,6 +449,21 @@ def test_alone_node_retries_seeds_and_pings_the_recently_dead():
     assert [s.to for s in out(a) if isinstance(s.msg, Sync)] == ["b"]  # it lives: tell it
 
 
+def test_seeds_not_reached_are_retried_even_when_other_peers_are_known():
+    n = mk("n", ("p",))  # p found this node first; its seeds s1 (a live member's address) and s2 are not up
+    n.join(["s1:7946", "s2:7946", "h:80"])
+    out(n)
+    n.step("s1", Sync(members=(MemberState(node="s1", addr="s1:7946", incarnation=0, status=Status.ALIVE),),
+                      reply=True), 0.1)
+    assert n.unreached_seeds(0.1) == ["s2:7946", "h:80"]
+    n.seed_answered("h:80", 0.2)  # a seed given by host name answered: its address never matches a member's
+    assert n.unreached_seeds(0.3) == ["s2:7946"]
+    assert n.unreached_seeds(0.3, settle=0.5) == ["s2:7946", "h:80"]  # its reply may still be on the way
+    assert n.unreached_seeds(0.8, settle=0.5) == ["s2:7946"]
+    n.tick(10.0)
+    assert [s.addr for s in out(n) if isinstance(s.msg, Sync) and s.to == ""] == ["s2:7946"]  # seed pushes only
+
+
 def test_step_rejects_foreign_messages():
     with pytest.raises(TypeError):
         mk("a").step("b", object(), 0.0)

@@ -105,6 +105,12 @@ class Node:
         return {m.node_id for m in self.t.members() if m.status == "alive"}
 
 
+async def stop_running(nodes: list[Node]) -> None:
+    for n in nodes:
+        if n.t.running:
+            await n.stop()
+
+
 def agreed(nodes: list[Node]) -> bool:
     """Every node sees every other alive, exactly one leader, all agree on it, all are voters."""
     ids = {n.id for n in nodes}
@@ -188,9 +194,7 @@ async def _lifecycle(tmp_path: Path) -> None:
             what="second placement on all",
         )
     finally:
-        for n in nodes:
-            if n.t.running:
-                await n.stop()
+        await stop_running(nodes)
 
 
 def test_new_nodes_that_know_each_other_elect_the_lowest_id_as_founder(tmp_path):
@@ -360,9 +364,7 @@ async def _late_seed(tmp_path: Path) -> None:
         founders = [n.id for n in nodes if any("bootstrapped" in text for _, text in n.t.events)]
         assert founders == ["n1"]
     finally:
-        for n in nodes:
-            if n.t.running:
-                await n.stop()
+        await stop_running(nodes)
 
 
 def test_two_clusters_that_meet_later_merge_into_one(tmp_path):
@@ -386,9 +388,7 @@ async def _merge(tmp_path: Path) -> None:
         await wait_for(lambda: agreed(nodes), what="the two clusters to merge")
         assert sum(n.t.is_leader for n in nodes) == 1
     finally:
-        for n in nodes:
-            if n.t.running:
-                await n.stop()
+        await stop_running(nodes)
 
 
 def test_a_seed_silent_past_seed_wait_is_founded_without_and_merged_once_it_answers(tmp_path):
@@ -411,6 +411,4 @@ async def _silent_seed(tmp_path: Path) -> None:
         await n1.start()
         await wait_for(lambda: agreed(nodes), what="the late seed to join the others")
     finally:
-        for n in nodes:
-            if n.t.running:
-                await n.stop()
+        await stop_running(nodes)

@@ -26,12 +26,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from aivailable.api.responses import sse
+
 DONE = b"[DONE]"
 UPSTREAM_FAILED = "upstream_failed"
 """The error code of the event that ends a stream no replica could continue."""
 _SEP = b"\n\n"
 _PREFIX = b"data: "
 _PEER_BROKE = f'"code":"{UPSTREAM_FAILED}"'.encode()
+
+
+def failure_event(message: str) -> bytes:
+    """The OpenAI error event that ends a stream nobody could continue (code `upstream_failed`)."""
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": UPSTREAM_FAILED}})
 
 
 def cut_at_failure(events: bytes) -> tuple[bytes, bytes]:

@@ -23,8 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable.api import hop
-from aivailable.api.responses import sse
-from aivailable.api.resume import UPSTREAM_FAILED, Continuation, Splice, StreamLog, cut_at_failure
+from aivailable.api.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
@@ -141,11 +140,9 @@ class Proxy:
                 self._close(r, up)
             step = await self._resume(request, path, upstreams, tried, authorization, resume, sent, up, broken)
             if step is None:
-                err = {"error": {"message": f"the replica serving this stream failed ({broken}); "
-                                            "retry the request", "type": "server_error", "param": None,
-                                 "code": UPSTREAM_FAILED}}
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await resp.write(sse(err))
+                    await resp.write(failure_event(f"the replica serving this stream failed ({broken}); "
+                                                   "retry the request"))
                 break
             r, up, first, splice = step
         with contextlib.suppress(ConnectionError, RuntimeError):

@@ -43,6 +43,7 @@ Protocol (hashicorp/memberlist's SWIM + Lifeguard, rewritten as one state machin
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -196,7 +197,7 @@ class MembershipCore:
         self._forwards: dict[int, tuple[str, int, float]] = {}  # local seq -> (origin, origin seq, deadline)
         self._reconnects: dict[int, str] = {}  # seq of a ping to a dead member -> that member
         self._seeds: list[str] = []
-        self._seeds_answered: set[str] = set()
+        self._seeds_answered: dict[str, float] = {}  # seed address -> when it first answered a push
         self._next_probe = now + rng.uniform(0, config.probe_interval)
         self._next_gossip = now + rng.uniform(0, config.gossip_interval)
         self._next_reconnect = now + rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -253,15 +254,17 @@ class MembershipCore:
         for addr in self._seeds:
             self._out.append(Send("", Sync(members=self._full_state()), addr=addr))
 
-    def seed_answered(self, addr: str) -> None:
+    def seed_answered(self, addr: str, now: float) -> None:
         """The driver's word that a node at seed ``addr`` accepted our push (a 2xx answer)."""
         if addr in self._seeds:
-            self._seeds_answered.add(addr)
+            self._seeds_answered.setdefault(addr, now)
 
-    def unreached_seeds(self) -> list[str]:
-        """Seeds that have not answered and are not the address of a live member, in join order."""
+    def unreached_seeds(self, now: float, settle: float = 0.0) -> list[str]:
+        """Seeds, in join order, that are not the address of a live member and have not answered at least
+        ``settle`` before ``now`` (its reply may still be on the way)."""
         live = {m.addr for m in self._t.members.values() if m.status in LIVE}
-        return [a for a in self._seeds if a not in self._seeds_answered and a not in live]
+        return [a for a in self._seeds
+                if a not in live and now - self._seeds_answered.get(a, math.inf) < settle]
 
     def set_facts(self, facts: dict[str, Any]) -> int:
         """Publish this node's facts (the core never looks inside); returns the new version."""
@@ -417,7 +420,7 @@ class MembershipCore:
         self._reconnects.clear()
         if self._t.n_live == 1:
             self._seeds_answered.clear()
-        unreached = self.unreached_seeds()
+        unreached = self.unreached_seeds(now)
         if unreached:
             push = Sync(members=self._full_state())
             self._out.extend(Send("", push, addr=addr) for addr in unreached)

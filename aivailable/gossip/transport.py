@@ -50,7 +50,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 import random
 import secrets
@@ -371,8 +370,6 @@ class ClusterTransport:
         self._flag = self._bootstrapped()
         self.mem.set_facts(self._facts())
         self._seeds: list[str] = []
-        self._seed_answered: dict[str, float] = {}  # seed address -> when it first answered a push (2xx)
-        self._silent_seeds: list[str] = []  # seeds still silent when this node founded its cluster
         self._seed_wait_logged = False
         self._replay = envelope.ReplayCache()
         self._events: deque[tuple[float, str]] = deque(maxlen=self.cfg.events_max)
@@ -641,11 +638,16 @@ class ClusterTransport:
                 facts = (self.mem.facts(node) or (0, {}))[1].get(CLUSTER_KEY)
                 if not isinstance(facts, dict) or facts.get("bootstrapped") is not False:
                     return  # unknown yet, or an established cluster: its leader will add us
-            if min(peers) < self.node_id or self._waiting_for_seeds(now):
+            if min(peers) < self.node_id:
+                return
+            # A seed counts as heard once a live member has its address, or bootstrap_grace after its 2xx
+            # answer (its reply, with its cluster, is on the way; a seed given by host name never matches).
+            silent = self.mem.unreached_seeds(now, settle=self.cfg.bootstrap_grace)
+            if silent and self._wait_for_seeds(silent, now):
                 return
             why = f"lowest id of {len(peers) + 1} new nodes"
-            if self._silent_seeds:
-                why += f"; join seed(s) {', '.join(self._silent_seeds)} never answered"
+            if silent:
+                why += f"; join seed(s) {', '.join(silent)} never answered"
         self.elect = ElectionCore(
             self.node_id, self._election_cfg, random.Random(self._rng.random()), now, voters=(self.node_id,)
         )
@@ -657,19 +659,8 @@ class ClusterTransport:
         log.info("cluster: %s bootstrapped a new cluster as its only voter (%s)", self.node_id, why)
         self.elect.step(self.node_id, Hup(), now)  # campaign now rather than after an election timeout
 
-    def _waiting_for_seeds(self, now: float) -> bool:
-        """Founding by the lowest-id rule waits for every join seed to answer, up to ``seed_wait``. A seed
-        counts as heard once a live member has its address, or ``bootstrap_grace`` after its 2xx answer
-        (its reply, with its cluster, is on the way; a seed given by host name never matches an address)."""
-        live = {m.addr for n in self.mem.live_members() if (m := self.mem.member(n)) is not None}
-        silent = [
-            a
-            for a in self._seeds
-            if a not in live and now - self._seed_answered.get(a, math.inf) < self.cfg.bootstrap_grace
-        ]
-        if not silent:
-            self._silent_seeds = []
-            return False
+    def _wait_for_seeds(self, silent: list[str], now: float) -> bool:
+        """Founding by the lowest-id rule waits for the ``silent`` join seeds, up to ``seed_wait``."""
         if now - self._started_at < self.cfg.seed_wait:
             if not self._seed_wait_logged:
                 self._seed_wait_logged = True
@@ -685,7 +676,6 @@ class ClusterTransport:
                     self.cfg.seed_wait,
                 )
             return True
-        self._silent_seeds = silent
         log.warning(
             "cluster: join seed(s) %s did not answer within %g s; founding without them. If a cluster runs "
             "there, the two merge once they reach each other (check --join and that those nodes are up)",
@@ -753,9 +743,8 @@ class ClusterTransport:
         self._post(m.addr, send.msg)
 
     def _seed_pushed(self, addr: str, ok: bool) -> None:
-        if ok and addr not in self._seed_answered:
-            self._seed_answered[addr] = time.monotonic()
-            self.mem.seed_answered(addr)
+        if ok:
+            self.mem.seed_answered(addr, time.monotonic())
 
     def _post(self, addr: str, msg: Any, done: Callable[[bool], None] | None = None) -> bool:
         if self._session is None or self._closing:
