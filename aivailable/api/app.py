@@ -14,7 +14,7 @@ from aivailable.api import hop
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
-from aivailable.api.resume import Continuation
+from aivailable.api.resume import Continuation, resumable
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
@@ -106,10 +106,13 @@ async def inference(request: web.Request) -> web.StreamResponse:
     if not upstreams:
         node.raise_unavailable(name)
     t0 = time.perf_counter()
-    sent = req.model_dump(exclude_unset=True)
+    sent = req.model_dump(exclude_unset=True, by_alias=True)
     body = body_bytes(sent)
+    if kind == "chat" and req.images():  # type: ignore[attr-defined]
+        raise InvalidRequest(f"model '{name}' does not accept images (no model here has a multimodal projector)",
+                             param=req.images()[0])  # type: ignore[attr-defined]
     resume = None
-    if kind in ("chat", "completions") and getattr(req, "stream", False):
+    if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
         resume = Continuation(kind, sent, limit)
     metrics = node.metrics

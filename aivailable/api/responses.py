@@ -11,8 +11,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
+    use: dict = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        use["prompt_tokens_details"] = {"cached_tokens": cached}
+    return use
 
 
 def sse(obj: dict | str) -> bytes:
@@ -36,51 +39,64 @@ class ChatShape:
                 "system_fingerprint": None}
 
     def full(self, text: str, finish: str, use: dict) -> dict:
-        return {**self._head(self.object_full),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": use}
+        return self.body([self.choice(0, text, finish)], use)
 
-    def first_chunk(self) -> dict | None:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+    def body(self, choices: list[dict], use: dict) -> dict:
+        return {**self._head(self.object_full), "choices": choices, "usage": use}
 
-    def delta_chunk(self, text: str) -> dict:
-        return self._chunk({"content": text}, None)
+    def choice(self, index: int, text: str | None, finish: str, *, tool_calls: list[dict] | None = None,
+               logprobs: list[dict] | None = None) -> dict:
+        """One non-streamed choice; `content` is null when the answer was only tool calls."""
+        message: dict = {"role": "assistant", "content": text, "refusal": None}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "finish_reason": finish,
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
 
-    def finish_chunk(self, finish: str) -> dict:
-        return self._chunk({}, finish)
+    def first_chunk(self, index: int = 0) -> dict | None:
+        return self._chunk({"role": "assistant", "content": ""}, None, index)
 
-    def _chunk(self, delta: dict, finish: str | None) -> dict:
+    def delta_chunk(self, text: str, index: int = 0, logprobs: list[dict] | None = None) -> dict:
+        return self._chunk({"content": text}, None, index, logprobs)
+
+    def tool_chunk(self, calls: list[dict], index: int = 0) -> dict:
+        """`delta.tool_calls` pieces: {index, id, type, function: {name, arguments}} or {index, function: {arguments}}."""
+        return self._chunk({"tool_calls": calls}, None, index)
+
+    def finish_chunk(self, finish: str, index: int = 0) -> dict:
+        return self._chunk({}, finish, index)
+
+    def _chunk(self, delta: dict, finish: str | None, index: int = 0, logprobs: list[dict] | None = None) -> dict:
+        lp = None if logprobs is None else {"content": logprobs, "refusal": None}
         return {**self._head(self.object_chunk),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
     def usage_chunk(self, use: dict) -> dict:
         return {**self._head(self.object_chunk), "choices": [], "usage": use}
 
 
 class CompletionShape(ChatShape):
-    """Bodies and chunks of /v1/completions (legacy text completions)."""
+    """Bodies and chunks of /v1/completions (legacy text completions); logprobs in the legacy shape."""
 
     object_full = object_chunk = "text_completion"
     prefix = "cmpl"
 
-    def full(self, text: str, finish: str, use: dict) -> dict:
-        return {**self._head(self.object_full),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": use}
+    def choice(self, index: int, text: str | None, finish: str, *, tool_calls: list[dict] | None = None,
+               logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    def first_chunk(self) -> dict | None:
+    def first_chunk(self, index: int = 0) -> dict | None:
         return None
 
-    def delta_chunk(self, text: str) -> dict:
-        return self._text_chunk(text, None)
+    def delta_chunk(self, text: str, index: int = 0, logprobs: dict | None = None) -> dict:
+        return self._text_chunk(text, None, index, logprobs)
 
-    def finish_chunk(self, finish: str) -> dict:
-        return self._text_chunk("", finish)
+    def finish_chunk(self, finish: str, index: int = 0) -> dict:
+        return self._text_chunk("", finish, index)
 
-    def _text_chunk(self, text: str, finish: str | None) -> dict:
+    def _text_chunk(self, text: str, finish: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
         return {**self._head(self.object_chunk),
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
 
 def embeddings_body(model: str, vectors: list[list[float]], n_tokens: int, encoding: str) -> dict:

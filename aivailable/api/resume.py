@@ -140,6 +140,18 @@ class StreamLog:
         self._sent.clear()
 
 
+def resumable(req: Any) -> bool:
+    """Whether a broken stream of this validated request can be continued on another replica. Not when
+    it has several choices (n > 1), echoes its prompt, or may call tools (a call's text is held back
+    until its end and parsed then; a continuation could not rebuild it). The client then gets the
+    `upstream_failed` event, as for a stream nobody can continue. Structured outputs do resume: the
+    replica advances the grammar over the text so far."""
+    if (getattr(req, "n", None) or 1) > 1 or getattr(req, "echo", False):
+        return False
+    active = getattr(req, "active_tools", None)
+    return not (active and active())
+
+
 @dataclass
 class Continuation:
     """How to continue one validated streaming request (`kind` "chat" or "completions")."""

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from aivailable.errors import InvalidRequest
+from aivailable.jsonschema_check import check_schema
 
 MAX_STOP_SEQUENCES = 4
 
@@ -26,11 +35,39 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str
+    """JSON text, as the model produced it (OpenAI sends and expects a string)."""
+
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+    """Accepted on assistant messages a client sends back (OpenAI's own replies carry it); ignored."""
 
     def text(self) -> str:
         """The message content as plain text (text parts joined)."""
@@ -38,18 +75,67 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[int]:
+        """Indexes of the image parts in the content."""
+        if not isinstance(self.content, list):
+            return []
+        return [i for i, p in enumerate(self.content) if isinstance(p, ImagePart)]
+
+
+FUNCTION_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Strict):
-    type: Literal["text", "json_object"]
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_valid(cls, v: JsonSchemaFormat | None) -> JsonSchemaFormat | None:
+        if v is not None and v.schema_ is not None:
+            check_schema(v.schema_)
+        return v
 
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+MAX_N = 16
+"""Choices per request; each is a sequence of its own on the replica (see engine/worker.py)."""
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -62,10 +148,16 @@ class _Sampling(_Strict):
     top_p: TopP | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: Literal[1] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # Accepted for compatibility and ignored (documented in the README): this server stores nothing,
+    # has one service tier and produces text only.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # llama.cpp extensions, accepted by llama.cpp's own server too.
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -94,12 +186,25 @@ class _Sampling(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class Prediction(_Strict):
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     response_format: ResponseFormat | None = None
-    logprobs: Literal[False] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=256)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Accepted and ignored (README): no reasoning models, no speculative decoding, text only.
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    prediction: Prediction | None = None
+    modalities: list[Literal["text"]] | None = None
     continue_final_message: bool = False
     """vLLM's extension: continue the final (assistant) message instead of starting a new turn. The
     router uses it to resume a stream on another replica (api/resume.py); clients may use it to prefill."""
@@ -112,16 +217,57 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("it needs the last message to be from the assistant")
         return v
 
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise InvalidRequest("tool function names must be unique", param="tools")
+        for i, t in enumerate(self.tools or []):
+            if t.function.parameters is not None:
+                check_schema(t.function.parameters, param=f"tools[{i}].function.parameters")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names the function {choice.function.name!r}, which is not among "
+                                 f"the tools ({', '.join(names) or 'none given'})", param="tool_choice")
+        if choice == "required" and not names:
+            raise InvalidRequest("tool_choice 'required' needs at least one tool", param="tool_choice")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        for i, m in enumerate(self.messages):
+            if m.tool_calls and m.role != "assistant":
+                raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
+            if m.role == "tool" and not m.tool_call_id:
+                raise InvalidRequest("a tool message needs the tool_call_id it answers",
+                                     param=f"messages[{i}].tool_call_id")
+        if self.logit_bias:
+            check_logit_bias(self.logit_bias)
+        return self
+
     def token_limit(self) -> int | None:
         """`max_completion_tokens` wins over the deprecated `max_tokens`; None = until context ends."""
         return self.max_completion_tokens or self.max_tokens
 
+    def active_tools(self) -> list[Tool]:
+        """The tools the model may call: none with tool_choice "none"."""
+        return [] if self.tool_choice == "none" else list(self.tools or [])
+
+    def json_schema(self) -> dict[str, Any] | None:
+        rf = self.response_format
+        if rf is None or rf.type != "json_schema":
+            return None
+        return (rf.json_schema.schema_ if rf.json_schema else None) or {"type": "object"}
+
+    def images(self) -> list[str]:
+        """`messages[i].content[j]` of each image part."""
+        return [f"messages[{i}].content[{j}]" for i, m in enumerate(self.messages) for j in m.images()]
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(union_mode="left_to_right")
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    echo: Literal[False] | None = None
-    logprobs: None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    echo: bool | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    suffix: None = None
 
     @field_validator("prompt")
     @classmethod
@@ -131,6 +277,15 @@ class CompletionRequest(_Sampling):
                 raise ValueError("exactly one prompt per request is supported (send one request per prompt)")
             return v[0]
         return v
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens 0 is only allowed with echo: true (to score the prompt)",
+                                 param="max_tokens")
+        if self.logit_bias:
+            check_logit_bias(self.logit_bias)
+        return self
 
 
 class EmbeddingRequest(_Strict):
@@ -151,6 +306,16 @@ class EmbeddingRequest(_Strict):
         if any(s == "" for s in items):
             raise ValueError("input strings must not be empty")
         return items
+
+
+def check_logit_bias(bias: dict[str, float]) -> None:
+    """Keys are token ids (decimal strings), as OpenAI's API has them."""
+    for key in bias:
+        if not key.isdigit() or len(key) > 9:
+            raise InvalidRequest(f"logit_bias keys must be token ids (decimal integers), got {key[:40]!r}",
+                                 param="logit_bias")
+    if len(bias) > 1024:
+        raise InvalidRequest("at most 1024 logit_bias entries", param="logit_bias")
 
 
 ENDPOINT_SCHEMAS: dict[str, type[BaseModel]] = {

@@ -51,12 +51,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aivailable.engine.logprobs import token_entry
 from aivailable.engine.runner import (
     DEFAULT_MIN_P,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
-    JSON_GRAMMAR,
     GenParams,
     GenResult,
 )
@@ -71,6 +71,8 @@ log = logging.getLogger("aivailable.batch")
 PROMPT_CHUNK = 256
 # llama-cpp-python's `last_n_tokens_size`: how many recent tokens the repetition penalties look at.
 PENALTY_LAST_N = 64
+# With a grammar, how many of the most likely tokens it checks before it checks the whole vocabulary.
+GRAMMAR_TOP = 512
 
 
 class EngineError(RuntimeError):
@@ -82,9 +84,20 @@ class _Job:
     tokens: list[int]
     params: GenParams
     cancel: threading.Event
-    emit: Callable[[str], None]
+    emit: Callable[..., None]
     future: Future
     t0: float
+    sampler: _Sampler | None = None
+
+
+@dataclass(eq=False)
+class _Sampler:
+    """One sequence's native samplers: the chain (penalties, bias, top-k/p, min-p, temperature, dist or
+    greedy) and, apart from it, the grammar, which is checked against the chain's pick first and applied
+    to the whole vocabulary only when it refuses that pick (what llama.cpp's common sampler does)."""
+
+    chain: object | None
+    grammar: object | None
 
 
 @dataclass(eq=False)
@@ -96,11 +109,15 @@ class _Seq:
     history: list[int]
     n_past: int
     limit: int
-    sampler: object  # a llama_sampler chain, or None for plain greedy
+    sampler: _Sampler | None  # None for plain greedy
     text: TextStops
     n_out: int = 0
     ttft: float = 0.0
     out_index: int = -1
+    cached: int = 0
+    pending_lp: list = field(default_factory=list)
+    prompt_lp: list | None = None
+    prompt_outputs: list = field(default_factory=list)  # (batch index, prompt position) to score
 
 
 @dataclass
@@ -150,6 +167,11 @@ class BatchEngine:
         self._vocab = model.vocab
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._cand = (llama_cpp.llama_token_data * self._n_vocab)()
+        self._cand_view = np.frombuffer(self._cand, dtype=np.dtype(
+            [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
+        self._ids = np.arange(self._n_vocab, dtype=np.int32)
+        self._one = (llama_cpp.llama_token_data * 1)()
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._slots = [_Slot(i) for i in range(parallel)]
@@ -172,10 +194,12 @@ class BatchEngine:
                 f"{len(tokens)} tokens.", param="messages")
         if not tokens:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        sampler = self._sampler(params)  # here, so a bad grammar or prefix is a 400 before anything is sent
         fut: Future = Future()
-        job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter())
+        job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter(), sampler)
         with self._cv:
             if self._closing:
+                self._free_sampler(sampler)
                 raise EngineError("the engine is shut down")
             self._pending.append(job)
             self._cv.notify()
@@ -225,6 +249,7 @@ class BatchEngine:
         with self._cv:
             pending, self._pending = list(self._pending), collections.deque()
         for job in pending:
+            self._free_sampler(job.sampler)
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(self._unstarted(job))
 
@@ -234,28 +259,29 @@ class BatchEngine:
 
     def _admit(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():  # its caller gave up on it already
+            self._free_sampler(job.sampler)
             return
         if job.cancel.is_set():
+            self._free_sampler(job.sampler)
             job.future.set_result(self._unstarted(job))
             return
         tokens = job.tokens
         free = [s for s in self._slots if s.seq is None]
         slot = max(free, key=lambda s: (self._reusable(s, tokens), -s.seq_id))
-        keep = self._reusable(slot, tokens)
+        # Scoring the prompt needs logits at every prompt position: compute it all again.
+        keep = 0 if job.params.prompt_logprobs else self._reusable(slot, tokens)
         if keep < len(slot.cached):
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 keep = 0
             slot.cached = slot.cached[:keep]
-        try:
-            sampler = self._sampler(job.params)
-        except Exception as exc:
-            job.future.set_exception(exc)
-            return
         p = job.params
         room = self.n_ctx_seq - len(tokens)
-        seq = _Seq(job=job, slot=slot.seq_id, history=list(tokens), n_past=keep,
-                   limit=min(p.max_tokens or room, room), sampler=sampler, text=TextStops(p.stop))
+        limit = min(room if p.max_tokens is None else p.max_tokens, room)
+        seq = _Seq(job=job, slot=slot.seq_id, history=list(tokens), n_past=keep, limit=limit,
+                   sampler=job.sampler, text=TextStops(p.stop), cached=keep,
+                   prompt_lp=[None] if p.prompt_logprobs else None)
+        job.sampler = None  # owned by the sequence now
         slot.seq = seq
         self._active.append(seq)
 
@@ -270,29 +296,32 @@ class BatchEngine:
         keep = min(_common_prefix(slot.cached, tokens), slot.aligned, len(tokens) - 1)
         return keep // chunk * chunk
 
-    def _sampler(self, p: GenParams):
-        """The sampler chain `Llama.generate` builds for these parameters (typical_p = 1 is a no-op).
+    def _sampler(self, p: GenParams) -> _Sampler | None:
+        """The samplers for these parameters (the chain `Llama.generate` builds; typical_p = 1 is a no-op).
 
-        None for plain greedy decoding (temperature 0, no penalty, no grammar): `_decode` then takes the
-        argmax of the logits itself, the token llama.cpp's greedy sampler picks (the first highest logit),
-        without copying the whole vocabulary into a candidate array first.
+        None for plain greedy decoding (temperature 0, no penalty, bias or grammar): `_decode` then takes
+        the argmax of the logits itself, the token llama.cpp's greedy sampler picks (the first highest
+        logit), without copying the whole vocabulary into a candidate array first.
         """
         temp = DEFAULT_TEMPERATURE if p.temperature is None else p.temperature
-        if (temp == 0 and not p.json_mode and p.repeat_penalty in (None, 1.0) and not p.frequency_penalty
-                and not p.presence_penalty):
+        if (temp == 0 and p.grammar is None and p.repeat_penalty in (None, 1.0) and not p.frequency_penalty
+                and not p.presence_penalty and not p.logit_bias):
             return None
         lc = self._lc
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
+        if p.logit_bias:
+            bias = (lc.llama_logit_bias * len(p.logit_bias))()
+            for i, (tok, b) in enumerate(p.logit_bias.items()):
+                if not 0 <= tok < self._n_vocab:
+                    lc.llama_sampler_free(chain)
+                    raise InvalidRequest(f"logit_bias names token {tok}, outside this model's vocabulary "
+                                         f"of {self._n_vocab} tokens", param="logit_bias")
+                bias[i].token, bias[i].bias = tok, b
+            add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(p.logit_bias), bias))
         add(lc.llama_sampler_init_penalties(
             self._n_vocab, PENALTY_LAST_N, 1.0 if p.repeat_penalty is None else p.repeat_penalty,
             p.frequency_penalty or 0.0, p.presence_penalty or 0.0))
-        if p.json_mode:
-            grammar = lc.llama_sampler_init_grammar(self._vocab, JSON_GRAMMAR.encode(), b"root")
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                raise EngineError("llama.cpp could not parse the JSON grammar")
-            add(grammar)
         if temp == 0:
             add(lc.llama_sampler_init_greedy())
         else:
@@ -301,7 +330,95 @@ class BatchEngine:
             add(lc.llama_sampler_init_min_p(DEFAULT_MIN_P if p.min_p is None else p.min_p, 1))
             add(lc.llama_sampler_init_temp(temp))
             add(lc.llama_sampler_init_dist(p.seed if p.seed is not None else random.getrandbits(31)))
-        return chain
+        grammar = None
+        if p.grammar is not None:
+            grammar = lc.llama_sampler_init_grammar(self._vocab, p.grammar.encode(), b"root")
+            if not grammar:
+                lc.llama_sampler_free(chain)
+                log.warning("llama.cpp could not parse a grammar:\n%s", p.grammar[:2000])
+                raise InvalidRequest("the response format or tools could not be turned into a grammar",
+                                     param="response_format")
+            sampler = _Sampler(chain, grammar)
+            if p.grammar_prefix:
+                self._accept_prefix(sampler, p.grammar_prefix)
+            return sampler
+        return _Sampler(chain, None)
+
+    def _accept_prefix(self, sampler: _Sampler, text: str) -> None:
+        """Advance the grammar over text generated before (a resumed stream); 400 if it does not match."""
+        from llama_cpp import llama_tokenize
+
+        data = text.encode()
+        buf = (self._lc.llama_token * (len(data) + 8))()
+        n = llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, False)
+        for tok in buf[:max(n, 0)]:
+            if not self._grammar_allows(sampler.grammar, tok):
+                self._free_sampler(sampler)
+                raise InvalidRequest("the final assistant message does not match the response format, so it "
+                                     "cannot be continued under it", param="messages")
+            self._lc.llama_sampler_accept(sampler.grammar, tok)
+            self._lc.llama_sampler_accept(sampler.chain, tok)
+
+    def _free_sampler(self, sampler: _Sampler | None) -> None:
+        if sampler is None:
+            return
+        for smpl in (sampler.chain, sampler.grammar):
+            if smpl is not None:
+                self._lc.llama_sampler_free(smpl)
+        sampler.chain = sampler.grammar = None
+
+    def _grammar_allows(self, grammar, tok: int) -> bool:
+        one = self._one
+        one[0].id, one[0].logit, one[0].p = tok, 0.0, 0.0
+        arr = self._lc.llama_token_data_array(one, 1, -1, False)
+        self._lc.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return arr.data[0].logit != float("-inf")
+
+    def _candidates(self, logits: np.ndarray, ids: np.ndarray | None = None):
+        """llama.cpp's candidate array of the whole vocabulary (or of `ids`), filled from `logits`."""
+        n = self._n_vocab if ids is None else len(ids)
+        view = self._cand_view[:n]
+        view["id"] = self._ids if ids is None else ids
+        view["logit"] = logits if ids is None else logits[ids]
+        view["p"] = 0.0
+        return self._lc.llama_token_data_array(self._cand, n, -1, False)
+
+    def _sample(self, seq: _Seq, logits: np.ndarray) -> int | None:
+        """The next token of `seq`, accepted by its samplers; None when its grammar allows no token.
+
+        With a grammar: the chain's pick is kept when the grammar allows it. Otherwise the grammar masks
+        the GRAMMAR_TOP most likely tokens and the chain samples among those left; only when none is
+        allowed does the grammar go over the whole vocabulary (262k tokens for Gemma: slow on a CPU)."""
+        smp = seq.sampler
+        if smp is None:
+            return int(logits.argmax())
+        lc = self._lc
+        if smp.grammar is None:
+            return lc.llama_sampler_sample(smp.chain, self._ctx, seq.out_index)
+        arr = self._candidates(logits)
+        lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
+        tok = arr.data[arr.selected].id
+        if not self._grammar_allows(smp.grammar, tok):
+            top = np.argpartition(-logits, GRAMMAR_TOP)[:GRAMMAR_TOP].astype(np.int32)
+            tok = self._constrained(smp, logits, top)
+            if tok is None:
+                tok = self._constrained(smp, logits, None)
+            if tok is None:
+                return None
+        lc.llama_sampler_accept(smp.chain, tok)
+        lc.llama_sampler_accept(smp.grammar, tok)
+        return tok
+
+    def _constrained(self, smp: _Sampler, logits: np.ndarray, ids: np.ndarray | None) -> int | None:
+        lc = self._lc
+        arr = self._candidates(logits, ids)
+        lc.llama_sampler_apply(smp.grammar, ctypes.byref(arr))
+        n = arr.size
+        if not np.isfinite(self._cand_view["logit"][:n]).any():
+            return None
+        lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
+        tok = arr.data[arr.selected].id if 0 <= arr.selected < arr.size else -1
+        return tok if tok >= 0 and self._grammar_allows(smp.grammar, tok) else None
 
     def _step(self) -> None:
         """Prompt chunks (each its own llama_decode), then one llama_decode for every generating sequence."""
@@ -329,12 +446,16 @@ class BatchEngine:
         i = 0
         for seq, n in parts:
             start, hist, sid = seq.n_past, seq.history, seq.slot
+            score = seq.prompt_lp is not None and start < len(seq.job.tokens)
             for j in range(start, start + n):
                 token[i] = hist[j]
                 pos[i] = j
                 n_seq_id[i] = 1
                 seq_ids[i][0] = sid
                 logits[i] = 0
+                if score and j + 1 < len(seq.job.tokens):
+                    logits[i] = 1
+                    seq.prompt_outputs.append((i, j + 1))
                 i += 1
             seq.n_past = start + n
             seq.out_index = -1
@@ -348,26 +469,42 @@ class BatchEngine:
             raise EngineError(f"llama_decode returned {rc}")
         now = time.perf_counter()
         for seq, _ in parts:
+            if seq.prompt_outputs:
+                for bi, target in seq.prompt_outputs:
+                    seq.prompt_lp.append(token_entry(self._logits(bi), seq.history[target],
+                                                     seq.job.params.logprobs or 0, self._piece))
+                seq.prompt_outputs.clear()
             if seq.out_index < 0:
                 continue
-            if seq.sampler is None:  # plain greedy
-                logits = self._lc.llama_get_logits_ith(self._ctx, seq.out_index)
-                tok = int(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)).argmax())
-            else:
-                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, seq.out_index)
+            if seq.limit <= 0:  # scoring only (echo with max_tokens 0)
+                self._finish(seq, "length")
+                continue
+            logits_row = self._logits(seq.out_index)
+            tok = self._sample(seq, logits_row)
+            if tok is None:  # the grammar is complete: nothing more may follow
+                self._finish(seq, "stop")
+                continue
+            if seq.job.params.logprobs is not None:
+                seq.pending_lp.append(token_entry(logits_row, tok, seq.job.params.logprobs, self._piece))
             self._sampled(seq, tok, now)
+
+    def _logits(self, index: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
 
     def _sampled(self, seq: _Seq, tok: int, now: float) -> None:
         if seq.n_out == 0:
             seq.ttft = now - seq.job.t0
         if self._lc.llama_vocab_is_eog(self._vocab, tok):
+            seq.pending_lp.clear()
             self._finish(seq, "stop")
             return
         seq.n_out += 1
         delta = seq.text.feed(self._piece(tok))
         if delta:
-            self._emit(seq.job, delta)
+            self._emit(seq.job, delta, seq.pending_lp)
+            seq.pending_lp = []
         if seq.text.stopped:
+            seq.pending_lp.clear()
             self._finish(seq, "stop")
         elif seq.n_out >= seq.limit:
             self._finish(seq, "length")
@@ -375,9 +512,9 @@ class BatchEngine:
             seq.history.append(tok)
 
     @staticmethod
-    def _emit(job: _Job, text: str) -> None:
+    def _emit(job: _Job, text: str, logprobs: list | None = None) -> None:
         try:
-            job.emit(text)
+            job.emit(text, logprobs or None)
         except Exception:  # the receiver is gone (e.g. its event loop closed): stop generating for it
             log.debug("emit failed; cancelling", exc_info=True)
             job.cancel.set()
@@ -401,19 +538,19 @@ class BatchEngine:
         # Prompt chunks start at multiples of prompt_chunk: the whole ones are reusable.
         n_prompt = min(seq.n_past, len(seq.job.tokens))
         slot.aligned = n_prompt // self.prompt_chunk * self.prompt_chunk
-        if seq.sampler is not None:
-            self._lc.llama_sampler_free(seq.sampler)
-            seq.sampler = None
+        self._free_sampler(seq.sampler)
+        seq.sampler = None
 
     def _finish(self, seq: _Seq, reason: str) -> None:
         self._release(seq)
         job = seq.job
         if reason != "cancelled":
             rest = seq.text.finish()
-            if rest:
-                self._emit(job, rest)
+            if rest or seq.pending_lp:
+                self._emit(job, rest, seq.pending_lp)
         now = time.perf_counter()
-        job.future.set_result(GenResult(len(job.tokens), seq.n_out, reason, seq.ttft or (now - job.t0), now - job.t0))
+        job.future.set_result(GenResult(len(job.tokens), seq.n_out, reason, seq.ttft or (now - job.t0), now - job.t0,
+                                        cached_tokens=seq.cached, prompt_logprobs=seq.prompt_lp))
 
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
         self._release(seq)

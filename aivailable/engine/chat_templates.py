@@ -80,14 +80,15 @@ def resolve_template(gguf_template: str | None, hint: str | None) -> ChatTemplat
     return None
 
 
-def render(template: ChatTemplate, messages: list[dict[str, str]], *, bos: str, eos: str) -> str:
-    """Render `messages` ([{role, content}]) into a prompt ending with the assistant turn opener."""
+def render(template: ChatTemplate, messages: list[dict], *, bos: str, eos: str,
+           tools: list[dict] | None = None) -> str:
+    """Render `messages` ([{role, content, ...}]) into a prompt ending with the assistant turn opener.
+    `tools` (OpenAI tool objects) are passed to templates that render them."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
-            for m in messages]
+    msgs = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
     formatter = Jinja2ChatFormatter(template.template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
     try:
-        return formatter(messages=msgs).prompt
+        return formatter(messages=msgs, tools=tools or None).prompt
     except Exception as exc:  # the template's own raise_exception() (e.g. roles must alternate)
         raise InvalidRequest(f"The model's chat template rejected the messages: {exc}", param="messages") from exc

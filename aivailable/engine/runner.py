@@ -15,8 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from aivailable.engine import prompt as safe_prompt
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
+from aivailable.engine.chatplan import ChatPlan
 from aivailable.engine.spec import WorkerSpec
+from aivailable.engine.tools import ToolFormat, detect_format
 from aivailable.errors import InvalidRequest, NodeError
 
 # llama.cpp's own server defaults, used where a request leaves a sampling parameter unset.
@@ -25,15 +28,6 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 
-JSON_GRAMMAR = r'''
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-'''
 
 
 class LoadError(NodeError):
@@ -56,7 +50,15 @@ class GenParams:
     frequency_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    json_mode: bool = False
+    grammar: str | None = None
+    """GBNF (start rule `root`) the answer must match: JSON mode, a JSON Schema, tool calls."""
+    grammar_prefix: str = ""
+    """Text already generated under `grammar` (a resumed stream): the grammar starts after it."""
+    logprobs: int | None = None
+    """Log-probabilities of each generated token and of this many alternatives; None = off."""
+    prompt_logprobs: bool = False
+    """Also score the prompt's tokens (completions `echo` with `logprobs`)."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +69,10 @@ class GenResult:
     """"stop", "length" or "cancelled"."""
     ttft_s: float
     duration_s: float
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the slot's cache (not computed again)."""
+    prompt_logprobs: list | None = None
+    """With GenParams.prompt_logprobs: a TokenLogprob per prompt token (None for the first)."""
 
 
 # A generation model's Llama object gets only this tiny context (closed right after loading): the
@@ -82,6 +88,8 @@ class Runner:
         self.spec = spec
         self.load_report = None
         self.template: ChatTemplate | None = None
+        self.tool_format = ToolFormat.GENERIC
+        self.specials = safe_prompt.Specials.of({})
         self.engine = None  # engine.batch.BatchEngine, for models that generate
         self._llm = None
         self._lock = threading.Lock()
@@ -138,6 +146,9 @@ class Runner:
         self.template = resolve_template(None if spec.chat_format else meta.get("tokenizer.chat_template"), hint)
         self._bos = self._piece(self._llm.token_bos())
         self._eos = self._piece(self._llm.token_eos())
+        self.specials = safe_prompt.vocab_specials(llama_cpp, self._llm._model.vocab)
+        if self.template is not None and self.template.source == "gguf":
+            self.tool_format = detect_format(self.template.template)
 
     def _start_engine(self) -> None:
         """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report."""
@@ -179,22 +190,41 @@ class Runner:
         return self._llm
 
     # -- prompts -------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict[str, str]], *,
-                    continue_final: bool = False) -> tuple[list[int], list[str]]:
-        """Tokens of the rendered chat prompt, and the template's stop strings. With `continue_final`,
-        the last (assistant) message is continued: the prompt is the turn opener plus its text."""
+    def chat_prompt(self, plan: ChatPlan, *, continue_final: bool = False,
+                    cancelled=lambda: False) -> tuple[list[int], list[str]]:
+        """Tokens of the rendered chat prompt, and the template's stop strings. Control tokens come only
+        from the template (engine/prompt.py). With `continue_final`, the last (assistant) message is
+        continued: the prompt is the conversation before it, the turn opener, then its text."""
         if self.template is None:
             raise InvalidRequest(
                 f"model {self.spec.model!r} has no chat template and no known template for its architecture; "
                 "use /v1/completions or set chat_format for it in the config", param="messages")
-        if continue_final:  # one string, so the tokens at the seam are the ones one replica would have made
-            prompt = render(self.template, messages[:-1], bos=self._bos, eos=self._eos) + messages[-1]["content"]
-        else:
-            prompt = render(self.template, messages, bos=self._bos, eos=self._eos)
-        return self.llm.tokenize(prompt.encode(), add_bos=False, special=True), list(self.template.stops)
+        sp = self.specials
+        if plan.template_tools:
+            safe_prompt.check_client_strings(sp, plan.template_tools, "tools")
+        for i, m in enumerate(plan.messages):
+            if m.get("tool_calls"):
+                safe_prompt.check_client_strings(sp, m["tool_calls"], f"messages[{i}].tool_calls")
+        messages, suffix = plan.messages, ""
+        if continue_final:
+            messages, suffix = messages[:-1], messages[-1]["content"]
+        marked, texts = safe_prompt.placeholders(messages)
+        rendered = render(self.template, marked, bos=self._bos, eos=self._eos, tools=plan.template_tools)
+        parts = safe_prompt.pieces(rendered, texts, suffix)
+        safe_prompt.check_size(parts, self.n_ctx_seq, "messages")
+        tokens = safe_prompt.tokenize_pieces(parts, sp, self._plain_tokens, cancelled)
+        return tokens, list(self.template.stops)
+
+    def _plain_tokens(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
 
     def text_prompt(self, prompt: str) -> list[int]:
+        """Tokens of a completions prompt: BOS, then the text, never parsed for control tokens."""
+        safe_prompt.check_size([(prompt, False)], self.n_ctx_seq, "prompt")
         return self.llm.tokenize(prompt.encode(), add_bos=True, special=False)
+
+    def piece_text(self, token: int) -> str:
+        return self._piece(token)
 
     # -- generation ----------------------------------------------------------------------------
     @property
@@ -203,7 +233,7 @@ class Runner:
         return self.engine.n_ctx_seq if self.engine is not None else self.llm.n_ctx()
 
     def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
-               emit: Callable[[str], None]) -> Future:
+               emit: Callable[..., None]) -> Future:
         """Start generating from `tokens`; `emit(text_delta)` is called from the engine's thread and the
         Future gives the GenResult. Stops at EOG, a stop string, the limit or `cancel`. A prompt that
         cannot fit raises InvalidRequest here, before anything is sent."""
@@ -213,7 +243,7 @@ class Runner:
         return self.engine.submit(tokens, params, cancel, emit)
 
     def generate(self, tokens: list[int], params: GenParams, cancel: threading.Event,
-                 emit: Callable[[str], None]) -> GenResult:
+                 emit: Callable[..., None]) -> GenResult:
         """Blocking form of `submit`."""
         return self.submit(tokens, params, cancel, emit).result()
 

@@ -21,6 +21,7 @@ with contextlib.suppress(ImportError):  # Runner.load() then says why the model 
 
 import asyncio
 import collections
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -34,11 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from aivailable.api.errors import openai_errors, read_json
-from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse, usage
+from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse
 from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
+from aivailable.engine.answer import Answer
+from aivailable.engine.chatplan import plan_chat
 from aivailable.engine.runner import GenParams, LoadError, Runner
 from aivailable.engine.spec import WorkerSpec
-from aivailable.errors import QueueFullError
+from aivailable.errors import InvalidRequest, QueueFullError
 
 log = logging.getLogger("aivailable.worker")
 EXIT_LOAD_FAILED = 3
@@ -122,21 +125,35 @@ class Worker:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = parse_request("chat", await read_json(request))
         assert isinstance(req, ChatCompletionRequest)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        images = req.images()
+        if images:
+            raise InvalidRequest(f"model {self.spec.model!r} does not accept images (it has no multimodal "
+                                 "projector)", param=images[0])
+        plan = plan_chat(req, self.runner.tool_format)
         params = self._params(req, req.token_limit())
-        params.json_mode = bool(req.response_format and req.response_format.type == "json_object")
+        params.grammar = plan.grammar
         cont = req.continue_final_message
-        return await self._generate(request, req, ChatShape(req.model), params,
-                                    lambda: self.runner.chat_prompt(messages, continue_final=cont))
+        if cont and plan.grammar is not None:
+            params.grammar_prefix = req.messages[-1].text()
+        params.logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        answer = Answer(ChatShape(req.model), req.n or 1, plan.tool_format, plan.tool_names,
+                        logprobs=bool(req.logprobs))
+        return await self._generate(
+            request, req, answer, params,
+            lambda cancelled: self.runner.chat_prompt(plan, continue_final=cont, cancelled=cancelled))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request("completions", await read_json(request))
         assert isinstance(req, CompletionRequest)
         params = self._params(req, req.max_tokens)
+        params.logprobs = req.logprobs
+        params.prompt_logprobs = bool(req.echo and req.logprobs is not None)
         prompt = req.prompt
         assert isinstance(prompt, str)
-        return await self._generate(request, req, CompletionShape(req.model), params,
-                                    lambda: (self.runner.text_prompt(prompt), []))
+        answer = Answer(CompletionShape(req.model), req.n or 1, None, set(), logprobs=req.logprobs is not None,
+                        legacy_logprobs=True, echo=prompt if req.echo else None)
+        return await self._generate(request, req, answer, params,
+                                    lambda cancelled: (self.runner.text_prompt(prompt), []))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_request("embeddings", await read_json(request))
@@ -155,48 +172,64 @@ class Worker:
 
     @staticmethod
     def _params(req, max_tokens: int | None) -> GenParams:
+        bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         return GenParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                          min_p=req.min_p, repeat_penalty=req.repeat_penalty,
                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                         stop=list(req.stop or []), seed=req.seed)
+                         stop=list(req.stop or []), seed=req.seed, logit_bias=bias)
 
-    async def _generate(self, request, req, shape, params: GenParams, prep) -> web.StreamResponse:
+    async def _generate(self, request, req, answer: Answer, params: GenParams, prep) -> web.StreamResponse:
+        """Tokenize (stopping early if the client leaves), run `answer.n` sequences, send the answer."""
         await self.gate.acquire()
         released = False
-        cancel = threading.Event()
+        n = answer.n
+        cancels = [threading.Event() for _ in range(n)]
         self.stats["requests"] += 1
+        futs = []
         try:
-            tokens, stops = await self._run(prep)
+            tokens, stops = await self._run(prep, cancels[0].is_set)
             params.stop = params.stop + stops
             loop = asyncio.get_running_loop()
-            deltas: asyncio.Queue[str | None] = asyncio.Queue()
+            events: asyncio.Queue = asyncio.Queue()
+            left = [n]
 
-            def emit(text: str) -> None:  # on the engine's thread
-                loop.call_soon_threadsafe(deltas.put_nowait, text)
+            def done(i: int) -> None:  # on the event loop, after every emit of choice i
+                events.put_nowait((i, None, None))
+                left[0] -= 1
+                if left[0] == 0:
+                    self.gate.release()
 
-            def done() -> None:  # on the event loop, after every emit of this request
-                deltas.put_nowait(None)
-                self.gate.release()
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
 
-            fut = self.runner.submit(tokens, params, cancel, emit)
-            # The engine may outlive this handler (client gone): release only when it is done.
-            fut.add_done_callback(lambda _f: _call_soon(loop, done))
+                def emit(text: str, logprobs: list | None = None, i: int = i) -> None:  # on the engine's thread
+                    loop.call_soon_threadsafe(events.put_nowait, (i, text, logprobs))
+
+                try:
+                    fut = self.runner.submit(tokens, p, cancels[i], emit)
+                except BaseException:
+                    for c in cancels:
+                        c.set()
+                    if not futs:
+                        raise
+                    left[0] -= n - i  # the started ones release the gate when they end
+                    released = True
+                    raise
+                futs.append(fut)
+                # The engine may outlive this handler (client gone): release only when all are done.
+                fut.add_done_callback(lambda _f, i=i: _call_soon(loop, lambda: done(i)))
             released = True
-            job = asyncio.wrap_future(fut)
+            jobs = [asyncio.wrap_future(f) for f in futs]
             if req.stream:
-                resp = await self._stream(request, req, shape, deltas, job)
+                resp = await self._stream(request, req, answer, events, jobs, len(tokens))
             else:
-                parts = []
-                while (d := await deltas.get()) is not None:
-                    parts.append(d)
-                result = await job
-                resp = web.json_response(shape.full("".join(parts), result.finish_reason,
-                                                    usage(result.prompt_tokens, result.completion_tokens)))
-            result = job.result()
-            self._account(result)
+                resp = await self._whole(answer, events, jobs, len(tokens))
+            for job in jobs:
+                self._account(job.result())
             return resp
         except BaseException:
-            cancel.set()
+            for c in cancels:
+                c.set()
             if not isinstance(sys.exc_info()[1], asyncio.CancelledError):
                 self.stats["errors"] += 1
             else:
@@ -206,30 +239,46 @@ class Worker:
             if not released:
                 self.gate.release()
 
-    async def _stream(self, request, req, shape, deltas: asyncio.Queue, job) -> web.StreamResponse:
+    @staticmethod
+    async def _drain(events: asyncio.Queue, n: int):
+        """(choice, text, logprobs) events until every choice has ended; text None marks an end."""
+        left = n
+        while left:
+            ev = await events.get()
+            if ev[1] is None:
+                left -= 1
+            yield ev
+
+    async def _whole(self, answer: Answer, events: asyncio.Queue, jobs, n_prompt: int) -> web.Response:
+        async for i, text, lps in self._drain(events, answer.n):
+            if text is not None:
+                answer.add(i, text, lps)
+        results = [await j for j in jobs]
+        return web.json_response(answer.body(results, n_prompt))
+
+    async def _stream(self, request, req, answer: Answer, events: asyncio.Queue, jobs,
+                      n_prompt: int) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         include_usage = req.include_usage()
-        first = shape.first_chunk()
-        if include_usage:
-            for c in (first,):
-                if c is not None:
-                    c["usage"] = None
-        if first is not None:
-            await resp.write(sse(first))
-        while (d := await deltas.get()) is not None:
-            chunk = shape.delta_chunk(d)
+
+        async def send(chunk: dict) -> None:
             if include_usage:
                 chunk["usage"] = None
             await resp.write(sse(chunk))
-        result = await job
-        fin = shape.finish_chunk(result.finish_reason)
+
+        for chunk in answer.opening():
+            await send(chunk)
+        async for i, text, lps in self._drain(events, answer.n):
+            if text is None:
+                for chunk in answer.closing(i, await jobs[i]):
+                    await send(chunk)
+            else:
+                for chunk in answer.delta(i, text, lps):
+                    await send(chunk)
         if include_usage:
-            fin["usage"] = None
-        await resp.write(sse(fin))
-        if include_usage:
-            await resp.write(sse(shape.usage_chunk(usage(result.prompt_tokens, result.completion_tokens))))
+            await resp.write(sse(answer.shape.usage_chunk(answer.usage([j.result() for j in jobs], n_prompt))))
         await resp.write(sse("[DONE]"))
         await resp.write_eof()
         return resp
