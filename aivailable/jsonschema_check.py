@@ -15,8 +15,10 @@ from aivailable.errors import InvalidRequest
 SUPPORTED = frozenset({
     "type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
     "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "pattern", "minLength",
-    "maxLength", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "maxLength", "format",
 })
+# Not enforced by the converter (so refused): minimum, maximum, exclusiveMinimum, exclusiveMaximum,
+# multipleOf, uniqueItems, not, if/then/else, patternProperties, dependent*, contains, propertyNames, ...
 ANNOTATIONS = frozenset({
     "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
     "writeOnly", "nullable", "strict", "name",

@@ -8,6 +8,7 @@ start rule is `root`.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -44,7 +45,9 @@ class Rules:
     def schema(self, schema: dict[str, Any] | bool, name: str, param: str) -> str:
         """Add rules for `schema` under `name`; return the rule name that matches it."""
         try:
-            resolved = self._conv.resolve_refs(schema if isinstance(schema, dict) else {}, name or "root")
+            # The converter rewrites `$ref`s in place: give it a copy.
+            own = copy.deepcopy(schema) if isinstance(schema, dict) else {}
+            resolved = self._conv.resolve_refs(own, name or "root")
             return self._conv.visit(resolved, name)
         except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise InvalidRequest(f"{param}: this JSON Schema cannot be turned into a grammar: {exc}",
