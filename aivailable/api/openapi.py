@@ -47,22 +47,66 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV cache the replica reused instead of computing them."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+    """JSON text of the arguments; valid under the tool's schema when tool_choice forced the call."""
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    """Null when the answer is only tool calls."""
+    refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: str | None
+    """stop, length, tool_calls (or cancelled)."""
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class ChatCompletion(BaseModel):
@@ -79,7 +123,7 @@ class ChatCompletion(BaseModel):
 class TextChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: LegacyLogprobs | None
     finish_reason: str | None
 
 
