@@ -28,7 +28,7 @@ from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
 
-HOP_HEADER = "X-AIvailable-Hops"
+HOP_HEADER = hop.COUNT_HEADER
 MAX_HOPS = 2
 _PASS_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
@@ -155,7 +155,7 @@ class Proxy:
         until `_close`. Raises ModelUnavailable when none does."""
         last_error = "no replica is ready"
         retry_after = 2.0
-        hops = int(request.headers.get(HOP_HEADER, "0") or 0)
+        hops = hop.of(request).count
         while True:
             up = pick(upstreams, self.rng, tried)
             if up is None:
@@ -167,9 +167,10 @@ class Proxy:
                 continue
             up.outstanding += 1
             headers = {"Content-Type": "application/json", HOP_HEADER: str(hops + 1)}
-            if authorization and not up.local:
-                headers["Authorization"] = authorization  # peers check the same client keys
-                if self.hop_auth is not None:
+            if not up.local:
+                if authorization:
+                    headers["Authorization"] = authorization  # peers check the same client keys
+                if self.hop_auth is not None:  # only a signed hop counts as forwarded there (api/hop.py)
                     headers[hop.HEADER] = self.hop_auth(path)
             r = None
             try:
@@ -297,11 +298,9 @@ async def _while_alive(up: Upstream, aw):
 
 
 def check_hops(request: web.Request) -> None:
-    """Refuse a request that has already bounced between nodes too often (a routing loop)."""
-    try:
-        hops = int(request.headers.get(HOP_HEADER, "0") or 0)
-    except ValueError:
-        hops = 0
+    """Refuse a request that has already bounced between nodes too often (a routing loop); only signed hops
+    count (api/hop.py)."""
+    hops = hop.of(request).count
     if hops >= MAX_HOPS:
         raise UpstreamError(f"request was forwarded {hops} times; refusing to forward again (routing loop?)")
 
