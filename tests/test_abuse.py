@@ -282,3 +282,45 @@ def test_trickled_headers_and_idle_keepalive_connections_are_closed(small_node):
     finally:
         trickle.close()
         idle.close()
+
+
+# -- defect 8: smaller ones ------------------------------------------------------------------------------------
+
+def test_an_infinite_repeat_penalty_is_refused_by_the_schema_too():
+    """The JSON parser refuses Infinity and 1e999 (above); the schema refuses a non-finite penalty from any
+    other source (e.g. a decoded body built in Python)."""
+    from aivailable.api.schemas import parse_request
+    from aivailable.errors import InvalidRequest
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(InvalidRequest) as e:
+            parse_request("chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "repeat_penalty": bad})
+        assert e.value.param == "repeat_penalty"
+
+
+def test_model_names_are_restricted_wherever_they_enter(tmp_path):
+    """Config and --model: exit 2 naming the bad name; a dropped file whose name is not a model name is not
+    offered (and the log says why); names with `/`, `+` and `:` are allowed."""
+    import subprocess
+    import sys
+
+    from tests.ggufgen import write_model
+    from tests.nodeproc import REPO
+
+    for flag in ("bad name=/x.gguf", "<script>=/x.gguf", "a" * 129 + "=/x.gguf"):
+        run = subprocess.run([sys.executable, "-m", "aivailable", "up", "--no-mdns", "--state-dir", str(tmp_path / "s"),
+                              "--model", flag], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and "is not allowed: use 1-128 characters" in run.stderr, run.stderr
+        assert flag.partition("=")[0][:20] in run.stderr
+    models = tmp_path / "models"
+    models.mkdir()
+    write_model(models / "bad name.gguf", "gemma3", 1, 64, 2, 1, 128, 512, 256)
+    write_model(models / "org+tiny.gguf", "gemma3", 1, 64, 2, 1, 128, 512, 256, seed=1)
+    with serving(tmp_path, "--models-dir", str(models), "--simulate-gpu", "g0:1024") as n:
+        deadline = time.monotonic() + 60
+        names: set[str] = set()
+        while "org+tiny" not in names and time.monotonic() < deadline:
+            names = {m["id"] for m in get_json(n.api + "/models")["data"]}
+            time.sleep(0.5)
+        assert "org+tiny" in names and "bad name" not in names, names
+        assert "its name 'bad name' is not a model name" in n.log()
