@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -177,7 +178,7 @@ class Proxy:
                 r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
                 if r.status in (429, 503) and len(tried) < len(upstreams):
                     last_error = f"replica {up.key} answered {r.status}"
-                    retry_after = float(r.headers.get("Retry-After", retry_after))
+                    retry_after = _retry_after(r.headers.get("Retry-After"), retry_after)
                     self._close(r, up)
                     continue  # another replica may have room
                 first = await _while_alive(up, _first_bytes(r))
@@ -262,6 +263,16 @@ class Proxy:
             data = await r.content.readany()
             if not data:
                 raise aiohttp.ClientPayloadError("the replica ended the stream without [DONE]")
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    """An upstream's Retry-After in seconds (0-3600); `default` when absent or not a number (a peer's or
+    worker's header is parsed, never trusted to be well-formed)."""
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        return default
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else default
 
 
 def _is_stream(r: aiohttp.ClientResponse) -> bool:
