@@ -167,6 +167,10 @@ def test_host_allow_list_stops_dns_rebinding(node):
     assert call(node, "GET", "/api/cluster", headers={"Host": "attacker.example"}, key=None)[0] == 403
     for host in (f"{HOST_NAME}:{node.port}", f"{node.host}:{node.port}", f"[::1]:{node.port}"):
         assert call(node, "GET", "/v1/models", headers={"Host": host})[0] == 200, host
+    with socket.create_connection((node.host, node.port), timeout=10) as s:  # HTTP/1.0 without Host: no browser
+        s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        head = s.recv(100)
+        assert head.split(b" ")[1] == b"200", head
 
 
 def test_security_headers_on_the_status_page_and_the_api(node):

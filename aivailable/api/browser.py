@@ -71,17 +71,18 @@ class BrowserGuard:
     def origin_allowed(self, origin: str) -> bool:
         return self.any_origin or origin.rstrip("/").lower() in self.origins
 
-    def host_allowed(self, host: str | None) -> bool:
+    def host_allowed(self, host: str) -> bool:
         if not self.hosts:
             return True
-        name = host_name(host or "")
+        name = host_name(host)
         return name in self.hosts or _is_ip(name)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
         """Host allow-list, preflights, and cross-origin state-changing requests (see the module)."""
-        if not request.path.startswith("/_cluster/") and not self.host_allowed(request.host):
-            raise Forbidden(f"Host {request.host[:100]!r} is not served by this node (allowed_hosts); use one of "
+        host = request.headers.get("Host")  # absent (HTTP/1.0): no browser, nothing to rebind
+        if host is not None and not request.path.startswith("/_cluster/") and not self.host_allowed(host):
+            raise Forbidden(f"Host {host[:100]!r} is not served by this node (allowed_hosts); use one of "
                             f"{', '.join(sorted(self.hosts))} or an IP address.")
         origin = request.headers.get("Origin")
         if origin is None:
