@@ -16,13 +16,17 @@ Cases that already held up in the probe are kept by their own modules, not repea
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import http.server
 import json
 import os
 import resource
 import select
 import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -328,3 +332,82 @@ def test_model_names_are_restricted_wherever_they_enter(tmp_path):
             time.sleep(0.5)
         assert "org+tiny" in names and "bad name" not in names, names
         assert "its name 'bad name' is not a model name" in n.log()
+
+
+# -- defect 4 in a real browser ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def open_node(tmp_path_factory, gemma_path):
+    """A node without API keys (the kind any web page could drive before), serving the real model."""
+    with serving(tmp_path_factory.mktemp("open"), "--model", f"{MODEL}={gemma_path}:512", "--simulate-gpu",
+                 "g0:4096", models=(MODEL,)) as n:
+        yield n
+
+
+def chat_requests_served(node) -> float:
+    text = call(node, "GET", "/metrics", key=None)[2].get("raw", "")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("aivailable_requests_total{") and f'model="{MODEL}"' in line)
+
+
+@contextlib.contextmanager
+def attacker_site() -> Iterator[str]:
+    """A web server on another loopback address (another origin) serving an innocent-looking page. A real
+    socket, not a Playwright route: Chromium refuses requests to local addresses from a page it cannot
+    place in the local address space (Private Network Access), which would hide what the node does."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body>cat pictures</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.2:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_web_page_on_another_origin_cannot_drive_an_unkeyed_node(open_node):
+    """Chromium on a page from another origin POSTs a chat request to the node, as a CORS-simple request
+    (text/plain, no preflight) and as JSON (preflight): neither reaches the model."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.fail("Debian's chromium is required for this test: apt-get install chromium (.ci/run does it)")
+    before = chat_requests_served(open_node)
+    with sync_playwright() as p, attacker_site() as attacker:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(attacker)
+            outcomes = page.evaluate("""async ([url, body]) => {
+                const out = [];
+                for (const type of ["text/plain", "application/json"]) {
+                    try {
+                        const r = await fetch(url, {method: "POST", headers: {"Content-Type": type}, body});
+                        out.push(String(r.status));
+                    } catch (e) { out.push("blocked"); }
+                }
+                return out;
+            }""", [open_node.api + "/chat/completions", CHAT.decode()])
+        finally:
+            browser.close()
+    assert outcomes == ["blocked", "blocked"], outcomes
+    assert chat_requests_served(open_node) == before, "a cross-origin page made the node run the model"
+    status, _, body = call(open_node, "POST", "/v1/chat/completions", CHAT, JSON, key=None)
+    assert status == 200 and chat_requests_served(open_node) == before + 1, body  # the counter does count
