@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aivailable.errors import ConfigError
+from aivailable.names import MODEL_NAME_RULE, is_model_name
 
 DEFAULT_PORT = 8000
 DEFAULT_STATE_DIR = "~/.local/state/aivailable"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HF_RE = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+/.+\.gguf$")
 
@@ -57,8 +57,8 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+        if not is_model_name(v):
+            raise ValueError(f"model name {v[:140]!r} is not allowed: use {MODEL_NAME_RULE}")
         return v
 
     @field_validator("sha256")
@@ -150,6 +150,20 @@ class NodeConfig(BaseSettings):
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
     body_timeout_s: float = Field(default=30.0, gt=0)
     """A request body must arrive whole within this many seconds, else 408 (a stalled client frees its slot)."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A new connection must deliver its first request's headers whole within this many seconds, else it is
+    closed (silent or trickling clients cannot hold sockets)."""
+    keepalive_timeout_s: float = Field(default=30.0, gt=0)
+    """An idle keep-alive connection (between requests) is closed after this many seconds."""
+    max_connections_per_client: int = Field(default=256, ge=1)
+    """Most TCP connections one client address may hold open to this node; more are closed at once. Peers
+    forward over pooled connections (at most ~100 per peer), so keep this above that."""
+    cors_origins: CsvList = []
+    """Web origins (`https://app.example:8443`, or `*` for any) whose pages may call the API from a browser
+    (CORS). Empty: preflights are refused and cross-origin POSTs get 403."""
+    allowed_hosts: CsvList = []
+    """Host names clients may address this node by (DNS-rebinding defence); empty = any. IP addresses and
+    the node's advertised host are always accepted."""
     log_level: str = "INFO"
     models_dir: str | None = None
     """Where model files live: `*.gguf` dropped here are offered to the cluster; files fetched from peers
@@ -164,7 +178,7 @@ class NodeConfig(BaseSettings):
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 
-    @field_validator("join", "simulate_gpus", "api_keys", mode="before")
+    @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -178,13 +192,19 @@ class NodeConfig(BaseSettings):
                 raise ValueError(f"{item!r} is not HOST:PORT")
         return v
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item != "*" and not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+/?$", item):
+                raise ValueError(f"{item!r} is not an origin (scheme://host[:port], or *)")
+        return v
+
     @model_validator(mode="after")
     def _rpm_keys(self):
-        from aivailable.api.ratelimit import fingerprint
-
-        for key in self.api_key_rpm:
-            if key not in self.api_keys:  # never echo the key itself: name it by fingerprint
-                raise ValueError(f"api_key_rpm has an entry for a key that is not in api_keys ({fingerprint(key)})")
+        for i, key in enumerate(self.api_key_rpm, 1):
+            if key not in self.api_keys:  # never echo the key itself: name it by position
+                raise ValueError(f"api_key_rpm entry #{i} is for a key that is not in api_keys (keys are not shown)")
         return self
 
     @field_validator("log_level")

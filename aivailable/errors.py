@@ -55,6 +55,22 @@ class BodyTooLarge(NodeError):
     code = "request_too_large"
 
 
+class Forbidden(NodeError):
+    """Refused by the node's browser defences: an Origin or Host the configuration does not allow."""
+
+    http_status = 403
+    error_type = "invalid_request_error"
+    code = "forbidden"
+
+
+class UnsupportedMediaType(NodeError):
+    """A request body sent with a Content-Type other than application/json."""
+
+    http_status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class QueueFullError(NodeError):
     http_status = 429
     error_type = "rate_limit_exceeded"

@@ -16,6 +16,7 @@ from aiohttp import web
 from aivailable import coordinator as coord
 from aivailable import leave, statedir
 from aivailable.api.app import build_app
+from aivailable.api.connections import GuardedSite, raise_open_file_limit
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
@@ -338,15 +339,20 @@ class Node:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.settings.node
+        before, after = raise_open_file_limit()
+        log.info("open-file limit %d%s; at most %d connections per client address, headers within %g s, "
+                 "idle keep-alive %g s", after, f" (raised from {before})" if after != before else "",
+                 cfg.max_connections_per_client, cfg.header_timeout_s, cfg.keepalive_timeout_s)
         self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=leave.DRAIN_GRACE_S)
+                                     shutdown_timeout=leave.DRAIN_GRACE_S, keepalive_timeout=cfg.keepalive_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        site = GuardedSite(self._runner, cfg.host, cfg.port, max_per_client=cfg.max_connections_per_client,
+                           header_timeout_s=cfg.header_timeout_s)
         try:
             await site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", param="--port") from None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = site.port
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
         await self.files.start()

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,8 +100,10 @@ class NodeProc:
 
 
 def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
-               env: dict[str, str] | None = None, name: str = "node") -> NodeProc:
-    """Start `python -m aivailable up` with `args` on a free port; the caller stops it."""
+               env: dict[str, str] | None = None, name: str = "node",
+               preexec_fn: Callable[[], None] | None = None) -> NodeProc:
+    """Start `python -m aivailable up` with `args` on a free port; the caller stops it. `preexec_fn` runs in
+    the child before it starts (e.g. to lower its resource limits)."""
     port = port or free_port(host)
     state = tmp / f"{name}-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,7 @@ def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIVAILABLE_PROFILE": "local", **(env or {})}
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec_fn)
     return NodeProc(proc, host, port, state, log_path, list(args))
 
 

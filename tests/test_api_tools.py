@@ -157,6 +157,9 @@ def test_bad_requests_name_the_field(client):
         assert body["param"] == param, body
         assert err.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hello " * 3000, max_tokens=2)
+    assert err.value.body["param"] == "prompt" and "context length" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, extra_body={"tool_choise": "auto"})
     assert "tool_choise" in err.value.body["message"]
 

@@ -270,3 +270,35 @@ async def test_hugging_face_download_against_a_local_server(tmp_path):
     assert hub.parse_source("hf://a/b/sub/f.gguf") == ("a/b", "sub/f.gguf")
     with pytest.raises(ValueError):
         hub.parse_source("hf://a/f.gguf")
+
+
+def test_only_a_sha256_names_a_fetched_file_and_never_outside_its_folder(tmp_path):
+    """A gossiped sha256 becomes a file name: anything but 64 lowercase hex digits, or a path that leaves
+    the fetched folder (a planted symlink), is refused before any file is opened (issue 20, defect 7)."""
+    fetched = tmp_path / "models" / "fetched"
+    fetched.mkdir(parents=True)
+    victim = tmp_path / "models" / "victim.gguf"  # "load any existing *.gguf on its disk"
+    victim.write_bytes(b"GGUF not yours")
+    f = Fetcher(node_id="n1", secret=SECRET, fetched_dir=fetched, chunk_size=CHUNK)
+    for bad in ("../victim", "A" * 64, "0" * 63, "0" * 64 + "/../../x", "", "../" * 20 + "etc/x"):
+        with pytest.raises(TransferFailed, match="not a sha256"):
+            f.paths(bad)
+    with pytest.raises(TransferFailed):
+        asyncio.run(f.fetch(Transfer(model="m", sha256="../victim", size=14), lambda: {}))
+    assert victim.read_bytes() == b"GGUF not yours"
+    good = "a" * 64
+    (fetched / f"{good}.partial").symlink_to(tmp_path / "outside.partial")
+    with pytest.raises(TransferFailed, match="outside the models folder"):
+        f.paths(good)
+    assert not (tmp_path / "outside.partial").exists()
+    assert f.paths("b" * 64) == tuple((fetched / f"{'b' * 64}{ext}").resolve() for ext in (".gguf", ".partial", ".parts"))
+
+
+def test_gossiped_catalog_entries_with_bad_names_or_hashes_are_dropped():
+    from aivailable.files.catalog import merge
+
+    good = {"name": "gemma", "sha256": "c" * 64, "ctx": 512}
+    catalog, conflicts = merge([("n1", [good, {"name": "evil", "sha256": "../../../etc/x"},
+                                        {"name": "<img src=x>", "sha256": "d" * 64},
+                                        {"name": "upper", "sha256": "E" * 64}, "not a dict"])])
+    assert catalog == {"gemma": good} and conflicts == {}

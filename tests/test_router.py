@@ -296,3 +296,15 @@ def test_a_peers_upstream_failed_event_is_resumed_here_not_passed_on():
     assert asked == [{**request, "prompt": "Count: one two", "max_tokens": 8}] and proxy.resumed == 1
     assert _texts("completions", events) == [" one", " two", " three", " four"]
     assert not any(b"error" in e for e in events)
+
+
+async def _busy_with_a_bad_retry_after(request: web.Request) -> web.Response:
+    """A replica (a peer's node, maybe an old or hostile one) answering 503 with a Retry-After that is
+    not a number."""
+    return web.Response(status=503, headers={"Retry-After": "soon"}, text="busy")
+
+
+def test_an_unparsable_retry_after_from_a_replica_does_not_break_the_request():
+    """The next replica is tried, as for any 503 (was a 500 from float("soon"))."""
+    status, body, replica = asyncio.run(_through_proxy(_busy_with_a_bad_retry_after))
+    assert status == 200 and replica == "good" and body == GOOD_EVENTS

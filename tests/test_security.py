@@ -103,8 +103,8 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
 
 def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node):
     fake = SimpleNamespace(settings=SimpleNamespace(node=SimpleNamespace(
-        max_body_bytes=1 << 20, rate_limit_rpm=0, api_key_rpm={}, rate_limit_burst=0)),
-        cluster=SimpleNamespace(handle=None, secret=b"s"), node_id="n0")
+        max_body_bytes=1 << 20, rate_limit_rpm=0, api_key_rpm={}, rate_limit_burst=0, cors_origins=[],
+        allowed_hosts=[])), cluster=SimpleNamespace(handle=None, secret=b"s"), node_id="n0", address="127.0.0.1:1")
     routes = {(r.method, r.resource.canonical) for r in build_app(fake).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
     assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
@@ -133,7 +133,7 @@ def test_api_keys_are_rate_limited_per_key(node):
     assert ok == RPM
     err = e.value.body if isinstance(e.value.body, dict) else {}
     assert err.get("code") == "rate_limit_exceeded" and err.get("type") == "rate_limit_exceeded", err
-    assert fingerprint(LIMITED) in err["message"] and LIMITED not in err["message"]
+    assert fingerprint(LIMITED, SECRET.encode()) in err["message"] and LIMITED not in err["message"]
     retry = int(e.value.response.headers["Retry-After"])
     assert 1 <= retry <= 60 // RPM + 1
     for _ in range(RPM * 3):  # another key is not affected, and an override of 0 is unlimited
@@ -141,8 +141,8 @@ def test_api_keys_are_rate_limited_per_key(node):
     with pytest.raises(openai.AuthenticationError):  # a wrong key is refused before any limit
         openai.OpenAI(base_url=node.api, api_key="sk-wrong-guess-000", max_retries=0).models.list()
     metrics = fetch(node.url + "/metrics")[1]
-    assert f'aivailable_rate_limited_total{{key="{fingerprint(LIMITED)}"}} 1.0' in metrics
-    assert node.cluster()["security"]["rate_limited"] == {fingerprint(LIMITED): 1}
+    assert f'aivailable_rate_limited_total{{key="{fingerprint(LIMITED, SECRET.encode())}"}} 1.0' in metrics
+    assert node.cluster()["security"]["rate_limited"] == {fingerprint(LIMITED, SECRET.encode()): 1}
 
 
 def test_a_request_forwarded_by_a_peer_is_charged_only_where_it_entered(node):

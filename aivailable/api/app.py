@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api import hop
+from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.resume import Continuation, resumable
-from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
+from aivailable.api.router import Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
 
@@ -36,6 +37,26 @@ def _node(request: web.Request) -> Node:
     return request.app[NODE]  # type: ignore[return-value]
 
 
+def checked_hop(request: web.Request) -> hop.Received:
+    """The request's hop headers, parsed (400 naming a malformed counter) and the signature verified, once
+    per request (a signature's nonce is accepted only once)."""
+    received = request.get(hop.REQUEST_KEY)
+    if received is None:
+        count = hop.parse_count(request.headers.get(hop.COUNT_HEADER))
+        signed = request.app[HOPS].verify(request.headers.get(hop.HEADER), request.path, time.time())
+        received = hop.Received(count if signed else 0, signed)
+        request[hop.REQUEST_KEY] = received
+    return received
+
+
+@web.middleware
+async def hops(request: web.Request, handler):
+    """Check /v1/* hop headers before anything else reads them: an unsigned counter counts for nothing."""
+    if request.path.startswith("/v1/"):
+        checked_hop(request)
+    return await handler(request)
+
+
 @web.middleware
 async def api_keys(request: web.Request, handler):
     """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time),
@@ -51,11 +72,11 @@ async def api_keys(request: web.Request, handler):
         key = next((k for k in keys if hmac.compare_digest(token.encode(), k.encode())), None)
         if key is None:
             raise AuthenticationError("Incorrect API key provided.")
-        if request.app[HOPS].verify(request.headers.get(hop.HEADER), request.path, time.time()):
+        if checked_hop(request).signed:
             return await handler(request)  # charged where it entered the cluster (api/hop.py)
         wait = request.app[LIMITER].check(key, time.monotonic())
         if wait > 0:
-            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key)
+            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key, node.cluster.secret)
             node.metrics.rate_limited.labels(fp).inc()
             node.rate_limited[fp] = node.rate_limited.get(fp, 0) + 1
             raise RateLimited(f"Rate limit reached for API key {fp}: {rpm} requests per minute on this node. "
@@ -87,7 +108,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     node = _node(request)
     kind = _ENDPOINTS[request.path]
     check_hops(request)
-    forwarded = request.headers.get(HOP_HEADER, "0") != "0"
+    forwarded = checked_hop(request).signed  # a client's own hop header does not make it forwarded
     req = parse_request(kind, await read_json(request, node.settings.node.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
     spec = node.models().get(name)
@@ -165,18 +186,21 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def status_page(request: web.Request) -> web.Response:
     html = resources.files("aivailable.api").joinpath("static/index.html").read_text()
-    return web.Response(text=html, content_type="text/html")
+    return web.Response(text=html, content_type="text/html", headers={"Content-Security-Policy": page_csp(html)})
 
 
 def build_app(node: Node) -> web.Application:
     """The node's aiohttp application; `node` provides catalog, replicas and cluster facts."""
     install_protocol_error_bodies()
-    app = web.Application(middlewares=[openai_errors, api_keys], client_max_size=node.settings.node.max_body_bytes)
+    cfg = node.settings.node
+    guard = BrowserGuard(cfg.cors_origins, cfg.allowed_hosts, own_host=node.address.rpartition(":")[0])
+    app = web.Application(middlewares=[openai_errors, guard.middleware, hops, api_keys],
+                          client_max_size=cfg.max_body_bytes)
+    app.on_response_prepare.append(guard.on_prepare)
     app[NODE] = node
     secret = node.cluster.secret
     app[PROXY] = Proxy(hop_auth=lambda path: hop.sign(secret, node.node_id, path, time.time()))
     app[HOPS] = hop.HopVerifier(secret)
-    cfg = node.settings.node
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
     if cfg.rate_limit_rpm and not cfg.api_keys:
         log.warning("rate_limit_rpm = %d has no effect: limits are per API key and no --api-key is set",

@@ -101,10 +101,89 @@ async def read_json(request: web.Request, timeout_s: float = BODY_TIMEOUT_S) -> 
         raise InvalidRequest(f"The request body could not be read: {' '.join(str(reason).split())}.") from None
     if not raw:
         raise InvalidRequest("The request body is empty; send a JSON object.")
+    check_json_content_type(request)
+    return parse_json(raw)
+
+
+def check_json_content_type(request: web.Request) -> None:
+    """UnsupportedMediaType (415) unless the body is declared `application/json` (charset, if any, UTF-8).
+
+    A web page can make a browser POST `text/plain`, a form encoding or no Content-Type to any address
+    without asking it first (a CORS "simple" request); requiring application/json means such a page must
+    pass a preflight (api/browser.py), which the node refuses unless its origin is in cors_origins."""
+    from aivailable.errors import UnsupportedMediaType
+
+    declared = request.headers.get("Content-Type")
+    charset = (request.charset or "utf-8").lower().replace("_", "-")
+    if declared is None or request.content_type.lower() != "application/json" or charset not in ("utf-8", "utf8"):
+        shown = "none" if declared is None else repr(declared[:80])
+        raise UnsupportedMediaType(f"Content-Type {shown} is not supported: send the JSON body with "
+                                   "'Content-Type: application/json'.", param="Content-Type")
+
+
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a request body may have (OpenAI bodies need fewer than 10)."""
+MAX_JSON_INT_DIGITS = 100
+"""Longest integer literal a request body may hold (Python refuses int() above 4300 digits)."""
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _Refused(f"it holds an integer of {len(text.lstrip('-'))} digits "
+                       f"(at most {MAX_JSON_INT_DIGITS} are accepted)")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _Refused(f"{name} is not a JSON number (use a finite number)")
+
+
+class _Refused(ValueError):
+    """A JSON body that parses but breaks a limit (the message says which)."""
+
+
+def parse_json(raw: bytes) -> object:
+    """A request body as JSON; InvalidRequest (400) naming the problem for bytes that are not JSON, nesting
+    deeper than MAX_JSON_DEPTH, integers longer than MAX_JSON_INT_DIGITS digits, NaN, Infinity or a number
+    that overflows a float. Nothing here reaches the log as a traceback."""
+    from aivailable.errors import InvalidRequest
+
     try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except _Refused as exc:
+        raise InvalidRequest(f"The request body was refused: {exc}.") from None
+    except RecursionError:
+        raise InvalidRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of "
+                             "arrays and objects).") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"The request body is nested too deeply (at most {MAX_JSON_DEPTH} levels of "
+                             "arrays and objects).")
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (a scalar: 0); iterative, no recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_JSON_DEPTH:
+            break
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def install_protocol_error_bodies() -> None:

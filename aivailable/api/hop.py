@@ -6,6 +6,11 @@ show that a request was forwarded, since any client can set it. So a forwarding 
 the sender, the time, a fresh nonce and the path. The peer still checks the client's API key, but does
 not charge its bucket a second time. A header that is missing, forged, outside the gossip time window or
 replayed (nonces are remembered for the window) is ignored, and the request is charged as any client's.
+
+The same signature is what makes a request count as forwarded at all: a request whose hop counter
+(`X-AIvailable-Hops`) is not backed by a valid signature is a fresh client request (its demand is
+recorded and every replica is eligible), whatever counter it carries. `parse_count` is the one parser of
+that counter; a value that is not a small non-negative integer is a 400 naming the header.
 """
 
 from __future__ import annotations
@@ -13,11 +18,43 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
+from aivailable.errors import InvalidRequest
 from aivailable.gossip.envelope import WINDOW_S, ReplayCache
 
 HEADER = "X-AIvailable-Hop-Auth"
+COUNT_HEADER = "X-AIvailable-Hops"
+MAX_COUNT = 16
+"""Largest hop counter accepted as well-formed (the router refuses to forward at far fewer, MAX_HOPS)."""
+REQUEST_KEY = "aivailable.hop"
+"""Where the API stores a request's `Received` (request[REQUEST_KEY]), verified once per request."""
 _DOMAIN = b"aivailable hop v1"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What a request's hop headers say, once checked: `count` hops so far (0 unless `signed`)."""
+
+    count: int = 0
+    signed: bool = False
+
+
+def parse_count(value: str | None) -> int:
+    """The hop counter header's value (absent or empty: 0); InvalidRequest naming the header unless it is
+    an integer from 0 to MAX_COUNT."""
+    if value is None or not value.strip():
+        return 0
+    text = value.strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 3 and int(text) <= MAX_COUNT):
+        raise InvalidRequest(f"header {COUNT_HEADER} must be an integer from 0 to {MAX_COUNT}, "
+                             f"got {value[:40]!r}", param=COUNT_HEADER)
+    return int(text)
+
+
+def of(request) -> Received:
+    """The checked hop headers of an API request (a fresh client request when the API stored none)."""
+    return request.get(REQUEST_KEY) or Received()
 
 
 def _mac(secret: bytes, sender: str, ts_ms: int, nonce: str, path: str) -> str:

@@ -3,7 +3,8 @@
 A key with limit `rpm` refills `rpm / 60` tokens a second into a bucket of `burst` tokens (default: a
 minute's worth), and each request takes one. An empty bucket answers with the seconds until the next
 token, which the API sends as `Retry-After` with a 429. Keys are identified in logs and metrics only by
-:func:`fingerprint`, never by their text. Limits are per node: a client spreading requests over N nodes
+:func:`fingerprint`, never by their text: an HMAC keyed with the cluster secret, so the fingerprints that
+/metrics and /api/cluster show to anyone cannot be used to confirm a guessed key offline. Limits are per node: a client spreading requests over N nodes
 gets up to N times the rate. A request counts once, on the node where it entered the cluster: the peer
 it is forwarded to sees the forwarding node's signed hop header (api/hop.py) and does not charge it again.
 """
@@ -11,12 +12,16 @@ it is forwarded to sees the forwarding node's signed hop header (api/hop.py) and
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 
+_DOMAIN = b"aivailable api-key fingerprint v1\n"
 
-def fingerprint(key: str) -> str:
-    """A short, non-reversible id of an API key for logs, metrics and error messages."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+def fingerprint(key: str, secret: bytes) -> str:
+    """A short id of an API key for logs, metrics and error messages: `key-` + 8 hex digits of
+    HMAC-SHA256(cluster secret, key); the same on every node of a cluster, useless without the secret."""
+    return "key-" + hmac.new(secret, _DOMAIN + key.encode(), hashlib.sha256).hexdigest()[:8]
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from aivailable.errors import ModelUnavailable, UpstreamError
 
 log = logging.getLogger("aivailable.router")
 
-HOP_HEADER = "X-AIvailable-Hops"
+HOP_HEADER = hop.COUNT_HEADER
 MAX_HOPS = 2
 _PASS_HEADERS = ("Content-Type", "Retry-After", "Cache-Control")
 
@@ -155,7 +156,7 @@ class Proxy:
         until `_close`. Raises ModelUnavailable when none does."""
         last_error = "no replica is ready"
         retry_after = 2.0
-        hops = int(request.headers.get(HOP_HEADER, "0") or 0)
+        hops = hop.of(request).count
         while True:
             up = pick(upstreams, self.rng, tried)
             if up is None:
@@ -167,16 +168,17 @@ class Proxy:
                 continue
             up.outstanding += 1
             headers = {"Content-Type": "application/json", HOP_HEADER: str(hops + 1)}
-            if authorization and not up.local:
-                headers["Authorization"] = authorization  # peers check the same client keys
-                if self.hop_auth is not None:
+            if not up.local:
+                if authorization:
+                    headers["Authorization"] = authorization  # peers check the same client keys
+                if self.hop_auth is not None:  # only a signed hop counts as forwarded there (api/hop.py)
                     headers[hop.HEADER] = self.hop_auth(path)
             r = None
             try:
                 r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
                 if r.status in (429, 503) and len(tried) < len(upstreams):
                     last_error = f"replica {up.key} answered {r.status}"
-                    retry_after = float(r.headers.get("Retry-After", retry_after))
+                    retry_after = _retry_after(r.headers.get("Retry-After"), retry_after)
                     self._close(r, up)
                     continue  # another replica may have room
                 first = await _while_alive(up, _first_bytes(r))
@@ -263,6 +265,16 @@ class Proxy:
                 raise aiohttp.ClientPayloadError("the replica ended the stream without [DONE]")
 
 
+def _retry_after(value: str | None, default: float) -> float:
+    """An upstream's Retry-After in seconds (0-3600); `default` when absent or not a number (a peer's or
+    worker's header is parsed, never trusted to be well-formed)."""
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        return default
+    return min(max(seconds, 0.0), 3600.0) if math.isfinite(seconds) else default
+
+
 def _is_stream(r: aiohttp.ClientResponse) -> bool:
     return r.headers.get("Content-Type", "").startswith("text/event-stream")
 
@@ -297,11 +309,9 @@ async def _while_alive(up: Upstream, aw):
 
 
 def check_hops(request: web.Request) -> None:
-    """Refuse a request that has already bounced between nodes too often (a routing loop)."""
-    try:
-        hops = int(request.headers.get(HOP_HEADER, "0") or 0)
-    except ValueError:
-        hops = 0
+    """Refuse a request that has already bounced between nodes too often (a routing loop); only signed hops
+    count (api/hop.py)."""
+    hops = hop.of(request).count
     if hops >= MAX_HOPS:
         raise UpstreamError(f"request was forwarded {hops} times; refusing to forward again (routing loop?)")
 

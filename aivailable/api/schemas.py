@@ -161,7 +161,7 @@ class _Sampling(_Strict):
     # llama.cpp extensions, accepted by llama.cpp's own server too.
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    repeat_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repeat_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
 
     @field_validator("stop")
     @classmethod

@@ -191,9 +191,9 @@ class BatchEngine:
         if len(tokens) >= self.n_ctx_seq:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.n_ctx_seq} tokens, but the prompt is "
-                f"{len(tokens)} tokens.", param="messages")
+                f"{len(tokens)} tokens.", param=params.prompt_param)
         if not tokens:
-            raise InvalidRequest("the prompt is empty", param="prompt")
+            raise InvalidRequest("the prompt is empty", param=params.prompt_param)
         sampler = self._sampler(params)  # here, so a bad grammar or prefix is a 400 before anything is sent
         fut: Future = Future()
         job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter(), sampler)

@@ -59,6 +59,8 @@ class GenParams:
     prompt_logprobs: bool = False
     """Also score the prompt's tokens (completions `echo` with `logprobs`)."""
     logit_bias: dict[int, float] = field(default_factory=dict)
+    prompt_param: str = "messages"
+    """The request field a prompt error names ("prompt" for completions)."""
 
 
 @dataclass

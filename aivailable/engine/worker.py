@@ -148,6 +148,7 @@ class Worker:
         params = self._params(req, req.max_tokens)
         params.logprobs = req.logprobs
         params.prompt_logprobs = bool(req.echo and req.logprobs is not None)
+        params.prompt_param = "prompt"
         prompt = req.prompt
         assert isinstance(prompt, str)
         answer = Answer(CompletionShape(req.model), req.n or 1, None, set(), logprobs=req.logprobs is not None,

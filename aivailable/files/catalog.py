@@ -11,12 +11,21 @@ name without `.gguf`, ctx/embedding from the GGUF). Merge rule, in order:
    the status page (the model's reason) and in the coordinator's log — never silently merged.
 
 A winning definition without a sha256 takes it from an agreeing definition that knows it.
+
+A definition whose name is not a model name (aivailable/names.py) or whose sha256 is not 64 lowercase hex
+digits is dropped before merging (`invalid` says why): a sha256 becomes a file name on every node.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
+
+from aivailable.names import MODEL_NAME_RULE, is_model_name, is_sha256
+
+log = logging.getLogger("aivailable.files")
+_warned: set[tuple[str, str]] = set()
 
 LOCAL_KEYS = frozenset({"path", "source", "sha256", "size"})
 """Keys that may differ between nodes without a conflict (sha256 is compared separately)."""
@@ -32,11 +41,31 @@ def _agree(a: dict, b: dict) -> bool:
     return not (a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"])
 
 
+def invalid(m: Any) -> str | None:
+    """Why a gossiped catalog definition cannot be used (None: it can)."""
+    if not isinstance(m, dict):
+        return f"a {type(m).__name__} is not a model definition"
+    if not is_model_name(m.get("name")):
+        return f"name {str(m.get('name'))[:140]!r} is not a model name ({MODEL_NAME_RULE})"
+    if m.get("sha256") is not None and not is_sha256(m["sha256"]):
+        return f"model {m['name']}: sha256 {str(m['sha256'])[:80]!r} is not 64 lowercase hex digits"
+    return None
+
+
 def merge(node_catalogs: Iterable[tuple[str, list[dict[str, Any]]]]) -> tuple[dict[str, dict], dict[str, str]]:
-    """(name -> winning definition, name -> conflict text) from (node id, definitions) pairs."""
+    """(name -> winning definition, name -> conflict text) from (node id, definitions) pairs; invalid
+    definitions are dropped (and logged once per node and problem)."""
     ranked: dict[str, list[tuple[bool, str, dict]]] = {}
     for node_id, defs in node_catalogs:
         for m in defs:
+            why = invalid(m)
+            if why is not None:
+                if (node_id, why) not in _warned:
+                    if len(_warned) > 1000:
+                        _warned.clear()
+                    _warned.add((node_id, why))
+                    log.warning("ignoring a catalog entry gossiped by %s: %s", node_id, why)
+                continue
             ranked.setdefault(m["name"], []).append((bool(m.get("offered")), node_id, m))
     catalog: dict[str, dict] = {}
     conflicts: dict[str, str] = {}

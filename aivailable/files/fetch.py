@@ -30,6 +30,7 @@ from aivailable.files.plan import PeerState, PlanConfig, TransferPlan, from_bitm
 from aivailable.files.serve import FILES_PATH
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
+from aivailable.names import inside, is_sha256
 
 log = logging.getLogger("aivailable.files")
 
@@ -139,8 +140,16 @@ class Fetcher:
         return self._session
 
     def paths(self, sha256: str) -> tuple[Path, Path, Path]:
-        """(final, partial, parts-bitmap) paths of a file."""
-        return (self.dir / f"{sha256}.gguf", self.dir / f"{sha256}.partial", self.dir / f"{sha256}.parts")
+        """(final, partial, parts-bitmap) paths of a file, each resolved inside the fetched folder;
+        TransferFailed for anything but a sha256 (64 lowercase hex) or a path that would leave the folder
+        (e.g. through a symlink planted there)."""
+        if not is_sha256(sha256):
+            raise TransferFailed(f"refusing to fetch {sha256[:80]!r}: not a sha256 (64 lowercase hex digits)")
+        try:
+            return tuple(inside(self.dir, self.dir / f"{sha256}{ext}")  # type: ignore[return-value]
+                         for ext in (".gguf", ".partial", ".parts"))
+        except ValueError as exc:
+            raise TransferFailed(f"refusing to write outside the models folder: {exc}") from None
 
     # -- requests ------------------------------------------------------------------------------------
     def _sealed(self, sha256: str, chunk: int, chunk_size: int) -> bytes:

@@ -22,6 +22,7 @@ from aiohttp import web
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
 from aivailable.gossip.transport import Refused, open_signed
+from aivailable.names import is_sha256
 
 log = logging.getLogger("aivailable.files")
 
@@ -80,6 +81,8 @@ class FileServer:
             return r.answer(request, self._reject(peer, r.reason, r.detail))
         if not isinstance(msg, FileRequest):
             return self._reject(peer, "malformed", f"a {type(msg).__name__} is not a file request")
+        if not is_sha256(msg.sha256):
+            return self._reject(peer, "malformed", f"sha256 {str(msg.sha256)[:80]!r} is not 64 lowercase hex digits")
         if not MIN_CHUNK <= msg.chunk_size <= MAX_CHUNK:
             return web.Response(status=400, text=f"chunk_size must be {MIN_CHUNK}..{MAX_CHUNK} bytes")
         path = self.lookup(msg.sha256)

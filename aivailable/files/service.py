@@ -23,6 +23,7 @@ from aivailable.files.fetch import FetchCounters, Fetcher, Transfer, TransferFai
 from aivailable.files.index import FileIndex, LocalFile, gguf_defaults
 from aivailable.files.plan import PlanConfig
 from aivailable.files.serve import FileServer
+from aivailable.names import MODEL_NAME_RULE, is_model_name, is_sha256
 
 log = logging.getLogger("aivailable.files")
 
@@ -50,6 +51,7 @@ class FileService:
         self._tasks: dict[str, asyncio.Task] = {}
         self._retry_at: dict[str, float] = {}
         self._bg: list[asyncio.Task] = []
+        self._bad_names: set[Path] = set()
         self.on_change: Callable[[], Awaitable[None]] | None = None
         self.on_event: Callable[[str], None] = lambda text: None
         """Outcomes of transfers for the status page's recent changes (they are logged here too)."""
@@ -91,6 +93,12 @@ class FileService:
         offers = {}
         for f in found:
             if f.origin == "dropped":
+                if not is_model_name(f.name):
+                    if f.path not in self._bad_names:  # said once per file
+                        self._bad_names.add(f.path)
+                        log.warning("not offering %s: its name %r is not a model name (%s); rename the file",
+                                    f.path, f.name[:140], MODEL_NAME_RULE)
+                    continue
                 try:
                     defaults = await asyncio.to_thread(gguf_defaults, f.path, self.cache)
                 except Exception as exc:  # not a usable GGUF: not offered, said once per scan
@@ -173,6 +181,8 @@ class FileService:
         sha = entry.get("sha256")
         if not sha:
             return "no sha256 known for it yet (no live node holds its file)"
+        if not is_sha256(sha):
+            return f"its catalog sha256 {str(sha)[:80]!r} is not 64 lowercase hex digits; not fetching it"
         if sha in self._tasks and not self._tasks[sha].done():
             return "fetching"
         if time.monotonic() < self._retry_at.get(sha, 0.0):
