@@ -14,6 +14,7 @@ from aivailable.api import hop
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
+from aivailable.api.responses_endpoint import add_responses_route
 from aivailable.api.resume import Continuation
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
@@ -183,6 +184,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/models/{model}", get_model)
     for path in _ENDPOINTS:
         r.add_post(path, inference)
+    add_responses_route(app, node, app[PROXY].hop_auth)  # type: ignore[arg-type]
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
