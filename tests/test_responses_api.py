@@ -19,6 +19,7 @@ from aivailable.api.responses_api import (
     StreamError,
     chat_body,
     client_param,
+    renamed_error,
     response_from_chat,
     sse_event,
 )
@@ -157,6 +158,19 @@ def test_chat_error_params_are_renamed_to_the_clients_fields():
     assert client_param("max_completion_tokens", origins) == "max_output_tokens"
     assert client_param("tools", origins) == "tools" and client_param(None, origins) is None
     assert client_param("messages[9].content", origins) == "messages[9].content"
+
+
+def test_chat_error_bodies_come_back_with_the_clients_names():
+    raw = json.dumps({"error": {"message": "Invalid value for 'response_format.type': Input should be 'text' or "
+                                           "'json_object' (got 'json_schema').", "type": "invalid_request_error",
+                                "param": "response_format.type", "code": None}}).encode()
+    assert renamed_error(raw, ["input"]) == {"error": {
+        "message": "Invalid value for 'text.format.type': Input should be 'text' or 'json_object' (got 'json_schema').",
+        "type": "invalid_request_error", "param": "text.format.type", "code": None}}
+    raw = json.dumps({"error": {"message": "no", "type": "service_unavailable", "param": None,
+                                "code": "model_not_ready"}}).encode()
+    assert renamed_error(raw, []) == json.loads(raw)
+    assert renamed_error(b"<html>bad gateway</html>", []) is None and renamed_error(b'{"error": 1}', []) is None
 
 
 def test_loopback_url_of_wildcard_and_ipv6_listeners():

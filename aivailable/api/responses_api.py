@@ -155,6 +155,20 @@ def client_param(param: str | None, origins: list[str]) -> str | None:
     return param
 
 
+def renamed_error(raw: bytes, origins: list[str]) -> dict[str, Any] | None:
+    """A chat endpoint's OpenAI error body with the client's field names (None: not such a body)."""
+    try:
+        err = json.loads(raw)["error"]
+        message, param = str(err["message"]), err.get("param")
+        kind, code = str(err.get("type") or "server_error"), err.get("code")
+    except (ValueError, KeyError, TypeError):
+        return None
+    renamed = client_param(param, origins)
+    if param and renamed and renamed != param:
+        message = message.replace(param, renamed)
+    return {"error": {"message": message, "type": kind, "param": renamed, "code": code}}
+
+
 # -- response -----------------------------------------------------------------------------------------
 def response_skeleton(req: ResponsesRequest, resp_id: str, created_at: int) -> dict[str, Any]:
     """A Response object in progress: every field echoed from the request, no output yet."""

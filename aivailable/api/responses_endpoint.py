@@ -26,8 +26,8 @@ from aivailable.api.responses_api import (
     StreamConverter,
     StreamError,
     chat_body,
-    client_param,
     new_id,
+    renamed_error,
     response_from_chat,
     sse_event,
 )
@@ -124,21 +124,12 @@ async def _respond(request: web.Request, req: ResponsesRequest, base: str,
 async def _error(r: aiohttp.ClientResponse, origins: list[str], headers: dict[str, str]) -> web.Response:
     """The chat endpoint's error, with its status, in OpenAI's shape and with the client's field names."""
     raw = await r.read()
-    try:
-        err = json.loads(raw)["error"]
-        message, param = str(err["message"]), err.get("param")
-        renamed = client_param(param, origins)
-        if param and renamed != param:
-            message = message.replace(param, renamed or "")
-        body = error_body(message, type_=str(err.get("type") or "server_error"), param=renamed,
-                          code=err.get("code"))
-        status = r.status
-    except (ValueError, KeyError, TypeError):
-        log.warning("/v1/responses: the chat endpoint answered %d without an OpenAI error body: %r", r.status,
-                    raw[:200])
-        body = error_body(f"the chat endpoint answered {r.status}", type_="server_error", code="upstream_failed")
-        status = 502
-    return web.json_response(body, status=status, headers=headers)
+    body = renamed_error(raw, origins)
+    if body is not None:
+        return web.json_response(body, status=r.status, headers=headers)
+    log.warning("/v1/responses: the chat endpoint answered %d without an OpenAI error body: %r", r.status, raw[:200])
+    return web.json_response(error_body(f"the chat endpoint answered {r.status}", type_="server_error",
+                                        code="upstream_failed"), status=502, headers=headers)
 
 
 class _ClientGone(Exception):

@@ -265,3 +265,63 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (
             isinstance(got, str) and len(got) < 60) else type(got).__name__
         raise InvalidRequest(f"Invalid value for '{param}': {msg} (got {shown}).", param=param) from None
+
+
+# -- what the endpoint answers (described for /openapi.json; built by api/responses_api.py) -------------
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] | None = None
+
+
+class ResponseMessage(BaseModel):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[ResponseOutputText]
+
+
+class ResponseFunctionCall(BaseModel):
+    id: str
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(BaseModel):
+    """A Response (`stream: false`). With `stream: true` the body is `text/event-stream`: `event: TYPE` and
+    `data: JSON` per event, from `response.created` to `response.completed`, `response.incomplete` or
+    `response.failed`."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    model: str
+    output: list[Annotated[ResponseMessage | ResponseFunctionCall, Field(discriminator="type")]]
+    usage: ResponseUsage | None
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    tools: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any]
+    parallel_tool_calls: bool
+    text: dict[str, Any]
+    metadata: dict[str, str]
+    previous_response_id: None
+    store: Literal[False]
