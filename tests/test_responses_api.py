@@ -454,6 +454,22 @@ def test_stateless_and_unknown_fields_are_400s_naming_them(client):
     assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
 
 
+def test_a_client_leaving_mid_stream_cancels_the_generation(node, client):
+    def cancelled() -> int:
+        return sum(r["cancelled"] for m in node.cluster()["models"] for r in m["replicas"])
+
+    before = cancelled()
+    stream = client.responses.create(model=MODEL, input=PROMPT, max_output_tokens=1000, stream=True)
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()  # ~1000 tokens would take minutes here; the loopback chat request goes with the client
+    deadline = time.monotonic() + 60
+    while cancelled() == before:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.5)
+
+
 def test_tool_calls_round_trip_when_the_node_serves_tools(client):
     """Runs once chat completions accept `tools` (issue 13's tool calling); until then the node answers the
     chat endpoint's 400 for `tools`, passed through as it is."""
