@@ -184,7 +184,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/models/{model}", get_model)
     for path in _ENDPOINTS:
         r.add_post(path, inference)
-    add_responses_route(app, node, app[PROXY].hop_auth)  # type: ignore[arg-type]
+    add_responses_route(app, node, app[PROXY].hop_auth)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)

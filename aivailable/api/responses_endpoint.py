@@ -43,19 +43,24 @@ _PASS_HEADERS = ("Retry-After", "X-AIvailable-Replica")
 
 
 class _NodeSettings(Protocol):
-    host: str
-    body_timeout_s: float
+    @property
+    def host(self) -> str: ...
+    @property
+    def body_timeout_s(self) -> float: ...
 
 
 class _Settings(Protocol):
-    node: _NodeSettings
+    @property
+    def node(self) -> _NodeSettings: ...
 
 
 class ServingNode(Protocol):
-    """What the endpoint needs of the node: where it listens."""
+    """What the endpoint needs of the node: where it listens, and how long a body may take."""
 
-    settings: _Settings
-    port: int | None
+    @property
+    def settings(self) -> _Settings: ...
+    @property
+    def port(self) -> int | None: ...
 
 
 class LoopbackFailed(NodeError):
