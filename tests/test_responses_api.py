@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import time
 
 import openai
@@ -491,6 +493,28 @@ def test_tool_calls_round_trip_when_the_node_serves_tools(client):
         final = stream.get_final_response()
     streamed = next(o for o in final.output if o.type == "function_call")
     assert args == streamed.arguments == call.arguments
+
+
+def test_a_replica_dying_mid_stream_ends_the_response_as_failed(tmp_path, gemma_path):
+    """No other replica can continue the stream: the client gets `error`, then `response.failed` with the
+    text produced so far, and the node serves on once the worker is back."""
+    with serving(tmp_path, "--model", f"{MODEL}={gemma_path}:512", "--simulate-gpu", "g:4096",
+                 models=(MODEL,)) as n:
+        c = openai.OpenAI(base_url=n.api, api_key="x", max_retries=0, timeout=120)
+        pid = next(r["pid"] for m in n.cluster()["models"] for r in m["replicas"])
+        events = []
+        for event in c.responses.create(model=MODEL, input=PROMPT, max_output_tokens=400, stream=True):
+            events.append(event)
+            if event.type == "response.output_text.delta" and len(events) == 5:
+                os.kill(pid, signal.SIGKILL)
+        kinds = [e.type for e in events]
+        assert kinds[-2:] == ["error", "response.failed"], kinds
+        failed = events[-1].response
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert failed.status == "failed" and failed.error.code == "server_error" and failed.error.message
+        assert failed.output[0].content[0].text == text and failed.output[0].status == "incomplete"
+        n.wait_model(MODEL)
+        assert c.responses.create(model=MODEL, input=PROMPT, max_output_tokens=2).usage.output_tokens <= 2
 
 
 # ---- API keys: required, and charged once (not again for the loopback chat call) -----------------------
