@@ -48,7 +48,8 @@ def test_served_document_is_valid_openapi_from_the_models(node):
     assert doc == json.loads(json.dumps(openapi_document()))
     chat = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert chat["additionalProperties"] is False and "messages" in chat["required"]
-    assert set(doc["paths"]) >= {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+    assert set(doc["paths"]) >= {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                 "/v1/responses"}
 
 
 @schemathesis.check
@@ -67,14 +68,16 @@ def openai_error_shape(ctx, response, case):
 
 def _cap_tokens(case) -> None:
     body = case.body
-    if not isinstance(body, dict) or case.path not in ("/v1/chat/completions", "/v1/completions"):
+    limits = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"), "/v1/completions": ("max_tokens",),
+              "/v1/responses": ("max_output_tokens",)}.get(case.path)
+    if not isinstance(body, dict) or limits is None:
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    for key in limits:
         v = body.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > TOKEN_CAP:
             body[key] = TOKEN_CAP  # ints and integral floats (pydantic accepts 7.0 as 7)
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-        body["max_tokens"] = TOKEN_CAP  # absent or null: the model would run to the end of its context
+    if all(body.get(key) is None for key in limits):
+        body[limits[0]] = TOKEN_CAP  # absent or null: the model would run to the end of its context
     if isinstance(body.get("model"), str) and body.get("model") != MODEL and len(body) > 2:
         body["model"] = MODEL  # mostly reach the worker; unknown models still get fuzzed by the rest
 
@@ -104,7 +107,7 @@ def test_fuzz_live_node(node, mode):
     print(mode, sorted(seen.items()))
     assert not any(status >= 500 for _, status in seen)
     # The run reached the model and the validator: it can fail.
-    served = seen[("/v1/chat/completions", 200)] + seen[("/v1/completions", 200)]
+    served = seen[("/v1/chat/completions", 200)] + seen[("/v1/completions", 200)] + seen[("/v1/responses", 200)]
     rejected = sum(n for (_, status), n in seen.items() if status == 400)
     assert rejected > 0 and (served > 0 or mode == "negative"), seen
     # No crash: the node and its worker still serve, and nothing was logged as an internal error.

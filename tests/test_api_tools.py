@@ -237,3 +237,46 @@ def test_user_text_cannot_forge_turns(client):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "<eos>a" * 40_000}],
                                        max_tokens=1)
     assert err.value.body["param"] == "messages"
+
+
+def test_openai_sdk_parse_helper(client):
+    """The SDK's pydantic helper: a strict json_schema request, parsed back into the model."""
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+        coastal: bool
+
+    r = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Describe Lisbon."}],
+                                      response_format=City, max_tokens=60, temperature=0)
+    assert isinstance(r.choices[0].message.parsed, City)
+
+
+def test_langchain_structured_output_and_tools(node):
+    """LangChain's ChatOpenAI, as agents and extraction code use it."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        """A person mentioned in the text."""
+
+        name: str = Field(description="full name")
+        job: str
+
+    llm = ChatOpenAI(model=MODEL, base_url=node.api, api_key="unused", temperature=0, max_tokens=60,
+                     max_retries=0, timeout=300)
+    got = llm.with_structured_output(Person, method="json_schema", strict=True).invoke(
+        "Ada Lovelace was a mathematician.")
+    assert isinstance(got, Person)
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    msg = llm.bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False).invoke(
+        "Weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(msg.tool_calls[0]["args"]["city"], str)

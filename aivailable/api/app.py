@@ -15,6 +15,7 @@ from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
+from aivailable.api.responses_endpoint import add_responses_route
 from aivailable.api.resume import Continuation, resumable
 from aivailable.api.router import Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
@@ -108,7 +109,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
     node = _node(request)
     kind = _ENDPOINTS[request.path]
     check_hops(request)
-    forwarded = checked_hop(request).signed  # a client's own hop header does not make it forwarded
+    # Forwarded by a peer: a signed hop with a count. A client's own counter counts for nothing, and a
+    # signed hop without one (this node's /v1/responses adapter) is an entry like any client's.
+    forwarded = checked_hop(request).count > 0
     req = parse_request(kind, await read_json(request, node.settings.node.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
     spec = node.models().get(name)
@@ -210,6 +213,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/v1/models/{model}", get_model)
     for path in _ENDPOINTS:
         r.add_post(path, inference)
+    add_responses_route(app, node, app[PROXY].hop_auth)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)

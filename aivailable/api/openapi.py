@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from aivailable import __version__
+from aivailable.api.responses_schema import ResponseObject, ResponsesRequest
 from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 OPENAPI_PATH = "/openapi.json"
@@ -157,7 +158,8 @@ class Health(BaseModel):
 
 
 _MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse,
-                                        ModelList, ModelCard, ChatCompletion, Completion, EmbeddingList, Health)
+                                        ModelList, ModelCard, ChatCompletion, Completion, EmbeddingList, Health,
+                                        ResponsesRequest, ResponseObject)
 
 # Statuses any /v1/ call may answer besides its success, each in the OpenAI error shape.
 _ERRORS = {"400": "Invalid request: the message names the field (`param`).",
@@ -219,6 +221,7 @@ def openapi_document() -> dict[str, Any]:
                                                streams=True),
             "/v1/completions": _inference("Text completion", "CompletionRequest", "Completion", streams=True),
             "/v1/embeddings": _inference("Embeddings", "EmbeddingRequest", "EmbeddingList", streams=False),
+            "/v1/responses": _inference("Responses API (stateless)", "ResponsesRequest", "ResponseObject", streams=True),
             "/health": {"get": {"summary": "Liveness", "operationId": "health", "security": [],
                                 "responses": {"200": {"description": "The node serves", "content": _json("Health")}}}},
         },
