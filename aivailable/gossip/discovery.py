@@ -4,8 +4,10 @@ Each node registers one service instance named after its node id, with TXT prope
 version), ``cluster`` (:func:`aivailable.gossip.envelope.cluster_id_hash` of the secret), ``node`` (node
 id), ``addr`` ("host:port" its cluster transport listens on) and ``port``; never the secret. Browsing
 reports each peer whose ``cluster`` equals ours through ``on_peer(addr)`` (the node passes the
-transport's ``join``: discovery only finds seeds; membership does the rest). Peers of other clusters
-are counted in :attr:`Discovery.ignored` and otherwise ignored.
+transport's ``discovered``). The cluster id is public (anyone can read it from an announcement), so a
+record proves nothing: the node core treats a reported address as an unverified candidate that counts
+only once a member answers from it with a signed message (:mod:`aivailable.gossip.node_core`). Peers of
+other clusters are counted in :attr:`Discovery.ignored` and otherwise ignored.
 
 Interfaces (``interfaces=None``):
 
