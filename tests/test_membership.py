@@ -152,7 +152,7 @@ def test_cores_do_no_io():
     the scenario file and times the solver) and the model-file transfer plan."""
     pkg = Path(__file__).resolve().parents[1] / "aivailable"
     gossip = ("membership.py", "election.py", "suspicion.py", "broadcast.py", "fencing.py", "envelope.py",
-              "node_core.py")
+              "node_core.py", "node_types.py")
     paths = [pkg / "gossip" / name for name in gossip]
     paths += [p for p in sorted((pkg / "placement").glob("*.py")) if p.name != "command.py"]
     paths.append(pkg / "files" / "plan.py")
