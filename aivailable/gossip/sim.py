@@ -1,17 +1,21 @@
-"""Deterministic in-process cluster simulator: membership + election cores on a virtual clock.
+"""Deterministic in-process cluster simulator: every node's production NodeCore on a virtual clock.
 
-One seed fixes everything: the network's drops, delays and duplicates, the fault schedule (crashes with
-restarts that keep only persisted state, partitions, isolations, heals) and every core's random source.
-Iteration order never depends on ``PYTHONHASHSEED``. A tiny stand-in coordinator publishes a placement
-through a pluggable ``place_fn`` (the real solver lives in ``aivailable.placement``).
+Each :class:`SimNode` drives :class:`~aivailable.gossip.node_core.NodeCore` exactly as the transport
+does (persist the Ready, send, report each send's outcome back), so founding, seed waits, placement
+delivery and mDNS candidates run here as in production. One seed fixes everything: the network's drops,
+delays and duplicates, the fault schedule (crashes with restarts that keep only persisted state,
+partitions, isolations, heals), the start-up scenario (``SimConfig.bootstrap``) and every core's random
+source. Iteration order never depends on ``PYTHONHASHSEED``. A tiny stand-in coordinator publishes a
+placement through a pluggable ``place_fn`` (the real solver lives in ``aivailable.placement``).
 
 Checks over a run (see :mod:`aivailable.gossip.simcheck`): one leader per term, leaders only in a
-majority component, one vote per term across restarts, no placement applied from a stale term,
-membership convergence after the final heal, facts convergence, one agreed leader and every demanded
-model placed once stable.
+majority component, one vote per term across restarts, no placement applied from a stale term, one
+founder for a rooted start-up, true acks, membership convergence after the final heal, facts
+convergence, one agreed leader whose voters are every up node, and its latest placement everywhere.
 
     python -m aivailable.gossip.sim --seeds 1000 --nodes 5      # campaign: figures + failing seeds
     python -m aivailable.gossip.sim --seed 42 --nodes 5 -v      # replay one seed with a trace
+    python -m aivailable.gossip.sim --seed 7 --nodes 5 --bootstrap split -v   # a start-up scenario
 """
 
 from __future__ import annotations
@@ -36,33 +40,12 @@ from aivailable.gossip.membership import MemberChanged, MembershipConfig, Member
 from aivailable.gossip.messages import PlacementPublish
 from aivailable.gossip.node_core import NodeCore, NodeCoreConfig, Note, PlacementApplied, PlacementRefused
 from aivailable.gossip.simcheck import Checker, percentile
+from aivailable.gossip.simnet import Network, Tracked, trivial_place
+
+__all__ = ["Network", "Sim", "SimConfig", "SimNode", "campaign", "detection_trial", "run_seed", "trivial_place"]
 
 PlaceFn = Callable[[Mapping[str, dict[str, Any]], list[str], dict[str, Any]], dict[str, Any]]
 DEMAND = ["gemma-3-270m", "llama-3.2-1b", "qwen2.5-7b"]
-
-
-def trivial_place(
-    view: Mapping[str, dict[str, Any]], demand: list[str], previous: dict[str, Any]
-) -> dict[str, Any]:
-    """Stand-in solver: keep a model where it is if that node is live, else the least-loaded live node
-    (ties: most free VRAM in its facts, then node id)."""
-    load = dict.fromkeys(sorted(view), 0)
-    out: dict[str, Any] = {}
-    for model in sorted(demand):
-        prev = previous.get(model)
-        if prev is not None and prev["node"] in view:
-            out[model] = prev
-            load[prev["node"]] += 1
-    for model in sorted(demand):
-        if model not in out and load:
-            node = min(load, key=lambda n: (load[n], -_free(view[n]), n))
-            out[model] = {"node": node, "gpu": "gpu0"}
-            load[node] += 1
-    return out
-
-
-def _free(facts: dict[str, Any]) -> int:
-    return sum(d.get("free", 0) for d in facts.get("devices", ()))
 
 
 @dataclass
@@ -97,49 +80,6 @@ class SimConfig:
     # root: both found, then merge), "mesh" (random seeds, connected), or "random" (one of these per seed).
     bootstrap: str | None = None
     root_late: float = 15.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Tracked:
-    """A message whose sender wants to hear whether it was answered (its Outbound had an ack)."""
-
-    msg: Any
-    ack: Any
-    gen: int
-
-
-class Network:
-    """Seeded lossy network: drop, duplicate, delay; partitions as groups (same group = connected)."""
-
-    def __init__(self, rng: random.Random, drop: float, dup: float, delay: tuple[float, float]):
-        self.rng, self.drop, self.dup, self.delay = rng, drop, dup, delay
-        self.group: dict[str, int] = {}
-        self.changed_at = 0.0
-
-    def connected(self, a: str, b: str) -> bool:
-        return self.group.get(a, 0) == self.group.get(b, 0)
-
-    def partition(self, groups: list[list[str]], now: float) -> None:
-        self.group = {n: i for i, g in enumerate(groups) for n in g}
-        self.changed_at = now
-
-    def cut(self, side: list[str], now: float) -> None:
-        """Cut ``side`` off from every other node (the rest keep their groups)."""
-        new = max(self.group.values(), default=0) + 1
-        self.group = {**self.group, **dict.fromkeys(side, new)}
-        self.changed_at = now
-
-    def isolate(self, node: str, now: float) -> None:
-        self.cut([node], now)
-
-    def heal(self, now: float) -> None:
-        self.group, self.changed_at = {}, now
-
-    def delays(self, a: str, b: str) -> list[float]:
-        if not self.connected(a, b) or self.rng.random() < self.drop:
-            return []
-        copies = 2 if self.rng.random() < self.dup else 1
-        return [self.rng.uniform(*self.delay) for _ in range(copies)]
 
 
 class SimNode:
@@ -246,6 +186,7 @@ class SimNode:
                 check.placements_refused += 1  # a repeat of one already applied
             case Note() if ev.text.startswith("bootstrapped"):
                 check.founded(self.id, now)
+                self.sim.log(f"{self.id} {ev.text}")
 
     def _publish(self, now: float) -> None:
         live = self.core.mem.live_members()
@@ -370,7 +311,7 @@ class Sim:
             msg = envelope.seal(msg, self.secret, src, self.now, nonce)
         delays = self.net.delays(src, dst)
         for d in delays:
-            self._push(self.now + d, 1, dst, src, msg if ack is None else _Tracked(msg, ack, gen))
+            self._push(self.now + d, 1, dst, src, msg if ack is None else Tracked(msg, ack, gen))
         if ack is not None and not delays:
             self._push(self.now + self.cfg.send_timeout, 3, src, "", (gen, ack, False))
 
@@ -388,7 +329,7 @@ class Sim:
                     node.tick(at)
                 self._push(at + tick, 0, dst, "", None)
             elif kind == 1:
-                tracked = msg if isinstance(msg, _Tracked) else None
+                tracked = msg if isinstance(msg, Tracked) else None
                 if tracked is not None:
                     msg = tracked.msg
                 node = nodes.get(dst)
