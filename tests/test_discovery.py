@@ -169,3 +169,20 @@ def test_a_spoofed_mdns_record_neither_stops_a_new_node_founding_nor_draws_gossi
                     else:
                         os.killpg(p.pid, signal.SIGKILL)
                     p.wait(timeout=10)
+
+
+def test_a_flood_of_announced_names_is_resolved_a_few_at_a_time():
+    """Rate limit on what discovery takes in: a burst of fake names starts at most MAX_RESOLVING lookups."""
+    from zeroconf import ServiceStateChange
+
+    from aivailable.gossip.discovery import MAX_RESOLVING, SERVICE_TYPE
+
+    async def flood() -> None:
+        d = Discovery("node-a", "127.0.0.1", 18001, CLUSTER, ["127.0.0.1"], lambda addr: None)
+        for i in range(100):
+            d._on_change(None, SERVICE_TYPE, f"fake{i}.{SERVICE_TYPE}", ServiceStateChange.Added)
+        assert len(d._resolving) == MAX_RESOLVING and d.dropped == 100 - MAX_RESOLVING
+        await asyncio.gather(*d._resolving.values())  # not started: each returns at once
+        assert d.peers == {}
+
+    asyncio.run(flood())
