@@ -145,7 +145,7 @@ class Cluster:
 
             host, port = advertise.rsplit(":", 1)
             self.discovery = Discovery(node.node_id, cfg.host if cfg.host not in ("0.0.0.0", "::") else host,
-                                       int(port), self.cluster_hash, None, self.transport.join)
+                                       int(port), self.cluster_hash, None, self.transport.discovered)
             try:
                 await self.discovery.start()
             except OSError as exc:

@@ -1,10 +1,16 @@
 """Simulator campaign: 10,000 seeded cluster runs with partitions, drops, duplicates and crashes.
 
-Each seed runs the real sans-IO membership and election cores plus the placement fence in
-``aivailable.gossip.sim`` for 60 simulated seconds of faults (crashes with restarts that keep only
+Each seed runs the production node core (``gossip/node_core.py``: membership, election, fence, founding
+rule and placement delivery) of every node in ``aivailable.gossip.sim`` for 60 simulated seconds of faults (crashes with restarts that keep only
 persisted state, partitions, isolations; per seed a drop rate of 0-5 %, duplicates 0-2 %, delays
 0.5-30 ms), then a final heal and 30 s to settle. Seeds are spread round-robin over cluster sizes
-(default 2, 3, 5, 7 nodes, so the documented 2-voter takeover is exercised too).
+(default 2, 3, 5, 7 nodes, so the documented 2-voter takeover is exercised too), and alternate between
+a cluster formed at time 0 and a start-up (``SimConfig.bootstrap="random"``: brand-new nodes with
+--join seeds and staggered start times: a late root seed, a root silent past seed_wait, two groups cut
+apart that found two clusters and must merge, random seed meshes), whose faults start once all are up.
+Rows ``N/startup`` hold the start-up seeds, with ``founders`` (clusters founded), ``one_founder_checked``
+(seeds where exactly one founder is required) and ``merged_seeds`` (two or more founders, one cluster
+at the end).
 
 Figures: double leaders in a term (documented disjoint-voter takeovers are counted apart), stale
 placements applied (and how many the fences refused), seeds that did not converge after the heal,
@@ -51,31 +57,37 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "stale_refused_by_fence": sum(r["stale_refused"] for r in results),
         "not_converged_seeds": len(unconverged),
         "converge_p90": percentile(conv, 90),
+        "founders": sum(r.get("founders", 0) for r in results),
+        "one_founder_checked": sum(1 for r in results if r.get("one_founder_expected")),
+        "merged_seeds": sum(1 for r in results if r.get("founders", 0) >= 2 and not r["violations"]),
     })
     return f
 
 
 def run(seeds: int, start: int, sizes: list[int], jobs: int) -> dict[str, Any]:
-    by_size: dict[int, list[int]] = {n: [] for n in sizes}
+    groups = [(n, boot) for n in sizes for boot in (None, "random")]
+    by_size: dict[tuple[int, str | None], list[int]] = {g: [] for g in groups}
     for i, seed in enumerate(range(start, start + seeds)):
-        by_size[sizes[i % len(sizes)]].append(seed)
+        by_size[groups[i % len(groups)]].append(seed)
     out: dict[str, Any] = {"seeds": seeds, "start": start, "sizes": sizes, "jobs": jobs,
                            "python": platform.python_version(), "per_size": {}, "failures": []}
     everything: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for n, group in by_size.items():
+    for (n, boot), group in by_size.items():
+        if not group:
+            continue
         t = time.perf_counter()
-        results = campaign(group, SimConfig(nodes=n), jobs=jobs)
+        results = campaign(group, SimConfig(nodes=n, bootstrap=boot), jobs=jobs)
         f = figures(results)
         f["wall_s"] = round(time.perf_counter() - t, 1)
-        out["per_size"][str(n)] = f
+        out["per_size"][f"{n}/startup" if boot else str(n)] = f
         everything += results
         for r in results:
             if r["violations"]:
                 out["failures"].append({"seed": r["seed"], "nodes": n, "violation": r["violations"][0],
                                         "replay": f"python -m aivailable.gossip.sim --seed {r['seed']} "
-                                                  f"--nodes {n} -v"})
-        print(f"  {n} nodes: {len(group)} seeds, {f['violations']} violations, {f['wall_s']:.0f} s", flush=True)
+                                                  f"--nodes {n}{' --bootstrap random' if boot else ''} -v"})
+        print(f"  {n} nodes{' start-up' if boot else ''}: {len(group)} seeds, {f['violations']} violations, {f['wall_s']:.0f} s", flush=True)
     out["total"] = figures(everything)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     t = out["total"]
@@ -87,12 +99,13 @@ def run(seeds: int, start: int, sizes: list[int], jobs: int) -> dict[str, Any]:
 
 def table(out: dict[str, Any]) -> str:
     rows = [("nodes", "seeds", "double leaders", "stale applied", "stale refused", "not converged",
-             "converge p50/p99/max s", "leaders", "takeovers", "violations")]
+             "converge p50/p99/max s", "leaders", "takeovers", "founders", "merged", "violations")]
     for n, f in [*out["per_size"].items(), ("all", out["total"])]:
         rows.append((n, str(f["seeds"]), str(f["double_leader_terms"]), str(f["stale_placements_applied"]),
                      str(f["stale_refused_by_fence"]), str(f["not_converged_seeds"]),
                      f"{f['converge_p50']:.2f}/{f['converge_p99']:.2f}/{f['converge_max']:.2f}",
-                     str(f["leaders"]), str(f["takeovers"]), str(f["violations"])))
+                     str(f["leaders"]), str(f["takeovers"]), str(f["founders"]), str(f["merged_seeds"]),
+                     str(f["violations"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -109,3 +110,79 @@ def test_two_processes_in_separate_namespaces_discover_each_other_with_default_i
                 if p.poll() is None:
                     p.kill()
                     p.wait(timeout=10)
+
+
+def test_a_spoofed_mdns_record_neither_stops_a_new_node_founding_nor_draws_gossip_forever(tmp_path):
+    """Issue 20 defect 2: anyone can read the cluster id from an announcement and announce a record of
+    their own. Announced before a fresh node starts, at an address that answers 204 but holds no secret,
+    it must not keep the node from founding its cluster, and the node must stop sending there."""
+    secret = "spoof-test-secret-0123456789abcdef"
+    procs: list[subprocess.Popen] = []
+    with namespaces(2) as spaces:
+        (ns_fake, fake_ip), (ns_node, node_ip) = spaces
+        try:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+            spoof = subprocess.Popen(
+                ["ip", "netns", "exec", ns_fake, sys.executable, "-m", "tests.mdns_spoof", "--host", fake_ip,
+                 "--port", "9000", "--cluster", cluster_id_hash(secret.encode()), "--duration", "40"],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            procs.append(spoof)
+            assert spoof.stdout is not None and spoof.stdout.readline().strip() == "announced"
+            time.sleep(1.0)  # the record is out before the node starts
+            node_env = {**env, "AIVAILABLE_PROFILE": "local"}
+            log = (tmp_path / "node.log").open("w")
+            node = subprocess.Popen(
+                ["ip", "netns", "exec", ns_node, sys.executable, "-m", "aivailable", "up", "--host", node_ip,
+                 "--port", "8000", "--state-dir", str(tmp_path / "state"), "--node-id", "zz-node",
+                 "--simulate-gpu", "sim0:1000", "--cluster-secret", secret],
+                cwd=ROOT, env=node_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            procs.append(node)
+            probe = ("import json,sys,urllib.request;print(json.dumps(json.load(urllib.request.urlopen("
+                     f"'http://{node_ip}:8000/api/cluster', timeout=2))))")
+            view: dict = {}
+            deadline = time.monotonic() + 25.0
+            while time.monotonic() < deadline:
+                r = subprocess.run(["ip", "netns", "exec", ns_node, sys.executable, "-c", probe],
+                                   capture_output=True, text=True, timeout=20)
+                if r.returncode == 0:
+                    view = json.loads(r.stdout)
+                    if view.get("leader") == "zz-node":
+                        break
+                time.sleep(0.5)
+            log_text = (tmp_path / "node.log").read_text()
+            assert view.get("leader") == "zz-node" and view.get("term", 0) >= 1, (view, log_text[-3000:])
+            out, err = spoof.communicate(timeout=60)
+            posts = json.loads(out.strip().splitlines()[-1])["posts"]
+            log_text = (tmp_path / "node.log").read_text()
+            # The node did find the record (so this test exercised discovery) and pushed to it a few times,
+            # then forgot it: nothing in the last 15 s of the spoofer's 40.
+            assert 1 <= len(posts) <= 3, (posts, log_text[-3000:])
+            assert max(posts) < 25.0, posts
+            assert "forgot the peer announced at" in log_text
+        finally:
+            for p in procs:  # the node runs in its own session (group); the spoofer is one process
+                if p.poll() is None:
+                    if p is procs[0]:
+                        p.kill()
+                    else:
+                        os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(timeout=10)
+
+
+def test_a_flood_of_announced_names_is_resolved_a_few_at_a_time():
+    """Rate limit on what discovery takes in: a burst of fake names starts at most MAX_RESOLVING lookups."""
+    from zeroconf import ServiceStateChange
+
+    from aivailable.gossip.discovery import MAX_RESOLVING, SERVICE_TYPE
+
+    async def flood() -> None:
+        d = Discovery("node-a", "127.0.0.1", 18001, CLUSTER, ["127.0.0.1"], lambda addr: None)
+        for i in range(100):
+            d._on_change(None, SERVICE_TYPE, f"fake{i}.{SERVICE_TYPE}", ServiceStateChange.Added)
+        assert len(d._resolving) == MAX_RESOLVING and d.dropped == 100 - MAX_RESOLVING
+        await asyncio.gather(*d._resolving.values())  # not started: each returns at once
+        assert d.peers == {}
+
+    asyncio.run(flood())

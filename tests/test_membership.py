@@ -147,10 +147,21 @@ def test_status_transitions():
 
 
 def test_cores_do_no_io():
-    src = Path(__file__).resolve().parents[1] / "aivailable" / "gossip"
-    for name in ("membership.py", "election.py", "suspicion.py", "broadcast.py", "fencing.py", "envelope.py"):
-        text = (src / name).read_text()
-        assert not re.search(r"^\s*(import|from)\s+(time|asyncio|socket|os)\b", text, re.M), name
+    """The sans-IO cores read no clock, open no socket or file and use no global random: the gossip cores,
+    the node core, the placement solver and its baselines (placement/command.py is the CLI edge that reads
+    the scenario file and times the solver) and the model-file transfer plan."""
+    pkg = Path(__file__).resolve().parents[1] / "aivailable"
+    gossip = ("membership.py", "election.py", "suspicion.py", "broadcast.py", "fencing.py", "envelope.py",
+              "node_core.py", "node_types.py")
+    paths = [pkg / "gossip" / name for name in gossip]
+    paths += [p for p in sorted((pkg / "placement").glob("*.py")) if p.name != "command.py"]
+    paths.append(pkg / "files" / "plan.py")
+    assert len(paths) > 10
+    for path in paths:
+        text = path.read_text()
+        name = str(path.relative_to(pkg))
+        assert not re.search(r"^\s*(import|from)\s+(time|asyncio|socket|os|pathlib|subprocess)\b", text, re.M), name
+        assert not re.search(r"\b(perf_counter|monotonic)\(", text), name
         assert "random.random(" not in text and "random.choice(" not in text, name
 
 

@@ -288,7 +288,7 @@ def test_order_of_inputs_does_not_matter_and_budget_keeps_validity():
         list(reversed(gpus)), list(reversed(models)), dict(reversed(list(demand.items()))), overhead=256
     )
     assert place(p) == place(shuffled)
-    assert validate_result(p, place(p, time_budget_ms=0.0)) == []
+    assert validate_result(p, place(p, max_moves=0)) == []
 
 
 def test_gpu_with_zero_usable_vram_is_never_used():

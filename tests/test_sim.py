@@ -210,7 +210,64 @@ def test_campaign_bench_counts_safety_and_convergence_figures():
 
     out = run(seeds=24, start=500, sizes=[2, 3], jobs=JOBS)
     t = out["total"]
-    assert t["seeds"] == 24 and set(out["per_size"]) == {"2", "3"}
+    assert t["seeds"] == 24 and set(out["per_size"]) == {"2", "3", "2/startup", "3/startup"}
+    assert t["founders"] >= 12  # every start-up seed founded at least one cluster
     assert t["double_leader_terms"] == 0 and t["stale_placements_applied"] == 0 and t["not_converged_seeds"] == 0
     assert t["placements_applied"] > 0 and t["leaders"] > 24  # placements flowed, faults forced elections
     assert out["failures"] == [] and all(out["targets"].values())
+
+
+# ---- cluster start-up and placement delivery (the node core's own rules) --------------------------------
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_bootstrap_campaign_no_violations(nodes):
+    """Brand-new nodes with --join seeds and their own start times (rooted, late root, split, mesh)."""
+    results = campaign(list(range(24)), SimConfig(nodes=nodes, bootstrap="random"), jobs=JOBS)
+    _assert_clean(results)
+    kinds = {r["bootstrap"] for r in results}
+    assert kinds == {"rooted", "late_root", "split", "mesh"}
+    assert any(r["one_founder_expected"] for r in results)  # the e3a5284 invariant was in force
+    assert any(r["founders"] >= 2 for r in results)  # clusters founded apart, merged by the end
+
+
+def test_two_clusters_founded_apart_merge_once_the_seed_answers():
+    sim = Sim(3, SimConfig(nodes=5, bootstrap="split", faults=False))
+    r = sim.run()
+    assert r["violations"] == [] and r["founders"] == 2
+    lead = next(n for n in sim.nodes.values() if n.elect.is_leader)
+    assert lead.elect.config.voters == tuple(sorted(sim.ids))
+
+
+def test_sabotaged_seed_retry_and_wait_is_caught(monkeypatch):
+    """The code before e3a5284: seeds pushed only while alone, and no wait for them before founding."""
+    from aivailable.gossip.membership import MembershipCore
+
+    def old_rule(self, now, settle=0.0):
+        return list(self._seeds) if self._t.n_live == 1 else []
+
+    monkeypatch.setattr(MembershipCore, "unreached_seeds", old_rule)
+    cfg = SimConfig(nodes=3, bootstrap="rooted", root_late=8.0, faults=False)
+    found = [v for s in range(6) for v in run_seed(s, cfg)["violations"]]
+    assert any("founded 2 clusters, expected 1" in v for v in found), found[:3]
+
+
+def test_sabotaged_acks_are_caught(monkeypatch):
+    """A leader that takes a send without an answer for an acknowledgement."""
+    from aivailable.gossip.node_core import NodeCore
+
+    real = NodeCore.delivered
+    monkeypatch.setattr(NodeCore, "delivered", lambda self, ack, ok, now: real(self, ack, True, now))
+    cfg = SimConfig(nodes=3, network=(0.3, 0.0, 0.01))
+    found = [v for s in range(3) for v in run_seed(s, cfg)["violations"]]
+    assert any("counts" in v and "as holding placement" in v for v in found), found[:3]
+
+
+def test_delivery_without_resends_is_caught():
+    """With re-sends and refreshes off, a lossy network leaves members without the leader's placement."""
+    from aivailable.gossip.node_core import NodeCoreConfig
+
+    core = replace(NodeCoreConfig.lan(), placement_resend=1e6, placement_refresh=1e6)
+    cfg = SimConfig(nodes=5, network=(0.3, 0.0, 0.01), core_cfg=core)
+    found = [v for s in range(3) for v in run_seed(s, cfg)["violations"]]
+    assert any("not delivered" in v or "different placements" in v for v in found), found[:3]

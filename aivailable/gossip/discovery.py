@@ -4,8 +4,10 @@ Each node registers one service instance named after its node id, with TXT prope
 version), ``cluster`` (:func:`aivailable.gossip.envelope.cluster_id_hash` of the secret), ``node`` (node
 id), ``addr`` ("host:port" its cluster transport listens on) and ``port``; never the secret. Browsing
 reports each peer whose ``cluster`` equals ours through ``on_peer(addr)`` (the node passes the
-transport's ``join``: discovery only finds seeds; membership does the rest). Peers of other clusters
-are counted in :attr:`Discovery.ignored` and otherwise ignored.
+transport's ``discovered``). The cluster id is public (anyone can read it from an announcement), so a
+record proves nothing: the node core treats a reported address as an unverified candidate that counts
+only once a member answers from it with a signed message (:mod:`aivailable.gossip.node_core`). Peers of
+other clusters are counted in :attr:`Discovery.ignored` and otherwise ignored.
 
 Interfaces (``interfaces=None``):
 
@@ -41,6 +43,8 @@ log = logging.getLogger("aivailable.discovery")
 SERVICE_TYPE = "_aivailable._tcp.local."
 TXT_VERSION = "1"
 RESOLVE_TIMEOUT_MS = 3000
+MAX_RESOLVING = 16  # records resolved at once; a flood of announced names waits for the next announcement
+MAX_PEERS = 256  # peers remembered; beyond it new ones are dropped (the node core caps candidates too)
 _WILDCARDS = ("", "0.0.0.0", "::", "*")
 
 
@@ -93,6 +97,7 @@ class Discovery:
         self.addr = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         self.peers: dict[str, str] = {}  # node id -> address reported
         self.ignored: set[str] = set()  # instance names of other clusters seen
+        self.dropped = 0  # records not looked at: MAX_RESOLVING or MAX_PEERS reached
         self._names: dict[str, str] = {}  # instance name -> node id
         self._azc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -147,6 +152,9 @@ class Discovery:
                 self.peers.pop(node, None)  # reported again if it comes back
             return
         if name not in self._resolving:
+            if len(self._resolving) >= MAX_RESOLVING:
+                self.dropped += 1
+                return
             task = asyncio.get_running_loop().create_task(self._resolve(name))
             self._resolving[name] = task
             task.add_done_callback(lambda _t, name=name: self._resolving.pop(name, None))
@@ -177,6 +185,9 @@ class Discovery:
                 return
             addr = f"{addrs[0]}:{info.port}"
         if self.peers.get(node) == addr:
+            return
+        if node not in self.peers and len(self.peers) >= MAX_PEERS:
+            self.dropped += 1
             return
         self.peers[node], self._names[name] = addr, node
         log.info("mDNS: found peer %s at %s", node, addr)

@@ -231,6 +231,10 @@ class MembershipCore:
             return (self.facts_version, self.own_facts)
         return self._t.facts.get(node)
 
+    def full_state(self) -> tuple[MemberState, ...]:
+        """Every member as this node sees it, itself first (what a :class:`Sync` carries)."""
+        return self._full_state()
+
     def pending_updates(self) -> int:
         return len(self._state_q) + len(self._facts_q)
 

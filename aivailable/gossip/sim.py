@@ -1,23 +1,28 @@
-"""Deterministic in-process cluster simulator: membership + election cores on a virtual clock.
+"""Deterministic in-process cluster simulator: every node's production NodeCore on a virtual clock.
 
-One seed fixes everything: the network's drops, delays and duplicates, the fault schedule (crashes with
-restarts that keep only persisted state, partitions, isolations, heals) and every core's random source.
-Iteration order never depends on ``PYTHONHASHSEED``. A tiny stand-in coordinator publishes a placement
-through a pluggable ``place_fn`` (the real solver lives in ``aivailable.placement``).
+Each :class:`SimNode` drives :class:`~aivailable.gossip.node_core.NodeCore` exactly as the transport
+does (persist the Ready, send, report each send's outcome back), so founding, seed waits, placement
+delivery and mDNS candidates run here as in production. One seed fixes everything: the network's drops,
+delays and duplicates, the fault schedule (crashes with restarts that keep only persisted state,
+partitions, isolations, heals), the start-up scenario (``SimConfig.bootstrap``) and every core's random
+source. Iteration order never depends on ``PYTHONHASHSEED``. A tiny stand-in coordinator publishes a
+placement through a pluggable ``place_fn`` (the real solver lives in ``aivailable.placement``).
 
 Checks over a run (see :mod:`aivailable.gossip.simcheck`): one leader per term, leaders only in a
-majority component, one vote per term across restarts, no placement applied from a stale term,
-membership convergence after the final heal, facts convergence, one agreed leader and every demanded
-model placed once stable.
+majority component, one vote per term across restarts, no placement applied from a stale term, one
+founder for a rooted start-up, true acks, membership convergence after the final heal, facts
+convergence, one agreed leader whose voters are every up node, and its latest placement everywhere.
 
     python -m aivailable.gossip.sim --seeds 1000 --nodes 5      # campaign: figures + failing seeds
     python -m aivailable.gossip.sim --seed 42 --nodes 5 -v      # replay one seed with a trace
+    python -m aivailable.gossip.sim --seed 7 --nodes 5 --bootstrap split -v   # a start-up scenario
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import os
 import random
 import statistics
@@ -32,35 +37,15 @@ from aivailable.gossip import envelope
 from aivailable.gossip.election import BecameLeader, ElectionConfig, ElectionCore, HardState
 from aivailable.gossip.fencing import PlacementFence
 from aivailable.gossip.membership import MemberChanged, MembershipConfig, MembershipCore
-from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish, Status
+from aivailable.gossip.messages import PlacementPublish
+from aivailable.gossip.node_core import NodeCore, NodeCoreConfig, Note, PlacementApplied, PlacementRefused
 from aivailable.gossip.simcheck import Checker, percentile
+from aivailable.gossip.simnet import Network, Tracked, trivial_place
+
+__all__ = ["Network", "Sim", "SimConfig", "SimNode", "campaign", "detection_trial", "run_seed", "trivial_place"]
 
 PlaceFn = Callable[[Mapping[str, dict[str, Any]], list[str], dict[str, Any]], dict[str, Any]]
 DEMAND = ["gemma-3-270m", "llama-3.2-1b", "qwen2.5-7b"]
-
-
-def trivial_place(
-    view: Mapping[str, dict[str, Any]], demand: list[str], previous: dict[str, Any]
-) -> dict[str, Any]:
-    """Stand-in solver: keep a model where it is if that node is live, else the least-loaded live node
-    (ties: most free VRAM in its facts, then node id)."""
-    load = dict.fromkeys(sorted(view), 0)
-    out: dict[str, Any] = {}
-    for model in sorted(demand):
-        prev = previous.get(model)
-        if prev is not None and prev["node"] in view:
-            out[model] = prev
-            load[prev["node"]] += 1
-    for model in sorted(demand):
-        if model not in out and load:
-            node = min(load, key=lambda n: (load[n], -_free(view[n]), n))
-            out[model] = {"node": node, "gpu": "gpu0"}
-            load[node] += 1
-    return out
-
-
-def _free(facts: dict[str, Any]) -> int:
-    return sum(d.get("free", 0) for d in facts.get("devices", ()))
 
 
 @dataclass
@@ -84,51 +69,30 @@ class SimConfig:
     place_fn: PlaceFn = trivial_place
     warm_start: bool = False  # every node starts knowing every other (large-scale benches)
     network: tuple[float, float, float] | None = None  # (drop, dup, max delay s); None: drawn from the seed
-
-
-class Network:
-    """Seeded lossy network: drop, duplicate, delay; partitions as groups (same group = connected)."""
-
-    def __init__(self, rng: random.Random, drop: float, dup: float, delay: tuple[float, float]):
-        self.rng, self.drop, self.dup, self.delay = rng, drop, dup, delay
-        self.group: dict[str, int] = {}
-        self.changed_at = 0.0
-
-    def connected(self, a: str, b: str) -> bool:
-        return self.group.get(a, 0) == self.group.get(b, 0)
-
-    def partition(self, groups: list[list[str]], now: float) -> None:
-        self.group = {n: i for i, g in enumerate(groups) for n in g}
-        self.changed_at = now
-
-    def cut(self, side: list[str], now: float) -> None:
-        """Cut ``side`` off from every other node (the rest keep their groups)."""
-        new = max(self.group.values(), default=0) + 1
-        self.group = {**self.group, **dict.fromkeys(side, new)}
-        self.changed_at = now
-
-    def isolate(self, node: str, now: float) -> None:
-        self.cut([node], now)
-
-    def heal(self, now: float) -> None:
-        self.group, self.changed_at = {}, now
-
-    def delays(self, a: str, b: str) -> list[float]:
-        if not self.connected(a, b) or self.rng.random() < self.drop:
-            return []
-        copies = 2 if self.rng.random() < self.dup else 1
-        return [self.rng.uniform(*self.delay) for _ in range(copies)]
+    # the node core's own timers (bootstrap, seed wait, placement re-sends, mDNS candidates): lan()
+    core_cfg: NodeCoreConfig = field(default_factory=NodeCoreConfig.lan)
+    send_timeout: float = 1.0  # a send that got no answer is reported failed this long after it left
+    # Cluster start-up, as operators do it: None, every node starts at 0 as a voter of one cluster (no
+    # founding); else every node starts brand-new with its --join seeds, at its own time, by a scenario:
+    # "rooted" (one node without seeds, the others join it and maybe each other; it may start up to
+    # root_late s after them: the e3a5284 case), "late_root" (it starts after seed_wait: two clusters form
+    # and must merge), "split" (two rooted groups cut apart until after seed_wait, one naming the other's
+    # root: both found, then merge), "mesh" (random seeds, connected), or "random" (one of these per seed).
+    bootstrap: str | None = None
+    root_late: float = 15.0
 
 
 class SimNode:
-    """A node's driver as node.py/transport.py will do it: tick, step, drain Ready, persist, send."""
+    """One node driven as the transport drives it: the production :class:`NodeCore`, its Ready persisted
+    (hard state, placement: all a restart keeps) before its messages leave, send outcomes reported back."""
 
-    def __init__(self, sim: Sim, node_id: str, voters: tuple[str, ...]):
+    def __init__(self, sim: Sim, node_id: str, voters: tuple[str, ...], seeds: list[str] | None = None):
         self.sim, self.id, self.up = sim, node_id, True
+        self.seeds = list(seeds or [])
         self.disk: HardState | None = None
-        self.fence = PlacementFence()
+        self.disk_placement: tuple[int, int, dict[str, Any]] | None = None
         self.applied: dict[str, Any] = {}
-        self.published: tuple[int, int, dict[str, Any]] | None = None
+        self.gen = 0  # bumped per (re)start: send outcomes for an older incarnation are dropped
         self.next_publish = 0.0
         self.next_facts = sim.rng.uniform(0, sim.cfg.facts_interval)
         self._start(voters)
@@ -136,14 +100,25 @@ class SimNode:
     def _start(self, voters: tuple[str, ...]) -> None:
         sim, now = self.sim, self.sim.now
         self.started_at = now
-        self.mem = MembershipCore(
-            self.id, self.id, sim.cfg.membership_cfg, random.Random(sim.rng.random()), now
+        self.gen += 1
+        self.core = NodeCore(
+            self.id, self.id, sim.core_cfg, random.Random(sim.rng.random()), now,
+            hard_state=self.disk, placement=self.disk_placement, voters=voters,
         )
-        self.elect = None
-        if sim.cfg.election:
-            rng = random.Random(sim.rng.random())
-            self.elect = ElectionCore(self.id, sim.cfg.election_cfg, rng, now, state=self.disk, voters=voters)
-        self.mem.set_facts(self._facts())
+        self.core.set_facts(self._facts(), now)
+        self.core.start(now)
+
+    @property
+    def mem(self) -> MembershipCore:
+        return self.core.mem
+
+    @property
+    def elect(self) -> ElectionCore:
+        return self.core.elect
+
+    @property
+    def fence(self) -> PlacementFence:
+        return self.core.fence
 
     def _facts(self) -> dict[str, Any]:
         free = 8000 + (sum(map(ord, self.id)) * 997) % 16000
@@ -154,83 +129,72 @@ class SimNode:
         self.up = False
 
     def restart(self, seeds: list[str]) -> None:
-        self.up, self.published = True, None
+        self.up = True
         self._start(())
-        self.mem.join(seeds)
+        self.core.join(seeds, self.sim.now)
         self.drain()
 
     def tick(self, now: float) -> None:
-        self.mem.tick(now)
-        if self.elect is not None:
-            self.elect.tick(now)
-            if self.elect.is_leader and now >= self.next_publish:
-                self.next_publish = now + self.sim.cfg.publish_interval
-                self._publish(now)
+        self.core.tick(now)
+        if self.sim.cfg.election and self.core.is_leader and now >= self.next_publish:
+            self.next_publish = now + self.sim.cfg.publish_interval
+            self._publish(now)
         if now >= self.next_facts and now < self.sim.facts_until:
             self.next_facts = now + self.sim.cfg.facts_interval
-            self.mem.set_facts(self._facts())
+            self.core.set_facts(self._facts(), now)
         self.drain()
 
     def deliver(self, src: str, msg: Any) -> None:
-        now = self.sim.now
-        if isinstance(msg, MEMBERSHIP_TYPES):
-            self.mem.step(src, msg, now)
-        elif isinstance(msg, ELECTION_TYPES):
-            if self.elect is not None:
-                self.elect.step(src, msg, now)
-        elif isinstance(msg, PlacementPublish):
-            self._on_placement(src, msg)
+        self.core.step(src, msg, self.sim.now)
         self.drain()
+
+    def report(self, gen: int, ack: Any, ok: bool) -> None:
+        """The outcome of a send of incarnation ``gen`` (a 2xx answer, or none within the send timeout)."""
+        if self.up and gen == self.gen:
+            self.core.delivered(ack, ok, self.sim.now)
+            self.drain()
 
     def drain(self) -> None:
         sim, now = self.sim, self.sim.now
-        for core in (self.mem, self.elect):
-            while core is not None and core.has_ready():
-                rd = core.ready()
-                if rd.persist is not None:
-                    self.disk = rd.persist
-                    sim.check.persisted(self.id, rd.persist)
-                for send in rd.messages:
-                    sim.send(self.id, send.to or send.addr or "", send.msg)
-                for ev in rd.events:
-                    self._on_event(ev, now)
-                core.advance()
-        if self.elect is not None:
-            self.fence.observe_term(self.elect.term)
+        while self.core.has_ready():
+            rd = self.core.ready()
+            if rd.hard_state is not None:
+                self.disk = rd.hard_state
+                sim.check.persisted(self.id, rd.hard_state)
+            if rd.placements:
+                self.disk_placement = rd.placements[-1]
+            self.core.advance()
+            for out in rd.messages:
+                sim.send(self.id, out.addr, out.msg, out.ack, self.gen)
+            for ev in rd.events:
+                self._on_event(ev, now)
 
     def _on_event(self, ev: Any, now: float) -> None:
-        if isinstance(ev, MemberChanged):
-            self.sim.check.member_changed(self.id, ev, now, self.sim)
-            if self.elect is not None and ev.new is not None:
-                self.elect.observe_member(ev.node, ev.new in (Status.ALIVE, Status.SUSPECT), now)
-        elif isinstance(ev, BecameLeader):
-            self.sim.check.became_leader(self.id, ev, now, self.sim.net)
+        check = self.sim.check
+        match ev:
+            case MemberChanged():
+                check.member_changed(self.id, ev, now, self.sim)
+            case BecameLeader():
+                check.became_leader(self.id, ev, now, self.sim.net)
+            case PlacementApplied():
+                self.applied = ev.assignments
+                msg = PlacementPublish(term=ev.term, version=ev.version, assignments=ev.assignments)
+                check.applied(self.id, ev.src, msg, ev.node_term, now)
+            case PlacementRefused(stale=True):
+                check.stale_refused += 1  # a deposed leader's placement, stopped by the fence
+            case PlacementRefused():
+                check.placements_refused += 1  # a repeat of one already applied
+            case Note() if ev.text.startswith("bootstrapped"):
+                check.founded(self.id, now)
+                self.sim.log(f"{self.id} {ev.text}")
 
     def _publish(self, now: float) -> None:
-        assert self.elect is not None
-        live = self.mem.live_members()
-        view = {n: (self.mem.facts(n) or (0, {}))[1] for n in live}
+        live = self.core.mem.live_members()
+        view = {n: (self.core.mem.facts(n) or (0, {}))[1] for n in live}
         assignments = self.sim.cfg.place_fn(view, self.sim.cfg.demand, self.applied)
-        term = self.elect.term
-        if self.published is None or self.published[0] != term or self.published[2] != assignments:
-            version = max(self.fence.version, self.published[1] if self.published else 0) + 1
-            self.published = (term, version, assignments)
-        term, version, assignments = self.published
-        msg = PlacementPublish(term=term, version=version, assignments=assignments)
-        for node in live:
-            self.sim.send(self.id, node, msg)
-
-    def _on_placement(self, src: str, msg: PlacementPublish) -> None:
-        if self.elect is None:
-            return
-        self.fence.observe_term(self.elect.term)
-        if self.fence.accept(msg.term, msg.version):
-            self.applied = msg.assignments
-            self.sim.check.applied(self.id, src, msg, self.elect.term, self.sim.now)
-        elif msg.term < self.fence.highest_term:
-            self.sim.check.stale_refused += 1  # a deposed leader's placement, stopped by the fence
-        else:
-            self.sim.check.placements_refused += 1  # a repeat of one already applied
+        p = self.core.published
+        if p is None or p.term != self.core.term or p.assignments != assignments:
+            self.core.publish_placement(assignments, now)
 
 
 class Sim:
@@ -255,19 +219,78 @@ class Sim:
         self.ids = [f"n{i:0{len(str(cfg.nodes))}d}" for i in range(cfg.nodes)]
         self.nodes: dict[str, SimNode] = {}
         self.secret, self._replay = b"sim-secret", {n: envelope.ReplayCache() for n in self.ids}
+        self.core_cfg = replace(cfg.core_cfg, membership=cfg.membership_cfg, election=cfg.election_cfg)
+        if not cfg.election:  # membership only: nobody is a voter and nobody founds a cluster
+            self.core_cfg = replace(self.core_cfg, bootstrap_grace=math.inf)
+        self.scenario: dict[str, Any] = {}
+        self.faults_from = 1.0
+        if cfg.bootstrap is not None:
+            self._schedule_bootstrap(cfg.bootstrap)
+            return
+        voters = tuple(self.ids) if cfg.election else ()
         for nid in self.ids:
-            self.nodes[nid] = SimNode(self, nid, tuple(self.ids))
+            self.nodes[nid] = SimNode(self, nid, voters)
         if cfg.warm_start:
-            rows = tuple(n.mem._full_state()[0] for n in self.nodes.values())
+            rows = tuple(n.mem.full_state()[0] for n in self.nodes.values())
             for n in self.nodes.values():
                 n.mem.seed_members(list(rows), 0.0)
                 n.mem.drop_pending()
         else:
             for n in self.nodes.values():
-                n.mem.join([self.ids[0]] if n.id != self.ids[0] else [])
+                n.core.join([self.ids[0]] if n.id != self.ids[0] else [], 0.0)
                 n.drain()
         for nid in self.ids:
             self._push(self.rng.uniform(0, cfg.tick), 0, nid, "", None)
+
+    def _schedule_bootstrap(self, kind: str) -> None:
+        """Brand-new nodes with --join seeds and start times drawn by scenario ``kind`` (see SimConfig)."""
+        rng, ids, wait = self.rng, self.ids, self.core_cfg.seed_wait
+        if kind == "random":
+            kind = rng.choice(("rooted", "rooted", "late_root", "split", "mesh"))
+        seeds: dict[str, list[str]] = {}
+        heal_at = None
+        if kind == "split" and len(ids) >= 2:
+            order = ids[:]
+            rng.shuffle(order)
+            a, b = order[: len(order) // 2], order[len(order) // 2 :]
+            for group in (a, b):
+                for n in group[1:]:
+                    seeds[n] = [group[0]]
+            seeds[a[0]], seeds[b[0]] = [], [a[0]]  # b's root also names a's root, unreachable for now
+            start = {n: rng.uniform(0.0, 5.0) for n in ids}
+            heal_at = max(start.values()) + wait + rng.uniform(5.0, 15.0)
+            self.net.partition([a, b], 0.0)
+            self.at(heal_at, lambda: self._log_net("heal", None))
+        elif kind in ("rooted", "late_root"):
+            root = rng.choice(ids)
+            for n in ids:
+                others = [o for o in ids if o not in (n, root)]
+                seeds[n] = [] if n == root else [root, *rng.sample(others, rng.randint(0, len(others)))]
+            start = {n: rng.uniform(0.0, 5.0) for n in ids}
+            late = rng.uniform(0.0, self.cfg.root_late) if kind == "rooted" else wait + rng.uniform(2.0, 10.0)
+            start[root] = max(start.values()) + late
+        else:
+            order = ids[:]
+            rng.shuffle(order)
+            for i, n in enumerate(order):  # each joins at least one earlier-listed node: connected
+                pool = order[:i] + order[i + 1 :]
+                must = [order[rng.randrange(i)]] if i else []
+                extra = rng.sample(pool, rng.randint(0, min(2, len(pool))))
+                seeds[n] = list(dict.fromkeys(must + extra))
+            start = {n: rng.uniform(0.0, 20.0) for n in ids}
+        self.scenario = {"kind": kind, "seeds": seeds, "start": start}
+        self.check.bootstrap_scenario(kind, start, seeds, wait)
+        self.faults_from = max(start.values()) + 15.0 if heal_at is None else heal_at + 10.0
+        for n in ids:
+            self.at(start[n], lambda n=n: self._boot(n, seeds[n]))
+
+    def _boot(self, node_id: str, seeds: list[str]) -> None:
+        self.log(f"start {node_id} --join {','.join(seeds) or '(none)'}")
+        node = SimNode(self, node_id, (), seeds)
+        self.nodes[node_id] = node
+        node.core.join(seeds, self.now)
+        node.drain()
+        self._push(self.now + self.rng.uniform(0, self.cfg.tick), 0, node_id, "", None)
 
     # ---- event loop ----------------------------------------------------------------------------------
 
@@ -275,16 +298,22 @@ class Sim:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, dst, src, msg))
 
-    def send(self, src: str, dst: str, msg: Any) -> None:
+    def send(self, src: str, dst: str | None, msg: Any, ack: Any = None, gen: int = 0) -> None:
+        """``msg`` from ``src`` to the node at address ``dst`` (a node id). With ``ack``, the sender hears
+        whether it was answered: when it arrives at a running node, else ``send_timeout`` later."""
         self.sent += 1
-        if dst == src:
-            self._push(self.now, 1, dst, src, msg)
+        if dst is None:
+            if ack is not None:
+                self._push(self.now, 3, src, "", (gen, ack, False))
             return
         if self.cfg.wire:
             nonce = self.rng.getrandbits(96).to_bytes(12, "big")
             msg = envelope.seal(msg, self.secret, src, self.now, nonce)
-        for d in self.net.delays(src, dst):
-            self._push(self.now + d, 1, dst, src, msg)
+        delays = self.net.delays(src, dst)
+        for d in delays:
+            self._push(self.now + d, 1, dst, src, msg if ack is None else Tracked(msg, ack, gen))
+        if ack is not None and not delays:
+            self._push(self.now + self.cfg.send_timeout, 3, src, "", (gen, ack, False))
 
     def at(self, t: float, fn: Callable[[], None]) -> None:
         self._push(t, 2, "", "", fn)
@@ -300,16 +329,26 @@ class Sim:
                     node.tick(at)
                 self._push(at + tick, 0, dst, "", None)
             elif kind == 1:
+                tracked = msg if isinstance(msg, Tracked) else None
+                if tracked is not None:
+                    msg = tracked.msg
                 node = nodes.get(dst)
-                if node is None or not node.up:
-                    continue
-                if self.cfg.wire and src != dst:
+                ok = node is not None and node.up
+                if ok and self.cfg.wire:
                     try:
                         src, msg = envelope.open(msg, self.secret, at, self._replay[dst])
                     except envelope.EnvelopeError as exc:  # as the transport does: drop and count
                         self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-                        continue
-                node.deliver(src, msg)
+                        ok = False
+                if ok:
+                    node.deliver(src, msg)
+                if tracked is not None:  # the 2xx answer (or the error) goes back to the sender
+                    delay = 0.0 if ok else self.cfg.send_timeout
+                    self._push(at + delay, 3, src, "", (tracked.gen, tracked.ack, ok))
+            elif kind == 3:
+                node = nodes.get(dst)
+                if node is not None:
+                    node.report(*msg)
             else:
                 msg()
         self.now = t_end
@@ -317,7 +356,7 @@ class Sim:
     # ---- faults --------------------------------------------------------------------------------------
 
     def schedule_faults(self) -> None:
-        rng, t = self.rng, 1.0
+        rng, t = self.rng, self.faults_from
         while True:
             t += rng.expovariate(1 / self.cfg.mean_fault_gap)
             if t >= self.cfg.duration:
@@ -361,15 +400,16 @@ class Sim:
         if not self.nodes[node].up:
             self.log(f"restart {node}")
             self.check.restarted(node)
-            self.nodes[node].restart([n for n in self.ids if n != node])
+            n = self.nodes[node]
+            n.restart(n.seeds if self.cfg.bootstrap is not None else [o for o in self.ids if o != node])
 
     def add_node(self, node_id: str, seeds: list[str]) -> SimNode:
         """A brand-new node (no persisted state, a non-voter) joins through ``seeds``."""
-        node = SimNode(self, node_id, ())
+        node = SimNode(self, node_id, (), seeds)
         self.nodes[node_id] = node
         self.ids.append(node_id)
         self._replay[node_id] = envelope.ReplayCache()
-        node.mem.join(seeds)
+        node.core.join(seeds, self.now)
         node.drain()
         self._push(self.now + self.rng.uniform(0, self.cfg.tick), 0, node_id, "", None)
         return node
@@ -416,7 +456,7 @@ class Sim:
 def detection_trial(seed: int, cfg: SimConfig) -> tuple[float | None, float | None]:
     """One failure in a healthy cluster: crash a random node after 10-12 s of calm. Returns seconds
     until the first node, and until every node, declares it dead."""
-    sim = Sim(seed, replace(cfg, faults=False, election=False))
+    sim = Sim(seed, replace(cfg, faults=False, election=False, bootstrap=None))
     t = sim.rng.uniform(10.0, 12.0)
     sim.run_until(t)
     victim = sim.rng.choice(sim.ids)
@@ -453,6 +493,7 @@ def campaign(seeds: list[int], cfg: SimConfig, jobs: int = 1) -> list[dict[str, 
 def replay_command(seed: int, args: argparse.Namespace) -> str:
     extra = "" if args.duration == 60.0 else f" --duration {args.duration}"
     extra += " --wire" if args.wire else ""
+    extra += f" --bootstrap {args.bootstrap}" if args.bootstrap else ""
     return f"python -m aivailable.gossip.sim --seed {seed} --nodes {args.nodes}{extra} -v"
 
 
@@ -464,10 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=5)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--wire", action="store_true", help="seal/open every message")
+    p.add_argument("--bootstrap", choices=("random", "rooted", "late_root", "split", "mesh"),
+                   help="start brand-new nodes with --join seeds by this scenario (SimConfig.bootstrap)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    cfg = SimConfig(nodes=args.nodes, duration=args.duration, wire=args.wire)
+    cfg = SimConfig(nodes=args.nodes, duration=args.duration, wire=args.wire, bootstrap=args.bootstrap)
     if args.seed is not None:
         r = run_seed(args.seed, cfg, verbose=args.verbose)
         print({k: v for k, v in r.items() if k != "violations"})

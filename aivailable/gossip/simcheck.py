@@ -1,9 +1,10 @@
 """Invariants and figures for :mod:`aivailable.gossip.sim` runs.
 
 Safety (checked as events happen):
-* **election safety**: at most one leader per term. The one documented exception is the small-cluster
-  takeover after a true partition (two lineages with disjoint voter sets); such terms are counted as
-  ``split_brain_terms``, never as a pass for overlapping voter sets.
+* **election safety**: at most one leader per term. The documented exceptions are two lineages with
+  disjoint voter sets: the small-cluster takeover after a true partition, and two clusters founded apart
+  (they merge once they meet); such terms are counted as ``split_brain_terms``, never as a pass for
+  overlapping voter sets.
 * **minority elects nobody**: a leader elected by votes while the network was stable since its campaign
   began has a majority of its voter set on its side of the partition.
 * **one vote per term**: the persisted (term, vote) of a node never changes vote within a term and its
@@ -11,11 +12,19 @@ Safety (checked as events happen):
 * **fencing**: a placement is applied only if its term >= the node's current and highest persisted term,
   with strictly increasing ``(term, version)``, and only from the node that was leader of that term.
 
+* **one founder** (cluster start-up, the e3a5284 split): when every new node joins one root node (and
+  maybe others), the root starts less than ``seed_wait`` minus a margin after them, and no fault comes
+  before everyone started, exactly one node founds a cluster.
+* **acks are true**: a leader counts a member as having its placement only if that member's fence holds
+  that placement or a newer one.
+
 Liveness (checked once stable, after the final heal and restarts):
 * membership converges: every up node's live set equals the set of up nodes (time measured);
 * facts converge: every up node holds every other up node's latest facts version;
 * one leader with the highest term, known to all up nodes;
-* every demanded model placed, on an up node, by the same accepted placement everywhere.
+* every demanded model placed, on an up node, by the same accepted placement everywhere, and that is the
+  leader's latest publication (delivery);
+* every up node is a voter of the leader's voter set (clusters that formed apart have merged).
 """
 
 from __future__ import annotations
@@ -70,6 +79,41 @@ class Checker:
         self.extra_settle_s = 0.0  # time past the settle phase until one leader again (see Sim.run)
         self.placements_refused = 0  # refused by a node's fence as a repeat of one already applied
         self.stale_refused = 0  # refused by a node's fence: from a term older than one it has seen
+        self.founders: list[tuple[str, float]] = []  # (node, when) for every cluster founded
+        self.one_founder_expected = False  # set by bootstrap_scenario: the rooted start-up case
+        self.bootstrap_kind: str | None = None
+        self.false_acks = 0
+
+    # ---- cluster start-up ----------------------------------------------------------------------------
+
+    # A rooted start-up is expected to have one founder when the root starts this much before the other
+    # nodes' seed_wait runs out: two retry rounds of a silent seed (2 x reconnect_interval) plus the
+    # settle time after its answer (bootstrap_grace), with room for a lost message or two.
+    ROOT_MARGIN_S = 10.0
+
+    def bootstrap_scenario(self, kind: str, start: dict[str, float], seeds: dict[str, list[str]],
+                           seed_wait: float) -> None:
+        self.bootstrap_kind = kind
+        roots = [n for n, s in seeds.items() if not s]
+        if kind == "rooted" and len(roots) == 1 and all(roots[0] in s for n, s in seeds.items() if s):
+            others = [t for n, t in start.items() if n != roots[0]]
+            self.one_founder_expected = start[roots[0]] < min(others) + seed_wait - self.ROOT_MARGIN_S
+
+    def founded(self, node: str, now: float) -> None:
+        self.founders.append((node, now))
+
+    def check_acks(self, sim: Sim) -> None:
+        """Safety of placement delivery: an ack the leader counts is a placement the member holds."""
+        for n in sim.nodes.values():
+            if not n.up or not n.core.is_leader:
+                continue
+            for member, pair in n.core.acked.items():
+                peer = sim.nodes.get(member)
+                if peer is not None and peer.up and (peer.fence.term, peer.fence.version) < pair:
+                    self.false_acks += 1
+                    self.fail(sim.now, f"{n.id} counts {member} as holding placement {pair}, but it holds "
+                                       f"{(peer.fence.term, peer.fence.version)}")
+                    return
 
     def fail(self, now: float, what: str) -> None:
         self.violations.append(f"t={now:.3f} {what}")
@@ -152,6 +196,8 @@ class Checker:
     # ---- liveness, once stable -----------------------------------------------------------------------
 
     def sample(self, sim: Sim) -> None:
+        if not self.false_acks:
+            self.check_acks(sim)
         if self.final_heal_at is None or self.converged_at is not None:
             return
         if self._membership_agrees(sim):
@@ -169,7 +215,7 @@ class Checker:
                 continue
             sets = [set(v) for _, v, _ in entries]
             disjoint = all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1 :])
-            if self.takeovers and disjoint:
+            if disjoint and (self.takeovers or len(self.founders) > 1):  # separate lineages, merged later
                 self.split_brain_terms += 1
             else:
                 self.double_leader_terms += 1
@@ -192,6 +238,8 @@ class Checker:
         problem = self.leadership_problem(sim)
         if problem is not None:
             self.fail(now, problem)
+        if self.one_founder_expected and len({n for n, _ in self.founders}) != 1:
+            self.fail(now, f"rooted start-up founded {len(self.founders)} clusters, expected 1: {self.founders}")
 
     def settled(self, sim: Sim) -> bool:
         """Membership, facts, leader and placement all agree among the up nodes right now."""
@@ -215,6 +263,12 @@ class Checker:
         placements = {(n.fence.term, n.fence.version) for n in up}
         if len(placements) != 1:
             return f"nodes applied different placements once stable: {sorted(placements)}"
+        latest = leaders[0].core.published
+        if latest is not None and placements != {(latest.term, latest.version)}:
+            return f"the leader's latest placement {(latest.term, latest.version)} not delivered: {placements}"
+        voters = set(leaders[0].elect.config.voters)
+        if not voters >= {n.id for n in up}:
+            return f"up nodes that are not voters of {lead}'s voter set {sorted(voters)} once stable"
         ids = {n.id for n in up}
         for n in up:
             missing = [m for m in sim.cfg.demand if n.applied.get(m, {}).get("node") not in ids]
@@ -242,4 +296,7 @@ class Checker:
             "false_deads": self.false_deads,
             "msgs_per_node_s": sim.sent / sim.cfg.nodes / horizon,
             "rejected": dict(sim.rejected),
+            "bootstrap": self.bootstrap_kind,
+            "founders": len(self.founders),
+            "one_founder_expected": self.one_founder_expected,
         }

@@ -15,7 +15,6 @@ instances), and never exceed VRAM, max_replicas, affinity or one node per replic
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -90,7 +89,7 @@ class _State:
                 out.setdefault((gpu.node, gpu.vendor.lower()), []).append(g)
         return [v for _, v in sorted(out.items())]
 
-    def result(self, start: float) -> PlacementResult:
+    def result(self) -> PlacementResult:
         placement = {n: tuple(sorted(r, key=lambda x: x.gpus)) for n, r in sorted(self.placement.items())}
         missing = sorted(n for n in wanted(self.problem) if n not in placement)
         below = {
@@ -99,7 +98,7 @@ class _State:
             if 0 < len(placement.get(m.name, ())) < m.want_min
         }
         reasons = dict.fromkeys(missing, "not placed by this baseline")
-        return PlacementResult(placement, tuple(missing), reasons, below, (time.perf_counter() - start) * 1e3)
+        return PlacementResult(placement, tuple(missing), reasons, below, 0.0)
 
 
 def _single_capable(state: _State, model: ModelSpec) -> bool:
@@ -147,7 +146,6 @@ def _fill(
     one_model_per_gpu: bool = False,
     extras: bool = True,
 ) -> PlacementResult:
-    start = time.perf_counter()
     state = _State(problem)
     state.keep_previous(one_model_per_gpu)
     budget = {m.name: m.max_replicas - state.count(m.name) for m in problem.models}
@@ -162,7 +160,7 @@ def _fill(
         if site is not None:
             state.add(model, site)
             budget[model.name] -= 1
-    return state.result(start)
+    return state.result()
 
 
 def _static_choice(state: _State, model: ModelSpec) -> tuple[str, ...] | None:
@@ -214,7 +212,6 @@ def per_node_lru(problem: Problem, *, requests: int | None = None, seed: int = 0
     VRAM (or its GPUs together when no single one can hold it), evicting LRU models of that node until it
     fits; a model that does not fit the node even when empty is refused (never run on the CPU).
     """
-    start = time.perf_counter()
     state = _State(problem)
     state.keep_previous()
     models = {m.name: m for m in problem.models}
@@ -225,7 +222,7 @@ def per_node_lru(problem: Problem, *, requests: int | None = None, seed: int = 0
             recency[(state.gpus[rep.gpus[0]].node, name)] = 0
     names = sorted(n for n, d in problem.demand.items() if d > 0)
     if not names or not nodes:
-        return state.result(start)
+        return state.result()
     rng = random.Random(seed)
     draws = rng.choices(names, weights=[problem.demand[n] for n in names], k=requests or 40 * len(nodes))
     for tick, name in enumerate(draws, start=1):
@@ -239,7 +236,7 @@ def per_node_lru(problem: Problem, *, requests: int | None = None, seed: int = 0
             _lru_load(state, model, node, recency)
         if (node, name) in recency:
             recency[(node, name)] = tick
-    return state.result(start)
+    return state.result()
 
 
 def _lru_load(state: _State, model: ModelSpec, node: str, recency: dict[tuple[str, str], int]) -> None:

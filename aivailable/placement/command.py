@@ -6,8 +6,10 @@ success, 2 on a bad scenario (missing file, not JSON, invalid field: one line on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import time
 from typing import TextIO
 
 from aivailable.placement.model import ScenarioError, load_problem
@@ -32,7 +34,7 @@ def place_command(
     scenario_path: str,
     out: TextIO | None = None,
     err: TextIO | None = None,
-    time_budget_ms: float | None = None,
+    max_moves: int | None = None,
 ) -> int:
     """Solve the scenario file and print the placement JSON to `out`; return the exit code (0 or 2)."""
     out = out or sys.stdout
@@ -42,7 +44,9 @@ def place_command(
     except ScenarioError as e:
         print(f"aivailable place: {e.message}", file=err)
         return 2
-    result = place(problem, time_budget_ms=time_budget_ms)
+    start = time.perf_counter()
+    result = place(problem, max_moves=max_moves)
+    result = dataclasses.replace(result, solve_ms=(time.perf_counter() - start) * 1000.0)
     print(result.to_json(indent=2), file=out)
     return 0
 

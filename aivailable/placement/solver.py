@@ -13,8 +13,9 @@
 3. report models that are wanted but have no replica, with the reason.
 
 GPUs are sorted by id and models by name and every choice ends its sort key with an index, so equal
-inputs give equal outputs whatever their order. The optional time budget only stops the improving passes
-after the first one; the state is valid after every action.
+inputs give equal outputs whatever their order. The solver reads no clock: its work is bounded by
+MAX_PASSES and, optionally, by `max_moves` (accepted actions after the first pass), so a loaded machine
+gets the same placement as an idle one; the state is valid after every action.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import bisect
 import heapq
 import itertools
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -307,11 +307,13 @@ class _Solver:
                 self.add(r.m, *where)
         return changed
 
-    def fill(self, deadline: float | None) -> None:
+    def fill(self, max_moves: int | None) -> None:
         """Give replicas by priority until a full pass changes nothing. The first pass always completes
-        (it builds the placement); the deadline, if any, only stops the improving passes after it."""
+        (it builds the placement); `max_moves`, if given, stops the improving passes after it once they
+        have accepted that many actions."""
         n_models = len(self.models)
-        for _ in range(MAX_PASSES):
+        moves = 0
+        for i in range(MAX_PASSES):
             changed_any = False
             heap = [(self.priority(m), m) for m in range(n_models) if self.gain(m) > EPS_GAIN]
             heapq.heapify(heap)
@@ -323,10 +325,11 @@ class _Solver:
                 if plan is None:
                     continue
                 changed_any = True
+                moves += i > 0
                 for j in self.apply(m, plan):
                     if self.gain(j) > EPS_GAIN:
                         heapq.heappush(heap, (self.priority(j), j))
-            if not changed_any or (deadline is not None and time.perf_counter() > deadline):
+            if not changed_any or (max_moves is not None and moves >= max_moves):
                 return
 
     # -- step 3: result -------------------------------------------------------------------------------
@@ -366,14 +369,12 @@ class _Solver:
         return f"no room: the GPUs that could hold its {v} MiB are taken by models with more demand"
 
 
-def place(problem: Problem, *, time_budget_ms: float | None = None) -> PlacementResult:
+def place(problem: Problem, *, max_moves: int | None = None) -> PlacementResult:
     """Decide the placement for `problem`; pure and deterministic (see the module docstring).
 
-    `time_budget_ms` (None: unbounded) only cuts the improvement loop short; the result is valid either way.
-    """
-    start = time.perf_counter()
-    deadline = None if time_budget_ms is None else start + time_budget_ms / 1000.0
+    `max_moves` (None: up to MAX_PASSES passes) caps the actions the improving passes may take; the result
+    is valid either way. `solve_ms` is left 0: callers that report it time the call (no clock in here)."""
     solver = _Solver(problem)
     solver.keep_previous()
-    solver.fill(deadline)
-    return solver.result((time.perf_counter() - start) * 1000.0)
+    solver.fill(max_moves)
+    return solver.result(0.0)
