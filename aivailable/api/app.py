@@ -17,6 +17,8 @@ from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.resume import Continuation
 from aivailable.api.router import HOP_HEADER, Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
+from aivailable.config import token_budget
+from aivailable.engine.spec import generation_limit
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
 
 if TYPE_CHECKING:
@@ -111,6 +113,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
     resume = None
     if kind in ("chat", "completions") and getattr(req, "stream", False):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
+        # What the replica will apply (engine.spec): a resumed stream must not start a fresh budget.
+        limit = generation_limit(limit, *token_budget(spec, node.settings.node.max_tokens_default))
         resume = Continuation(kind, sent, limit)
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)

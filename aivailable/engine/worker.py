@@ -123,7 +123,7 @@ class Worker:
         req = parse_request("chat", await read_json(request))
         assert isinstance(req, ChatCompletionRequest)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        params = self._params(req, req.token_limit())
+        params = self.spec.sampling.fill(self._params(req, self.spec.token_limit(req.token_limit())))
         params.json_mode = bool(req.response_format and req.response_format.type == "json_object")
         cont = req.continue_final_message
         return await self._generate(request, req, ChatShape(req.model), params,
@@ -132,7 +132,7 @@ class Worker:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request("completions", await read_json(request))
         assert isinstance(req, CompletionRequest)
-        params = self._params(req, req.max_tokens)
+        params = self.spec.sampling.fill(self._params(req, self.spec.token_limit(req.max_tokens)))
         prompt = req.prompt
         assert isinstance(prompt, str)
         return await self._generate(request, req, CompletionShape(req.model), params,
