@@ -194,7 +194,11 @@ def page_check(owui: str, proxy: LoggingProxy, workdir: Path, report: dict, time
         page.goto(owui + "/", wait_until="networkidle", timeout=120_000)
         box = page.locator("#chat-input")
         box.wait_for(timeout=120_000)
-        box.click()
+        try:
+            box.click(timeout=10_000)
+        except Exception:  # a first-start dialog (what's new) over the page: close it
+            page.keyboard.press("Escape")
+            box.click(timeout=10_000, force=True)
         page.keyboard.type(QUESTION)
         page.keyboard.press("Enter")
         deadline = time.monotonic() + timeout_s
