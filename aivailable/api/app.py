@@ -19,6 +19,8 @@ from aivailable.api.responses_endpoint import add_responses_route
 from aivailable.api.resume import Continuation, resumable
 from aivailable.api.router import Proxy, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
+from aivailable.config import token_budget
+from aivailable.engine.spec import generation_limit
 from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
 
 if TYPE_CHECKING:
@@ -138,6 +140,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
     resume = None
     if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
+        # What the replica will apply (engine.spec): a resumed stream must not start a fresh budget.
+        limit = generation_limit(limit, *token_budget(spec, node.settings.node.max_tokens_default))
         resume = Continuation(kind, sent, limit)
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)

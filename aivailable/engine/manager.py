@@ -24,7 +24,7 @@ from typing import Literal
 
 import aiohttp
 
-from aivailable.engine.spec import WorkerSpec
+from aivailable.engine.spec import SamplingDefaults, WorkerSpec
 
 log = logging.getLogger("aivailable.manager")
 
@@ -70,6 +70,10 @@ class Assignment:
     max_queue: int = 16
     chat_format: str | None = None
     tensor_split: tuple[float, ...] | None = None
+    max_tokens_default: int | None = None
+    max_tokens_ceiling: int | None = None
+    sampling: tuple[tuple[str, float], ...] = ()
+    """The model's sampling defaults (engine.spec.SamplingDefaults fields), as hashable pairs."""
     vram_estimate_mib: float = field(default=0.0, compare=False)
     """Not part of identity: a better estimate must not restart a running worker."""
 
@@ -251,7 +255,9 @@ class WorkerManager:
         spec = WorkerSpec(model=a.model, path=a.path, n_ctx=a.n_ctx, parallel=a.parallel,
                           n_threads=self._n_threads, embedding=a.embedding, device_ids=a.device_ids,
                           simulated=a.simulated, tensor_split=a.tensor_split, chat_format=a.chat_format,
-                          max_queue=a.max_queue, socket=h.socket)
+                          max_queue=a.max_queue, max_tokens_default=a.max_tokens_default,
+                          max_tokens_ceiling=a.max_tokens_ceiling, sampling=SamplingDefaults(**dict(a.sampling)),
+                          socket=h.socket)
         env = {**os.environ, **dict(a.visible_env)}
         h.state, h.started_at, h.reason = "loading", time.monotonic(), ""
         log.info("model %s: starting worker (ctx %d, %s)", a.key, a.n_ctx,

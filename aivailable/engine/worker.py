@@ -130,7 +130,7 @@ class Worker:
             raise InvalidRequest(f"model {self.spec.model!r} does not accept images (it has no multimodal "
                                  "projector)", param=images[0])
         plan = plan_chat(req, self.runner.tool_format)
-        params = self._params(req, req.token_limit())
+        params = self.spec.sampling.fill(self._params(req, self.spec.token_limit(req.token_limit())))
         params.grammar = plan.grammar
         cont = req.continue_final_message
         if cont and plan.grammar is not None:
@@ -145,7 +145,7 @@ class Worker:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse_request("completions", await read_json(request))
         assert isinstance(req, CompletionRequest)
-        params = self._params(req, req.max_tokens)
+        params = self.spec.sampling.fill(self._params(req, self.spec.token_limit(req.max_tokens)))
         params.logprobs = req.logprobs
         params.prompt_logprobs = bool(req.echo and req.logprobs is not None)
         params.prompt_param = "prompt"
