@@ -191,7 +191,7 @@ def page_check(owui: str, proxy: LoggingProxy, workdir: Path, report: dict, time
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(owui + "/", wait_until="networkidle", timeout=120_000)
+        page.goto(owui + "/", wait_until="domcontentloaded", timeout=120_000)  # socket.io never idles
         box = page.locator("#chat-input")
         box.wait_for(timeout=120_000)
         try:
@@ -206,7 +206,7 @@ def page_check(owui: str, proxy: LoggingProxy, workdir: Path, report: dict, time
         while time.monotonic() < deadline:
             chats = [e for e in proxy.log[seen:] if e["path"].endswith("/chat/completions")]
             done = [e for e in chats if "s" in e]
-            if chats and len(done) == len(chats) and time.monotonic() > 5 + max(e["t"] + e["s"] for e in done):
+            if chats and len(done) == len(chats) and time.time() > 5 + max(e["t"] + e["s"] for e in done):
                 break
             time.sleep(1)
         with contextlib.suppress(Exception):
