@@ -30,12 +30,15 @@ DEMO_MODEL_NAME = "gemma-3-270m"
 DEMO_CHAT_MODEL_NAME = "smollm2-135m-instruct"
 """The instruction-tuned chat model."""
 DEMO_GPU_SPEC = "demo-sim:2048"
-"""Room for both models with DEMO_CTX and DEMO_PARALLEL (388 + 937 MiB by engine.estimate) and some
+"""Room for both models with their contexts and DEMO_PARALLEL (577 + 937 MiB by engine.estimate) and some
 free VRAM left over, so the status page shows the two blocks and what placement could still put there."""
 DEMO_PARALLEL = 4
 """Slots per replica: the requests one replica generates at once."""
 DEMO_CTX = 8192
 """Total context per replica: 2048 tokens per slot (the context is split evenly over the slots)."""
+DEMO_CHAT_CTX = 16384
+"""The chat model's: 4096 tokens per slot, room for a chat UI's tool list (Open WebUI sends 36 tools with
+every chat of its page) beside the conversation."""
 SMOLLM2_SAMPLING = SamplingDefaults(temperature=0.2, top_p=0.9, repeat_penalty=1.1)
 """The model card's temperature and top_p, plus a mild repetition penalty: with llama.cpp's defaults
 (temperature 0.8, no penalty) this 135M model often rambles or repeats a phrase until its budget ends."""
@@ -118,7 +121,7 @@ def with_demo(settings: Settings) -> Settings:
     models = settings.models
     have = {m.name for m in models}
     if DEMO_CHAT_MODEL_NAME not in have:
-        models = (*models, ModelConfig(name=DEMO_CHAT_MODEL_NAME, path=str(smollm2_path()), ctx=DEMO_CTX,
+        models = (*models, ModelConfig(name=DEMO_CHAT_MODEL_NAME, path=str(smollm2_path()), ctx=DEMO_CHAT_CTX,
                                        parallel=DEMO_PARALLEL, sampling=SMOLLM2_SAMPLING))
     if DEMO_MODEL_NAME not in have:
         models = (*models, ModelConfig(name=DEMO_MODEL_NAME, path=str(demo_model_path(node.state_path)),

@@ -73,7 +73,7 @@ def test_config_keys_are_checked(tmp_path):
 
 
 def test_demo_settings_fit_and_bound_every_answer(gemma_path):
-    """Both demo models, each with 4 slots of 2048 tokens and the documented default budget, fit the
+    """Both demo models, each with 4 slots of 2048 tokens or more and the documented default budget, fit the
     demo's simulated GPU by the same estimate the node places them with."""
     from aivailable.engine.estimate import estimate_vram
     from aivailable.engine.gguf_info import read_model_info
@@ -85,7 +85,7 @@ def test_demo_settings_fit_and_bound_every_answer(gemma_path):
     assert set(models) == {CHAT, BASE}
     need = 0.0
     for m in models.values():
-        assert m.parallel >= 4 and m.ctx // m.parallel == 2048
+        assert m.parallel >= 4 and m.ctx // m.parallel >= 2048
         default, _ceiling = token_budget(m.model_dump(exclude_none=True), s.node.max_tokens_default)
         assert default == DEFAULT_MAX_TOKENS == 512
         need += estimate_vram(read_model_info(m.path), n_ctx=m.ctx, n_parallel=m.parallel, on_cpu=True).total_mib

@@ -80,8 +80,20 @@ def _signature(tool: ToolDef) -> str:
         if isinstance(schema, dict) and "enum" in schema:
             kind = "|".join(json.dumps(v) for v in schema["enum"])
         args.append(f"{name}{'' if name in required else '?'}: {kind if isinstance(kind, str) else '|'.join(kind)}")
-    desc = f": {tool.description}" if tool.description else ""
-    return f"- {tool.name}({', '.join(args)}){desc}"
+    desc = _first_sentence(tool.description)
+    return f"- {tool.name}({', '.join(args)}){': ' + desc if desc else ''}"
+
+
+DESCRIPTION_CHARS = 120
+"""Of each tool's description, the generic listing keeps the first sentence, at most this long: chat UIs
+send dozens of tools with every request, and a small model's context must still hold the conversation."""
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    end = re.search(r"(?<=[.!?])\s", text)
+    first = text[:end.start()] if end else text
+    return first if len(first) <= DESCRIPTION_CHARS else first[:DESCRIPTION_CHARS - 1].rstrip() + "…"
 
 
 def generic_instructions(tools: list[ToolDef], choice: str) -> str:
