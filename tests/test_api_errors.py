@@ -99,7 +99,7 @@ def test_unknown_model_is_404(node):
     (json.dumps({**GOOD, "temperature": 7}), "temperature", "less than or equal to 2"),
     (json.dumps({**GOOD, "max_tokens": 0}), "max_tokens", ""),
     (json.dumps({**GOOD, "max_tokens": "ten"}), "max_tokens", ""),
-    (json.dumps({**GOOD, "n": 3}), "n", ""),
+    (json.dumps({**GOOD, "n": 17}), "n", "less than or equal to 16"),
     (json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}), "stop", "at most 4"),
     (json.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options", "stream is true"),
     (json.dumps({**GOOD, "response_format": {"type": "xml"}}), "response_format.type", ""),
