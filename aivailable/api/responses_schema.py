@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
+from aivailable.api.schemas import invalid_request
 from aivailable.errors import InvalidRequest
 
 
@@ -255,16 +256,7 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         err = max(errors, key=lambda e: len(e["loc"]))  # the deepest: the union branch the input meant
-        param = _param(tuple(err["loc"])) or None
-        if err["type"] == "extra_forbidden":
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param) from None
-        if err["type"] == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (
-            isinstance(got, str) and len(got) < 60) else type(got).__name__
-        raise InvalidRequest(f"Invalid value for '{param}': {msg} (got {shown}).", param=param) from None
+        raise invalid_request(err, _param) from None
 
 
 # -- what the endpoint answers (described for /openapi.json; built by api/responses_api.py) -------------

@@ -349,14 +349,18 @@ def parse_request(kind: str, body: Any) -> BaseModel:
     try:
         return schema.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        param = _param(tuple(err["loc"])) or None
-        if err["type"] == "extra_forbidden":
-            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param) from None
-        if err["type"] == "missing":
-            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param) from None
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (
-            isinstance(got, str) and len(got) < 60) else type(got).__name__
-        raise InvalidRequest(f"Invalid value for '{param}': {msg} (got {shown}).", param=param) from None
+        raise invalid_request(exc.errors(include_url=False)[0], _param) from None
+
+
+def invalid_request(err: dict, param_of: Any) -> InvalidRequest:
+    """The 400 for one pydantic error; `param_of` turns its location into the field's name."""
+    param = param_of(tuple(err["loc"])) or None
+    if err["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    if err["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = repr(got) if isinstance(got, (int, float, bool, type(None))) or (
+        isinstance(got, str) and len(got) < 60) else type(got).__name__
+    return InvalidRequest(f"Invalid value for '{param}': {msg} (got {shown}).", param=param)
