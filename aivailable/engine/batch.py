@@ -71,8 +71,9 @@ log = logging.getLogger("aivailable.batch")
 PROMPT_CHUNK = 256
 # llama-cpp-python's `last_n_tokens_size`: how many recent tokens the repetition penalties look at.
 PENALTY_LAST_N = 64
-# With a grammar, how many of the most likely tokens it checks before it checks the whole vocabulary.
-GRAMMAR_TOP = 512
+# With a grammar that refuses the chain's pick: how many of the most likely tokens it checks, in turn,
+# before it checks the whole vocabulary (262k tokens for Gemma: a tenth of a second on a CPU).
+GRAMMAR_TIERS = (64, 4096)
 
 
 class EngineError(RuntimeError):
@@ -172,6 +173,8 @@ class BatchEngine:
             [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
         self._ids = np.arange(self._n_vocab, dtype=np.int32)
         self._one = (llama_cpp.llama_token_data * 1)()
+        self._eog = np.array([t for t in (llama_cpp.llama_vocab_eos(self._vocab), llama_cpp.llama_vocab_eot(self._vocab))
+                              if t >= 0], dtype=np.int64)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self._slots = [_Slot(i) for i in range(parallel)]
@@ -387,8 +390,8 @@ class BatchEngine:
         """The next token of `seq`, accepted by its samplers; None when its grammar allows no token.
 
         With a grammar: the chain's pick is kept when the grammar allows it. Otherwise the grammar masks
-        the GRAMMAR_TOP most likely tokens and the chain samples among those left; only when none is
-        allowed does the grammar go over the whole vocabulary (262k tokens for Gemma: slow on a CPU)."""
+        the most likely tokens (GRAMMAR_TIERS, with the end-of-generation tokens) and the chain samples
+        among those left; only when none is allowed does the grammar go over the whole vocabulary."""
         smp = seq.sampler
         if smp is None:
             return int(logits.argmax())
@@ -399,8 +402,13 @@ class BatchEngine:
         lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
         tok = arr.data[arr.selected].id
         if not self._grammar_allows(smp.grammar, tok):
-            top = np.argpartition(-logits, GRAMMAR_TOP)[:GRAMMAR_TOP].astype(np.int32)
-            tok = self._constrained(smp, logits, top)
+            tok = None
+            top = np.argpartition(-logits, GRAMMAR_TIERS[-1])[:GRAMMAR_TIERS[-1]]
+            order = top[np.argsort(-logits[top], kind="stable")]
+            for n in GRAMMAR_TIERS:  # the end-of-generation tokens too: a complete grammar allows only them
+                tok = self._constrained(smp, logits, np.unique(np.concatenate((order[:n], self._eog))))
+                if tok is not None:
+                    break
             if tok is None:
                 tok = self._constrained(smp, logits, None)
             if tok is None:
