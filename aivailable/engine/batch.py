@@ -99,6 +99,9 @@ class _Sampler:
 
     chain: object | None
     grammar: object | None
+    stateless: bool = False
+    """The chain keeps no history (no penalties): its pick may be made and accepted natively, on llama.cpp's
+    own candidate array, before the grammar checks it."""
 
 
 @dataclass(eq=False)
@@ -341,7 +344,8 @@ class BatchEngine:
                 log.warning("llama.cpp could not parse a grammar:\n%s", p.grammar[:2000])
                 raise InvalidRequest("the response format or tools could not be turned into a grammar",
                                      param="response_format")
-            sampler = _Sampler(chain, grammar)
+            stateless = (p.repeat_penalty in (None, 1.0) and not p.frequency_penalty and not p.presence_penalty)
+            sampler = _Sampler(chain, grammar, stateless)
             if p.grammar_prefix:
                 self._accept_prefix(sampler, p.grammar_prefix)
             return sampler
@@ -398,9 +402,12 @@ class BatchEngine:
         lc = self._lc
         if smp.grammar is None:
             return lc.llama_sampler_sample(smp.chain, self._ctx, seq.out_index)
-        arr = self._candidates(logits)
-        lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
-        tok = arr.data[arr.selected].id
+        if smp.stateless:
+            tok = lc.llama_sampler_sample(smp.chain, self._ctx, seq.out_index)
+        else:
+            arr = self._candidates(logits)
+            lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
+            tok = arr.data[arr.selected].id
         if not self._grammar_allows(smp.grammar, tok):
             tok = None
             top = np.argpartition(-logits, GRAMMAR_TIERS[-1])[:GRAMMAR_TIERS[-1]]
