@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from aivailable.engine import devices
+from aivailable.engine import backends, devices
 from aivailable.engine.devices import (
     Backend,
     BackendInfo,
@@ -77,7 +77,7 @@ def run_py(
 
 
 def llama_cpp_installed() -> bool:
-    return devices._llama_cpp_dir() is not None
+    return backends._llama_cpp_dir() is not None
 
 
 # ----------------------------------------------------------------------------------- simulated GPUs
