@@ -46,7 +46,7 @@ print("load report:", r.load_report)
 print("gpu_mib", r.load_report.gpu_mib, "host_mib", r.load_report.host_mib, "fully", r.load_report.fully_offloaded)
 parts = []
 res = r.generate(r.text_prompt("The history of computing began"), GenParams(max_tokens=8, temperature=0),
-                 threading.Event(), parts.append)
+                 threading.Event(), lambda text, _logprobs: parts.append(text))
 print("runner ok:", repr("".join(parts)), res)
 r.close()
 """

@@ -213,11 +213,12 @@ def test_cached_prompt_prefix_is_reused_in_whole_chunks(gemma_path, tmp_path):
         def greedy(tokens: list[int]) -> tuple[str, int]:
             out: list[str] = []
             fed = engine.prompt_tokens_fed
-            runner.generate(tokens, GenParams(max_tokens=12, temperature=0), threading.Event(), out.append)
+            runner.generate(tokens, GenParams(max_tokens=12, temperature=0), threading.Event(),
+                            lambda text, _logprobs: out.append(text))
             return "".join(out), engine.prompt_tokens_fed - fed
 
         fresh, fed = greedy(a)
-        assert fed == len(a)
+        assert fed == len(a) and fresh
         greedy(b)  # now slot 0 caches b, which shares whole chunks with a
         again, fed = greedy(a)
         common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)

@@ -225,9 +225,6 @@ class Runner:
         safe_prompt.check_size([(prompt, False)], self.n_ctx_seq, "prompt")
         return self.llm.tokenize(prompt.encode(), add_bos=True, special=False)
 
-    def piece_text(self, token: int) -> str:
-        return self._piece(token)
-
     # -- generation ----------------------------------------------------------------------------
     @property
     def n_ctx_seq(self) -> int:
@@ -236,7 +233,8 @@ class Runner:
 
     def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
                emit: Callable[..., None]) -> Future:
-        """Start generating from `tokens`; `emit(text_delta)` is called from the engine's thread and the
+        """Start generating from `tokens`; `emit(text_delta, logprobs)` is called from the engine's thread
+        (`logprobs`: the entries of the tokens in that text, or None) and the
         Future gives the GenResult. Stops at EOG, a stop string, the limit or `cancel`. A prompt that
         cannot fit raises InvalidRequest here, before anything is sent."""
         if self.engine is None:

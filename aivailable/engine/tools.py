@@ -267,6 +267,5 @@ class ToolStream:
         content, calls = parse_calls(self.fmt, self.text, self.names)
         if not calls:
             return self.text[self._sent:], []
-        sent = self.text[:self._sent]
-        rest = (content or "")[len(sent.strip()):] if content and content.startswith(sent.strip()) else ""
-        return rest.strip() if rest.strip() else "", calls
+        sent, content = self.text[:self._sent].strip(), content or ""
+        return (content[len(sent):].strip() if content.startswith(sent) else ""), calls

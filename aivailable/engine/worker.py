@@ -209,12 +209,8 @@ class Worker:
                 try:
                     fut = self.runner.submit(tokens, p, cancels[i], emit)
                 except BaseException:
-                    for c in cancels:
-                        c.set()
-                    if not futs:
-                        raise
-                    left[0] -= n - i  # the started ones release the gate when they end
-                    released = True
+                    if futs:  # the choices already started release the gate when they end
+                        left[0], released = len(futs), True
                     raise
                 futs.append(fut)
                 # The engine may outlive this handler (client gone): release only when all are done.
