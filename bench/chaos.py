@@ -22,6 +22,22 @@ its state directory must still hold its node id and a persisted term >= every te
     python bench/chaos.py --ci            # 60 s
     python bench/chaos.py --duration 40 --nodes 3 --gap 8,15 --out /tmp/chaos.json
 
+``--schedule harsh`` (root only) runs each node in its own network namespace (bench/netsplit.py: routed
+veths; a partition is a set of ``ip rule ... blackhole`` rules between the two sides, so clients still
+reach both halves, as through a load balancer) and adds two faults that may leave a minority: and
+faults are no longer limited to a responsive majority:
+
+- ``kill_majority``: SIGKILL a majority at once (3 of 5), chosen to include every holder of one model
+  (a power strip, a room's breaker); the dead are restarted one per later fault;
+- ``partition``: cut node-to-node traffic between a random minority and the rest for 10-30 s, then heal.
+
+With ``--balancer`` each request enters through a node that passed its last ``/health`` check (polled
+every 0.5 s, as a load balancer would); with ``--official-retries`` each request is one call of the plain
+official client on one node with its default 2 retries (no redispatch to another node). The report adds
+``no_replica_s``: per model, the longest window in which no live node had a ready replica of it.
+
+    python bench/chaos.py --schedule harsh --balancer --out bench/results/chaos_harsh.json
+
 Prints a table and writes bench/results/chaos.json. Targets: >= 99.9 % of requests succeed, 0 failures
 of class ``other``, no client hung past its timeout, no lost state directory, no term going backwards.
 """
@@ -51,6 +67,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.chaos_client import CLASSES, Clients  # noqa: E402
+from bench.netsplit import RoutedNet  # noqa: E402
 from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
 
 SECRET = "bench-chaos-secret-0123456789abcdef"
@@ -59,6 +76,8 @@ BRING_UP_S = 120  # a healthy start takes ~10 s even on 2 cores; under pytest-ti
 RESULTS = REPO / "bench" / "results" / "chaos.json"
 POLL_S = 0.5
 KINDS = ("kill9", "stop", "restart", "kill_worker", "kill_leader")
+HARSH_KINDS = ("kill9", "stop", "restart", "kill_leader", "kill_majority", "partition")
+HEALTH_POLL_S = 0.5
 TARGET_SUCCESS = 0.999
 
 
@@ -98,11 +117,18 @@ class Fault:
 
 
 class Harness:
-    def __init__(self, args: argparse.Namespace, model_path: Path, tmp: Path):
-        self.args, self.tmp = args, tmp
+    def __init__(self, args: argparse.Namespace, model_path: Path, tmp: Path, net: RoutedNet | None = None):
+        self.args, self.tmp, self.net = args, tmp, net
         self.rng = random.Random(args.seed)
         self.ids = [f"n{i}" for i in range(1, args.nodes + 1)]
-        self.ports = {n: free_port(f"127.0.0.{i}") for i, n in enumerate(self.ids, 1)}
+        if net is None:
+            self.hosts = {n: f"127.0.0.{i}" for i, n in enumerate(self.ids, 1)}
+            self.ports = {n: free_port(self.hosts[n]) for n in self.ids}
+        else:  # one namespace per node: every node has its own address and port space
+            self.hosts = {n: net.address(i) for i, n in enumerate(self.ids, 1)}
+            self.ports = dict.fromkeys(self.ids, 8000)
+        self.partitioned: tuple[list[str], list[str]] | None = None
+        self.healthy: set[str] = set()
         self.cfg = tmp / "models.toml"
         self.cfg.write_text("".join(f'[[models]]\nname = "{m}"\npath = "{model_path}"\nctx = 512\n'
                                     f"parallel = 2\nmax_replicas = 2\n\n" for m in MODELS))
@@ -125,8 +151,9 @@ class Harness:
                 "--node-id", node]
         peers = [p for p in self.ids if p != node and p not in self.dead and (p in self.procs or p == "n1")]
         for p in peers[:2]:
-            args += ["--join", f"127.0.0.{self.ids.index(p) + 1}:{self.ports[p]}"]
-        n = start_node(self.tmp, *args, host=f"127.0.0.{i}", port=self.ports[node], name=node)
+            args += ["--join", f"{self.hosts[p]}:{self.ports[p]}"]
+        prefix = self.net.prefix(i) if self.net is not None else ()
+        n = start_node(self.tmp, *args, host=self.hosts[node], port=self.ports[node], name=node, prefix=prefix)
         self.procs[node] = n
         self.dead.discard(node)
         return n
@@ -193,6 +220,20 @@ class Harness:
                     self.terms[node] = max(before, v["term"])
             self._poll_stop.wait(POLL_S)
 
+    def poll_health(self) -> None:
+        """What a load balancer sees: the nodes whose /health answered ok within a second, every 0.5 s."""
+        while not self._poll_stop.is_set():
+            ok = set()
+            for node in self.ids:
+                n = self.procs.get(node)
+                if n is None or node in self.dead:
+                    continue
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    if get_json(n.url + "/health", 1.0)["status"] == "ok":
+                        ok.add(node)
+            self.healthy = ok
+            self._poll_stop.wait(HEALTH_POLL_S)
+
     def latest_view(self) -> dict | None:
         with self._lock:
             for _, node, v in reversed(self.views):
@@ -203,6 +244,15 @@ class Harness:
     # -- faults ---------------------------------------------------------------------------------
     def choose(self) -> str:
         majority = len(self.ids) // 2 + 1
+        if self.args.schedule == "harsh":
+            if len(self.dead) >= majority or (self.dead and len(self.responsive()) <= 1):
+                return "restart"
+            kinds = [k for k in HARSH_KINDS
+                     if (k != "restart" or self.dead)
+                     and (k != "kill_majority" or not self.dead)
+                     and (k != "partition" or self.partitioned is None)
+                     and (k in ("restart", "partition", "kill_majority") or len(self.responsive()) > 2)]
+            return self.rng.choice(kinds)
         can_lose = len(self.responsive()) > majority
         kinds = [k for k in KINDS if (k != "restart" or self.dead) and (k in ("restart", "kill_worker") or can_lose)]
         if self.dead and not can_lose:
@@ -219,6 +269,10 @@ class Harness:
             node = self.rng.choice(sorted(self.dead))
             self.start(node)
             return Fault(kind, node, now, affected=[])
+        if kind == "kill_majority":
+            return self.kill_majority(view, held, now)
+        if kind == "partition":
+            return self.partition(now)
         live = self.responsive()
         if kind == "kill_leader":
             node = view.get("leader") if view.get("leader") in live else self.rng.choice(live)
@@ -258,6 +312,47 @@ class Harness:
         threading.Timer(length, cont).start()
         return Fault(kind, node, now, detail=f"{length:.1f} s", affected=held[node])
 
+    def kill_majority(self, view: dict, held: dict[str, list[str]], now: float) -> Fault:
+        """SIGKILL a majority at once, including every holder of one model if they fit in it."""
+        size = len(self.ids) // 2 + 1
+        holders = {m["name"]: sorted({r["node"] for r in m["replicas"]} & set(self.ids))
+                   for m in view.get("models", [])}
+        fitting = [hs for hs in holders.values() if 0 < len(hs) <= size]
+        victims = list(self.rng.choice(fitting)) if fitting else []
+        rest = [n for n in self.ids if n not in victims]
+        self.rng.shuffle(rest)
+        victims = sorted(victims + rest[:size - len(victims)])
+        pids = []
+        for n in victims:
+            proc = self.procs[n].proc
+            pids += [proc.pid, *children(proc.pid)]
+        signal_all(pids, signal.SIGKILL)  # all at once: one power strip
+        for n in victims:
+            self.procs[n].proc.wait(10)
+            self.dead.add(n)
+            self.stopped.discard(n)
+        affected = sorted({m for n in victims for m in held[n]})
+        return Fault("kill_majority", ",".join(victims), now, detail=f"leader={view.get('leader')}",
+                     affected=affected)
+
+    def partition(self, now: float) -> Fault:
+        """Cut node-to-node traffic between a random minority and the rest for 10-30 s."""
+        assert self.net is not None
+        ids = list(self.ids)
+        self.rng.shuffle(ids)
+        small, big = sorted(ids[:len(ids) // 2]), sorted(ids[len(ids) // 2:])
+        length = self.rng.uniform(10.0, 30.0)
+        index = {n: i for i, n in enumerate(self.ids, 1)}
+        self.net.split([index[n] for n in small], [index[n] for n in big])
+        self.partitioned = (small, big)
+
+        def heal() -> None:
+            self.net.heal()
+            self.partitioned = None
+
+        threading.Timer(length, heal).start()
+        return Fault("partition", ",".join(small) + "|" + ",".join(big), now, detail=f"{length:.1f} s")
+
     def expected_alive(self) -> set[str]:
         return set(self.ids) - self.dead
 
@@ -270,8 +365,12 @@ class Harness:
         self.t0 = time.monotonic()
         poller = threading.Thread(target=self.poll, daemon=True)
         poller.start()
+        health = threading.Thread(target=self.poll_health, daemon=True)
+        health.start()
         clients = Clients({n: p.url for n, p in self.procs.items()}, list(MODELS), args.clients, args.seed,
-                          args.timeout, args.max_tokens, failover=args.failover)
+                          args.timeout, args.max_tokens, failover=args.failover,
+                          healthy=(lambda: self.healthy) if args.balancer else None,
+                          official_retries=args.official_retries)
         clients.start()
         gap = args.gap
         next_fault = self.rng.uniform(*gap)
@@ -287,6 +386,10 @@ class Harness:
         time.sleep(0.5)
         self._poll_stop.set()
         poller.join(5)
+        health.join(5)
+        if self.net is not None:
+            self.net.heal()
+            self.partitioned = None
         for n in list(self.stopped):
             signal_all([self.procs[n].proc.pid, *children(self.procs[n].proc.pid)], signal.SIGCONT)
         self.recovery(clients)
@@ -300,7 +403,7 @@ class Harness:
         for f in self.faults:
             want = set(f.affected) or set(MODELS)
             f.first_ok_s = next((round(t - f.t, 2) for t, m in oks if t >= f.t and m in want), None)
-            resume = f.t + (float(f.detail.split()[0]) if f.kind == "stop" else 0.0)
+            resume = f.t + (float(f.detail.split()[0]) if f.kind in ("stop", "partition") else 0.0)
             for t, _node, v in self.views:  # whole again: with the nodes dead at that time (faults overlap)
                 if t >= resume and self._healthy(v, set(self.ids) - self.dead_at(t)):
                     f.restored_s = round(t - f.t, 2)
@@ -312,11 +415,23 @@ class Harness:
         for f in self.faults:
             if f.t > t:
                 break
-            if f.kind in ("kill9", "kill_leader"):
-                dead.add(f.node)
+            if f.kind in ("kill9", "kill_leader", "kill_majority"):
+                dead.update(f.node.split(","))
             elif f.kind == "restart":
                 dead.discard(f.node)
         return dead
+
+    def no_replica_windows(self) -> dict[str, float]:
+        """Per model, the longest stretch of run time with no polled view showing a ready replica of it on a
+        node that was alive then (views come every 0.5 s from each responsive node)."""
+        end = self.args.duration
+        out: dict[str, float] = {}
+        for m in MODELS:
+            seen = sorted(t for t, _obs, v in self.views for mv in v["models"] if mv["name"] == m
+                          for r in mv["replicas"] if r["state"] == "ready" and r["node"] not in self.dead_at(t))
+            marks = [0.0, *seen, end]
+            out[m] = round(max(b - a for a, b in zip(marks, marks[1:], strict=False)), 1)
+        return out
 
     def shutdown(self) -> tuple[dict[str, int | None], dict[str, dict]]:
         exits: dict[str, int | None] = {}
@@ -358,7 +473,8 @@ class Harness:
 
     def attribute_drops(self, attempts: list) -> int:
         """Reclassify a dropped connection to a node that was killed during the attempt (see chaos_client)."""
-        kills = [(f.t + self.t0, f.node) for f in self.faults if f.kind in ("kill9", "kill_leader")]
+        kills = [(f.t + self.t0, node) for f in self.faults if f.kind in ("kill9", "kill_leader", "kill_majority")
+                 for node in f.node.split(",")]
         n = 0
         for a in attempts:
             # A connection made just after the signal can still be accepted by the kernel, then reset as
@@ -409,6 +525,7 @@ class Harness:
                 [f"t={a.t0 - self.t0:.1f}-{a.t1 - self.t0:.1f} via {a.node} {a.outcome}: {a.detail}" for a in r.attempts]
                 for r in reqs if not r.ok][:12],
             "latency_s": {"p50": _pct(lat, 50), "p99": _pct(lat, 99), "max": lat[-1] if lat else None},
+            "no_replica_s": self.no_replica_windows(),
             "faults": [asdict(f) for f in self.faults],
             "hung_clients": hung,
             "term_violations": self.term_violations,
@@ -441,6 +558,7 @@ def table(r: dict) -> str:
         f"attempts {r['attempts']}; failed attempts (retried on another node where the client may): "
         + ", ".join(f"{k} {v}" for k, v in r["failed_attempts"].items()),
         f"latency p50 {r['latency_s']['p50']} s  p99 {r['latency_s']['p99']} s  max {r['latency_s']['max']} s",
+        "longest time with no ready replica: " + ", ".join(f"{m} {s} s" for m, s in r["no_replica_s"].items()),
         "",
         f"{'t (s)':>7}  {'fault':11s} {'node':4s}  {'first ok (s)':>12}  {'restored (s)':>12}  detail",
     ]
@@ -476,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="clients are the official openai client made by aivailable.client over every node "
                         "(fails over and continues streams cut by their node's death); default: the plain "
                         "official client, one node per request")
+    p.add_argument("--schedule", choices=("standard", "harsh"), default="standard",
+                   help="harsh: majority kills and partitions, nodes in network namespaces (root only)")
+    p.add_argument("--balancer", action="store_true",
+                   help="each request enters through a node that passed its last /health check")
+    p.add_argument("--official-retries", dest="official_retries", action="store_true",
+                   help="each request is one call of the plain official client (default 2 retries) on one node")
     args = p.parse_args(argv)
     if args.ci:
         args.duration = 60.0
@@ -494,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         from aivailable.demo import demo_model_path
 
         model = demo_model_path(Path(tempfile.gettempdir()) / "aiv-chaos-model", progress=False)
-    h = Harness(args, model, tmp)
+    net = RoutedNet(args.nodes).__enter__() if args.schedule == "harsh" else None
+    h = Harness(args, model, tmp, net)
     try:
         print(f"chaos: {args.nodes} nodes, {args.clients} clients, {args.duration:.0f} s, faults every "
               f"{lo:g}-{hi:g} s, seed {args.seed}; logs in {tmp}", flush=True)
@@ -504,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 signal_all(children(n.proc.pid), signal.SIGKILL)
                 n.kill_group()
+        if net is not None:
+            net.__exit__(None, None, None)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     print(table(r))

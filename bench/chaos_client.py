@@ -32,6 +32,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import openai
@@ -106,9 +107,12 @@ class Clients:
     """``n`` closed-loop client threads over ``nodes`` (name -> base URL) until ``stop()``."""
 
     def __init__(self, nodes: dict[str, str], models: list[str], n: int, seed: int, timeout_s: float,
-                 max_tokens: int, failover: bool = False):
+                 max_tokens: int, failover: bool = False, healthy: Callable[[], set[str]] | None = None,
+                 official_retries: bool = False):
         self.nodes, self.models, self.n = nodes, models, n
         self.failover = failover
+        self.healthy = healthy
+        self.official_retries = official_retries
         self.timeout_s, self.max_tokens = timeout_s, max_tokens
         self.rng = random.Random(seed)
         self.requests: list[Request] = []
@@ -123,9 +127,10 @@ class Clients:
             shared = openai.OpenAI(base_url=transport.nodes.base_url(), api_key="chaos", timeout=timeout,
                                    http_client=openai.DefaultHttpxClient(transport=transport))
             self._clients = {k: shared.with_options(base_url=u + "/v1") for k, u in nodes.items()}
-        else:
-            self._clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="chaos", max_retries=0, timeout=timeout)
-                             for k, u in nodes.items()}
+        else:  # the official client's own retries (default 2) stay on its one node
+            retries = openai.DEFAULT_MAX_RETRIES if official_retries else 0
+            self._clients = {k: openai.OpenAI(base_url=u + "/v1", api_key="chaos", max_retries=retries,
+                                              timeout=timeout) for k, u in nodes.items()}
         self._threads = [threading.Thread(target=self._loop, args=(i, random.Random(self.rng.random())),
                                           daemon=True, name=f"client{i}") for i in range(n)]
 
@@ -153,10 +158,14 @@ class Clients:
         t0 = time.monotonic()
         tried: list[str] = []
         attempts: list[Attempt] = []
-        for _ in range(1 if self.failover else ATTEMPTS):
+        for _ in range(1 if self.failover or self.official_retries else ATTEMPTS):
             now = time.monotonic()
             fresh = [k for k in self.nodes if k not in tried]
-            up = [k for k in fresh if self._down.get(k, 0.0) <= now]
+            if self.healthy is not None:  # a load balancer: only nodes whose last health check passed
+                checked = self.healthy()
+                up = [k for k in fresh if k in checked] or [k for k in self.nodes if k in checked]
+            else:
+                up = [k for k in fresh if self._down.get(k, 0.0) <= now]
             node = rng.choice(up or fresh or list(self.nodes))
             tried.append(node)
             a = self._attempt(node, model, stream)

@@ -101,14 +101,15 @@ class NodeProc:
 
 def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
                env: dict[str, str] | None = None, name: str = "node",
-               preexec_fn: Callable[[], None] | None = None) -> NodeProc:
+               preexec_fn: Callable[[], None] | None = None, prefix: tuple[str, ...] = ()) -> NodeProc:
     """Start `python -m aivailable up` with `args` on a free port; the caller stops it. `preexec_fn` runs in
-    the child before it starts (e.g. to lower its resource limits)."""
+    the child before it starts (e.g. to lower its resource limits); `prefix` goes before the command (e.g.
+    `ip netns exec NS`, with an explicit `port`)."""
     port = port or free_port(host)
     state = tmp / f"{name}-state"
     state.mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "aivailable", "up", "--host", host, "--port", str(port),
+    cmd = [*prefix, sys.executable, "-m", "aivailable", "up", "--host", host, "--port", str(port),
            "--state-dir", str(state), "--no-mdns", *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIVAILABLE_PROFILE": "local", **(env or {})}
     with log_path.open("wb") as logf:
