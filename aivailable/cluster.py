@@ -72,7 +72,8 @@ class RateMeter:
         return {m: round(r, 3) for m, r in self._rate.items() if r >= 0.001}
 
 
-_VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_tokens", "tokens_per_s", "uptime_s"}
+_VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_tokens", "tokens_per_s", "uptime_s",
+             "prompt_tokens", "cached_tokens"}
 
 
 def _shape(facts: dict) -> dict:

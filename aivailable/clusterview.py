@@ -98,6 +98,15 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                        "ctx": spec.get("ctx"), "vram_estimate_mib": round(max(needs), 1) if needs else None,
                        "replicas": reps, "placed_on": placement.get(name, []),
                        "requests": sum(r.get("requests", 0) for r in reps),
-                       "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2)})
+                       "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2),
+                       **_cache_use(reps)})
     return {"node_id": self_id, "leader": leader, "term": term, "version": version, "backend": backend,
             "nodes": nodes, "models": models, "transfers": transfers, "events": events[-50:]}
+
+
+def _cache_use(reps: list[dict]) -> dict:
+    """Prompt tokens the model's replicas processed and how many of them came from a slot's cached prefix."""
+    prompt = sum(int(r.get("prompt_tokens", 0)) for r in reps)
+    cached = sum(int(r.get("cached_tokens", 0)) for r in reps)
+    return {"prompt_tokens": prompt, "cached_tokens": cached,
+            "cache_hit_rate": round(cached / prompt, 3) if prompt else None}

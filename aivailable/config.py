@@ -192,6 +192,10 @@ class NodeConfig(BaseSettings):
     max_tokens_default: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     """Tokens generated for a request that sets no max_tokens, for models whose definition sets none
     (always also bounded by the slot's context: ctx / parallel minus the prompt)."""
+    routing: Literal["prefix", "p2c"] = "prefix"
+    """How an entry node picks among a model's replicas: "prefix" keeps each conversation on the replica that
+    caches its prompt (the same choice on every node, within a load bound; api/affinity.py), "p2c" is the
+    power of two choices on load alone."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api import hop
+from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
@@ -146,9 +147,10 @@ async def inference(request: web.Request) -> web.StreamResponse:
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)
     try:
+        affinity = request_key(kind, req) if node.settings.node.routing == "prefix" and len(upstreams) > 1 else None
         resp = await request.app[PROXY].forward(
             request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
-            authorization=request.headers.get("Authorization"), resume=resume)
+            authorization=request.headers.get("Authorization"), resume=resume, affinity=affinity)
     except Exception as exc:
         status = getattr(exc, "http_status", 500)
         metrics.requests.labels(name, kind, str(status)).inc()
@@ -207,6 +209,7 @@ def build_app(node: Node) -> web.Application:
     app[NODE] = node
     secret = node.cluster.secret
     app[PROXY] = Proxy(hop_auth=lambda path: hop.sign(secret, node.node_id, path, time.time()))
+    node.metrics.watch_routing(app[PROXY].choices)
     app[HOPS] = hop.HopVerifier(secret)
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
     if cfg.rate_limit_rpm and not cfg.api_keys:

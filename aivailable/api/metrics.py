@@ -38,6 +38,9 @@ class _Live:
                                      labels=["model", "replica", "kind"])
         restarts = CounterMetricFamily("aivailable_worker_restarts", "Worker restarts after a crash",
                                        labels=["model", "replica"])
+        cached = CounterMetricFamily("aivailable_prompt_tokens_cached", "Prompt tokens whose KV came from a "
+                                     "slot's cached prefix instead of being computed (replica's current worker)",
+                                     labels=["model", "replica"])
         for w in s["workers"]:
             lab = [w["model"], w["key"]]
             queue.add_metric(lab, w["queued"])
@@ -46,7 +49,21 @@ class _Live:
             tokens.add_metric([*lab, "prompt"], w.get("prompt_tokens", 0))
             tokens.add_metric([*lab, "completion"], w["completion_tokens"])
             restarts.add_metric(lab, w["restarts"])
-        yield from (queue, active, state, tokens, restarts)
+            cached.add_metric(lab, w.get("cached_tokens", 0))
+        yield from (queue, active, state, tokens, restarts, cached)
+
+
+class _Routing:
+    def __init__(self, choices: dict[str, int]):
+        self._choices = choices
+
+    def collect(self) -> Iterable:
+        fam = CounterMetricFamily("aivailable_routing_choices", "Replica choices of this entry node: prefix "
+                                  "(conversation affinity within the load bound), overflow (every replica past the "
+                                  "bound), p2c (no affinity key), only (one candidate)", labels=["how"])
+        for how in ("prefix", "overflow", "p2c", "only"):
+            fam.add_metric([how], self._choices.get(how, 0))
+        yield fam
 
 
 class NodeMetrics:
@@ -63,6 +80,10 @@ class NodeMetrics:
         self.ttfb = Histogram("aivailable_time_to_first_byte_seconds", "Time until the replica's first byte",
                               ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_Live(snapshot))
+
+    def watch_routing(self, choices: dict[str, int]) -> None:
+        """Export the API router's tally of how it chose replicas (api/router.py pick)."""
+        self.registry.register(_Routing(choices))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

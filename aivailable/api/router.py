@@ -1,4 +1,5 @@
-"""Request routing: pick a replica (power of two choices), proxy the bytes, retry before first byte.
+"""Request routing: pick a replica (by prompt prefix, else power of two choices), proxy the bytes, retry
+before first byte.
 
 A local worker (unix socket) and a remote peer (TCP) are both `Upstream`s; the router never
 cares which. Streams pass through unbuffered. Nothing reaches the client before the upstream's
@@ -24,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from aivailable.api import hop
+from aivailable.api.affinity import affine
 from aivailable.api.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 from aivailable.errors import ModelUnavailable, UpstreamError
 
@@ -77,15 +79,35 @@ class RouteChoice:
     candidates: int
 
 
-def pick(upstreams: list[Upstream], rng: random.Random, exclude: set[str]) -> Upstream | None:
-    """Power of two choices on outstanding requests per slot; local wins ties; peers in cooldown last."""
+def pick(upstreams: list[Upstream], rng: random.Random, exclude: set[str], affinity: bytes | None = None,
+         counts: dict[str, int] | None = None) -> Upstream | None:
+    """With an `affinity` key (api/affinity.py): the first replica in the key's rendezvous order within the
+    load bound. Otherwise, or when every replica is past the bound: power of two choices on outstanding
+    requests per slot; local wins ties. Peers in cooldown only when nothing else is left. `counts` tallies
+    how each choice was made (prefix, overflow, p2c, only)."""
     now = time.monotonic()
     live = [u for u in upstreams if u.key not in exclude]
     if not live:
         return None
     warm = [u for u in live if u.cooldown_until <= now] or live
+    up, how = _choose(warm, rng, affinity)
+    if counts is not None:
+        counts[how] = counts.get(how, 0) + 1
+    return up
+
+
+def _choose(warm: list[Upstream], rng: random.Random, affinity: bytes | None) -> tuple[Upstream, str]:
     if len(warm) == 1:
-        return warm[0]
+        return warm[0], "only"
+    if affinity is None:
+        return _two_choices(warm, rng), "p2c"
+    chosen = affine(warm, affinity)
+    if chosen is not None:
+        return chosen, "prefix"  # type: ignore[return-value]
+    return _two_choices(warm, rng), "overflow"
+
+
+def _two_choices(warm: list[Upstream], rng: random.Random) -> Upstream:
     a, b = rng.sample(warm, 2)
     return min((a, b), key=lambda u: ((u.outstanding + u.reported_load) / max(1, u.slots), not u.local, u.key))
 
@@ -104,15 +126,20 @@ class Proxy:
         self.retries = 0
         self.resumed = 0
         """Streams continued on another replica after theirs broke mid-way."""
+        self.choices: dict[str, int] = {}
+        """How replicas were chosen: prefix (affinity within the load bound), overflow (every replica past
+        the bound: two choices), p2c (no affinity key), only (one candidate)."""
 
     async def forward(self, request: web.Request, path: str, body: bytes, upstreams: list[Upstream],
                       on_first_byte: Callable[[Upstream], None] | None = None,
                       authorization: str | None = None,
-                      resume: Continuation | None = None) -> web.StreamResponse:
+                      resume: Continuation | None = None, affinity: bytes | None = None) -> web.StreamResponse:
         """Proxy to the best replica; raise ModelUnavailable if none could take it. With `resume`, a
-        stream whose replica breaks after its first token goes on from another replica (api/resume.py)."""
+        stream whose replica breaks after its first token goes on from another replica (api/resume.py).
+        `affinity` (api/affinity.py) keeps a conversation on the replica that holds its prefix; a resumed
+        stream goes to the next replica in the same order, where the conversation's next turns will go."""
         tried: set[str] = set()
-        r, up, first = await self._open(request, path, body, upstreams, tried, authorization)
+        r, up, first = await self._open(request, path, body, upstreams, tried, authorization, affinity)
         try:
             if on_first_byte:
                 on_first_byte(up)
@@ -139,7 +166,8 @@ class Proxy:
                 broken = f"{type(exc).__name__}"
             finally:
                 self._close(r, up)
-            step = await self._resume(request, path, upstreams, tried, authorization, resume, sent, up, broken)
+            step = await self._resume(request, path, upstreams, tried, authorization, resume, sent, up, broken,
+                                      affinity)
             if step is None:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await resp.write(failure_event(f"the replica serving this stream failed ({broken}); "
@@ -151,14 +179,15 @@ class Proxy:
         return resp
 
     async def _open(self, request: web.Request, path: str, body: bytes, upstreams: list[Upstream],
-                    tried: set[str], authorization: str | None) -> tuple[aiohttp.ClientResponse, Upstream, bytes]:
+                    tried: set[str], authorization: str | None,
+                    affinity: bytes | None = None) -> tuple[aiohttp.ClientResponse, Upstream, bytes]:
         """The first replica (not in `tried`) that answers, with its first bytes; counted in its `outstanding`
         until `_close`. Raises ModelUnavailable when none does."""
         last_error = "no replica is ready"
         retry_after = 2.0
         hops = hop.of(request).count
         while True:
-            up = pick(upstreams, self.rng, tried)
+            up = pick(upstreams, self.rng, tried, affinity, self.choices)
             if up is None:
                 raise ModelUnavailable(f"model is not available right now: {last_error}", retry_after=retry_after)
             tried.add(up.key)
@@ -203,7 +232,8 @@ class Proxy:
 
     async def _resume(self, request: web.Request, path: str, upstreams: list[Upstream], tried: set[str],
                       authorization: str | None, resume: Continuation | None, sent: StreamLog, failed: Upstream,
-                      broken: str) -> tuple[aiohttp.ClientResponse, Upstream, bytes, Splice] | None:
+                      broken: str, affinity: bytes | None = None
+                      ) -> tuple[aiohttp.ClientResponse, Upstream, bytes, Splice] | None:
         """Continue a broken stream on another replica, or None (then the client gets an error event)."""
         if resume is None or sent.done:
             log.warning("replica %s broke mid-stream (%s); ending the client's stream with an error",
@@ -217,7 +247,7 @@ class Proxy:
             return None
         body, mute = asked
         try:
-            r, up, first = await self._open(request, path, body, upstreams, tried, authorization)
+            r, up, first = await self._open(request, path, body, upstreams, tried, authorization, affinity)
         except ModelUnavailable as exc:
             log.warning("replica %s broke mid-stream (%s) after %d tokens; no other replica could continue it "
                         "(%s); ending the client's stream with an error", failed.key, broken, done.text_events, exc)

@@ -119,6 +119,8 @@ class WorkerHandle:
                 "requests": self.health.get("requests", 0),
                 "cancelled": self.health.get("cancelled", 0),
                 "completion_tokens": self.health.get("completion_tokens", 0),
+                "prompt_tokens": self.health.get("prompt_tokens", 0),
+                "cached_tokens": self.health.get("cached_tokens", 0),
                 "tokens_per_s": self.health.get("tokens_per_s", 0.0),
                 "chat_template": self.load_info.get("chat_template"),
                 "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None}

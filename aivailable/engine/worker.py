@@ -101,7 +101,7 @@ class Worker:
         # Tokenizing and embeddings, in admission order; generation runs on the BatchEngine's thread.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0,
-                      "prompt_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
+                      "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
         self.last_tps = 0.0
 
     def app(self) -> web.Application:
@@ -284,6 +284,7 @@ class Worker:
         s = self.stats
         s["completed"] += 1
         s["prompt_tokens"] += result.prompt_tokens
+        s["cached_tokens"] += result.cached_tokens
         s["completion_tokens"] += result.completion_tokens
         s["busy_s"] += result.duration_s
         self.gate.record(result.duration_s)
