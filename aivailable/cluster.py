@@ -20,6 +20,8 @@ from aiohttp import web
 
 from aivailable import coordinator as coord
 from aivailable.api.router import Upstream
+from aivailable.autonomy import AutonomyConfig
+from aivailable.autonomy_loop import AutonomyLoop
 from aivailable.clusterview import MemberInfo, build_view
 from aivailable.coordinator import NodeFacts
 from aivailable.gossip import envelope
@@ -117,6 +119,7 @@ class Cluster:
         self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
         self._conflicts: dict[str, str] = {}
+        self.autonomy: AutonomyLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -160,6 +163,8 @@ class Cluster:
                                               timeout=aiohttp.ClientTimeout(total=None, sock_connect=3))
         self._tasks += [asyncio.create_task(self._facts_loop(), name="facts"),
                         asyncio.create_task(self._coordinator_loop(), name="coordinator")]
+        self.autonomy = AutonomyLoop(self, AutonomyConfig(grace_s=cfg.autonomous_grace_s))
+        self._tasks.append(asyncio.create_task(self.autonomy.run(), name="autonomy"))
 
     async def stop(self) -> None:
         await self.leave()
@@ -288,6 +293,8 @@ class Cluster:
             self.node.record_event(line)
         self.node.placement = assignments
         self.node.planned = True
+        if self.autonomy is not None:  # a placement that needs an autonomous replica's VRAM wins, before loading
+            await self.autonomy.round(time.monotonic())
         await self.node.reconcile()  # a leaving node keeps its workers until drained
 
     # -- routing -------------------------------------------------------------------------------

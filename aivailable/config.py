@@ -196,6 +196,9 @@ class NodeConfig(BaseSettings):
     """How an entry node picks among a model's replicas: "prefix" keeps each conversation on the replica that
     caches its prompt (the same choice on every node, within a load bound; api/affinity.py), "p2c" is the
     power of two choices on load alone."""
+    autonomous_grace_s: float = Field(default=10.0, ge=0)
+    """With no coordinator for this long (a minority after losing most nodes), a node loads models that clients
+    ask it for and no reachable node serves onto its own free VRAM (aivailable/autonomy.py); 0 = never."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
 

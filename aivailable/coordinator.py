@@ -93,6 +93,13 @@ def _reserved(device: dict, claims: float) -> int:
     return int(foreign + RESERVE_HEADROOM_MIB)
 
 
+def free_vram(device: dict, claims: float, planned: float) -> float:
+    """MiB of one of this node's GPUs left after the replicas `planned` for it and what foreign processes use
+    (with headroom on real GPUs); `claims` is what this node's running workers hold now."""
+    total = float(device.get("vram_total_mib", 0))
+    return total - min(total, _reserved(device, claims)) - planned
+
+
 def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[str, float] | None = None) -> Problem:
     """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies."""
     gpus: list[Gpu] = []

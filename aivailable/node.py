@@ -54,6 +54,10 @@ class Node:
         self.estimates: dict[str, float] = {}
         self.placement: Assignments = {}
         self.planned = False
+        self.autonomous: dict[str, tuple[str, str]] = {}
+        """Replicas this node runs without a coordinator (aivailable/autonomy.py): model -> (own GPU id, why)."""
+        self.retiring: dict[str, str] = {}
+        """Autonomous replicas being drained before they are unloaded: model -> GPU id."""
         self.leaving = False
         """SIGTERM received: models are being handed over, requests drained (see aivailable.leave)."""
         self.events: list[dict] = []
@@ -167,8 +171,29 @@ class Node:
         if self.leaving:
             return  # keep every worker until this node's requests have drained (aivailable.leave)
         async with self._reconcile_lock:
-            await self.manager.reconcile(self.assignments_for(self.placement))
+            await self.manager.reconcile(self.assignments_for(self.serving()))
             self.files.touch(self._files_in_use())
+
+    def serving(self) -> Assignments:
+        """The placement plus this node's autonomous and retiring replicas (each on one own GPU)."""
+        extra = {**{m: g for m, (g, _why) in self.autonomous.items()}, **self.retiring}
+        if not extra:
+            return self.placement
+        out = {m: list(reps) for m, reps in self.placement.items()}
+        for model, gpu in extra.items():
+            mine = [r for r in out.get(model, []) if r["node"] == self.node_id and gpu in r["gpus"]]
+            if not mine:
+                out.setdefault(model, []).append({"node": self.node_id, "gpus": [gpu]})
+        return out
+
+    def _autonomy_of(self, h: WorkerHandle) -> dict:
+        """How an autonomous or retiring replica shows in facts and /api/cluster ({} for a placed one)."""
+        if h.model in self.retiring and self.retiring[h.model] in h.assignment.device_ids:
+            return {"autonomous": "retiring: the coordinator's placement replaces it", "state": "retiring"}
+        auto = self.autonomous.get(h.model)
+        if auto is not None and auto[0] in h.assignment.device_ids:
+            return {"autonomous": auto[1]}
+        return {}
 
     def facts(self) -> NodeFacts:
         """This node's facts for the coordinator (and, in a cluster, for gossip)."""
@@ -178,7 +203,7 @@ class Node:
             usable, _why = devmod.usable(d, self.backend)
             devices.append({"id": d.id, "vendor": d.vendor, "name": d.name, "vram_total_mib": d.vram_total_mib,
                             "vram_used_mib": d.vram_used_mib, "simulated": d.simulated, "usable": usable})
-        replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding}
+        replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding, **self._autonomy_of(h)}
                     for h in self.manager.workers.values() if h.state != "stopped"]
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=self.files.catalog_entries(),
@@ -243,12 +268,17 @@ class Node:
 
     def upstreams(self, model: str, *, local_only: bool = False) -> list[Upstream]:
         """Ready replicas of `model`: this node's workers, then (unless `local_only`) peers'."""
-        ups = [self._upstream(h) for h in self.manager.ready(model)]
-        for u in ups:
-            u.draining = self.leaving
+        ready = self.manager.ready(model)
+        ups = [self._upstream(h) for h in ready]
+        for h, u in zip(ready, ups, strict=True):
+            u.draining = self.leaving or (model in self.retiring and self.retiring[model] in h.assignment.device_ids)
         if not local_only:
             ups += self.cluster.remote_upstreams(model)
         return [u for u in ups if not u.draining] or ups  # a leaving node's replicas only as a last resort
+
+    def upstream_of(self, h: WorkerHandle) -> Upstream:
+        """The router's view of a local replica (its requests in flight)."""
+        return self._upstream(h)
 
     def _upstream(self, h: WorkerHandle) -> Upstream:
         up = h.__dict__.get("_upstream")
@@ -336,6 +366,7 @@ class Node:
         for h in self.manager.workers.values():
             v = h.view()
             v["prompt_tokens"] = h.health.get("prompt_tokens", 0)
+            v.update(self._autonomy_of(h))
             workers.append(v)
         return {"gpus": self._gpu_views(), "workers": workers}
 

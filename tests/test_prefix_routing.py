@@ -55,7 +55,7 @@ def ready_everywhere(n: NodeProc) -> set[str]:
 
 
 def client(n: NodeProc) -> openai.OpenAI:
-    return openai.OpenAI(base_url=n.api, api_key="x", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=n.api, api_key="x", max_retries=0, timeout=240)
 
 
 def ask(n: NodeProc, messages: list, max_tokens: int = 4):
@@ -68,6 +68,7 @@ def conversation(i: int) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Trip number {i}: where to?"}]
 
 
+@pytest.mark.timeout(900)  # 24 requests on a shared CPU
 def test_every_entry_node_sends_a_conversation_to_the_same_replica(cluster):
     replicas = set()
     for i in range(6):
@@ -82,11 +83,12 @@ def test_every_entry_node_sends_a_conversation_to_the_same_replica(cluster):
     assert len(replicas) >= 2, "six conversations all hashed to one replica"
 
 
+@pytest.mark.timeout(600)
 def test_a_hot_conversation_overflows_past_its_full_replica(cluster):
     msgs = conversation(100)
     home = ask(cluster[0], msgs)[0]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        used = list(pool.map(lambda _: ask(cluster[0], msgs, max_tokens=48)[0], range(8)))
+        used = list(pool.map(lambda _: ask(cluster[0], msgs, max_tokens=24)[0], range(8)))
     assert home in used and len(set(used)) >= 2, used  # 2 slots per replica: 8 at once cannot all stay home
 
 
@@ -100,7 +102,7 @@ def metric(n: NodeProc, name: str, **labels: str) -> float:
 
 
 def test_cached_prompt_tokens_are_counted_exactly(cluster):
-    msgs = [{"role": "system", "content": SYSTEM + " Also mention the weather."},
+    msgs = [{"role": "system", "content": SYSTEM * 3 + " Also mention the weather."},  # > 2 reuse chunks
             {"role": "user", "content": "Where should I go in May?"}]
     home, first = ask(cluster[1], msgs)
     node = next(n for n in cluster if home.startswith(n.cluster()["node_id"] + "/"))

@@ -41,8 +41,13 @@ class _Live:
         cached = CounterMetricFamily("aivailable_prompt_tokens_cached", "Prompt tokens whose KV came from a "
                                      "slot's cached prefix instead of being computed (replica's current worker)",
                                      labels=["model", "replica"])
+        autonomous = GaugeMetricFamily("aivailable_autonomous_replicas", "Replicas this node runs without a "
+                                       "coordinator's placement (1 per replica; state autonomous or retiring)",
+                                       labels=["model", "replica", "state"])
         for w in s["workers"]:
             lab = [w["model"], w["key"]]
+            if w.get("autonomous"):
+                autonomous.add_metric([*lab, "retiring" if w["state"] == "retiring" else "autonomous"], 1.0)
             queue.add_metric(lab, w["queued"])
             active.add_metric(lab, w["outstanding"])
             state.add_metric([*lab, w["state"]], 1.0 if w["state"] == "ready" else 0.0)
@@ -50,7 +55,7 @@ class _Live:
             tokens.add_metric([*lab, "completion"], w["completion_tokens"])
             restarts.add_metric(lab, w["restarts"])
             cached.add_metric(lab, w.get("cached_tokens", 0))
-        yield from (queue, active, state, tokens, restarts, cached)
+        yield from (queue, active, state, tokens, restarts, cached, autonomous)
 
 
 class _Routing:
@@ -79,6 +84,9 @@ class NodeMetrics:
                                     "limit, by key fingerprint", ["key"], registry=self.registry)
         self.ttfb = Histogram("aivailable_time_to_first_byte_seconds", "Time until the replica's first byte",
                               ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.autonomous_retired = Counter("aivailable_autonomous_retired", "Autonomous replicas retired (drained "
+                                          "and unloaded) because a coordinator's placement took over",
+                                          registry=self.registry)
         self.registry.register(_Live(snapshot))
 
     def watch_routing(self, choices: dict[str, int]) -> None:

@@ -41,6 +41,7 @@ from aivailable.gossip.messages import PlacementPublish
 from aivailable.gossip.node_core import NodeCore, NodeCoreConfig, Note, PlacementApplied, PlacementRefused
 from aivailable.gossip.simcheck import Checker, percentile
 from aivailable.gossip.simnet import Network, Tracked, trivial_place
+from aivailable.gossip.simserve import Autonomy, ServingCheck
 
 __all__ = ["Network", "Sim", "SimConfig", "SimNode", "campaign", "detection_trial", "run_seed", "trivial_place"]
 
@@ -80,6 +81,11 @@ class SimConfig:
     # root: both found, then merge), "mesh" (random seeds, connected), or "random" (one of these per seed).
     bootstrap: str | None = None
     root_late: float = 15.0
+    # Autonomous serving (aivailable/autonomy.py through gossip/simserve.py): every node is asked for every
+    # model of `demand`; a node without a coordinator serves what nobody it reaches serves.
+    autonomy: bool = True
+    # "random" faults, or "majority": at 5 s, crash a majority at once for 40 s (no coordinator anywhere)
+    schedule: str = "random"
 
 
 class SimNode:
@@ -92,6 +98,8 @@ class SimNode:
         self.disk: HardState | None = None
         self.disk_placement: tuple[int, int, dict[str, Any]] | None = None
         self.applied: dict[str, Any] = {}
+        self.autonomous: dict[str, str] = {}
+        self.serving = Autonomy(changed_at=sim.now)
         self.gen = 0  # bumped per (re)start: send outcomes for an older incarnation are dropped
         self.next_publish = 0.0
         self.next_facts = sim.rng.uniform(0, sim.cfg.facts_interval)
@@ -100,6 +108,7 @@ class SimNode:
     def _start(self, voters: tuple[str, ...]) -> None:
         sim, now = self.sim, self.sim.now
         self.started_at = now
+        self.autonomous, self.serving = {}, Autonomy(changed_at=now)  # process memory: gone in a crash
         self.gen += 1
         self.core = NodeCore(
             self.id, self.id, sim.core_cfg, random.Random(sim.rng.random()), now,
@@ -123,7 +132,13 @@ class SimNode:
     def _facts(self) -> dict[str, Any]:
         free = 8000 + (sum(map(ord, self.id)) * 997) % 16000
         queue = self.sim.rng.randrange(8)
-        return {"devices": [{"id": "gpu0", "total": 24000, "free": free}], "queue": queue, "backend": "sim"}
+        return {"devices": [{"id": "gpu0", "total": 24000, "free": free}], "queue": queue, "backend": "sim",
+                "autonomous": sorted(self.autonomous)}
+
+    def _serve(self, now: float) -> None:
+        """The autonomy rule, as the real node's autonomy loop runs it; changed replicas are gossiped at once."""
+        if self.sim.cfg.autonomy and self.serving.step(self, now, self.sim.cfg.demand):
+            self.core.set_facts(self._facts(), now)
 
     def crash(self) -> None:
         self.up = False
@@ -136,6 +151,7 @@ class SimNode:
 
     def tick(self, now: float) -> None:
         self.core.tick(now)
+        self._serve(now)
         if self.sim.cfg.election and self.core.is_leader and now >= self.next_publish:
             self.next_publish = now + self.sim.cfg.publish_interval
             self._publish(now)
@@ -178,6 +194,7 @@ class SimNode:
                 check.became_leader(self.id, ev, now, self.sim.net)
             case PlacementApplied():
                 self.applied = ev.assignments
+                self._serve(now)  # before anything loads: a placement on its GPU retires an autonomous one
                 msg = PlacementPublish(term=ev.term, version=ev.version, assignments=ev.assignments)
                 check.applied(self.id, ev.src, msg, ev.node_term, now)
             case PlacementRefused(stale=True):
@@ -216,6 +233,7 @@ class Sim:
         self.sent = 0
         self.rejected: dict[str, int] = {}  # envelope rejections by reason (wire mode)
         self.check = Checker(cfg.nodes)
+        self.serving = ServingCheck()
         self.ids = [f"n{i:0{len(str(cfg.nodes))}d}" for i in range(cfg.nodes)]
         self.nodes: dict[str, SimNode] = {}
         self.secret, self._replay = b"sim-secret", {n: envelope.ReplayCache() for n in self.ids}
@@ -356,6 +374,9 @@ class Sim:
     # ---- faults --------------------------------------------------------------------------------------
 
     def schedule_faults(self) -> None:
+        if self.cfg.schedule == "majority":
+            self._schedule_majority_loss()
+            return
         rng, t = self.rng, self.faults_from
         while True:
             t += rng.expovariate(1 / self.cfg.mean_fault_gap)
@@ -379,6 +400,14 @@ class Sim:
                 self.at(min(t + length, self.cfg.duration), lambda: self._log_net("heal", None))
         self.at(self.cfg.duration, self.final_heal)
 
+    def _schedule_majority_loss(self) -> None:
+        """A majority crashes at once at 5 s (one power strip) and comes back 40 s later."""
+        victims = self.rng.sample(self.ids, len(self.ids) // 2 + 1)
+        for node in victims:
+            self.at(5.0, lambda node=node: self.crash(node))
+            self.at(min(45.0, self.cfg.duration), lambda node=node: self.restart(node))
+        self.at(self.cfg.duration, self.final_heal)
+
     def _log_net(self, what: str, arg: Any) -> None:
         if what == "partition":
             self.net.partition(arg, self.now)
@@ -387,6 +416,7 @@ class Sim:
         else:
             self.net.heal(self.now)
         self.check.net_changed(self.now, partitioned=what != "heal")
+        self.serving.changed(self.now)
         self.log(f"net {what} {arg or ''}")
 
     def crash(self, node: str) -> None:
@@ -394,12 +424,14 @@ class Sim:
             self.nodes[node].crash()
             up = [n.id for n in self.nodes.values() if n.up]
             self.check.crashed(node, self.now, partitioned=bool(self.net.group), up=up)
+            self.serving.changed(self.now)
             self.log(f"crash {node}")
 
     def restart(self, node: str) -> None:
         if not self.nodes[node].up:
             self.log(f"restart {node}")
             self.check.restarted(node)
+            self.serving.changed(self.now)
             n = self.nodes[node]
             n.restart(n.seeds if self.cfg.bootstrap is not None else [o for o in self.ids if o != node])
 
@@ -439,6 +471,7 @@ class Sim:
         while t <= end + 1e-9:
             self.run_until(t)
             self.check.sample(self)
+            self.serving.sample(self)
             t = round(t + step, 6)
         # The network still drops messages while settling: just before the end a leader may lose its
         # quorum to a burst of lost acks, or a peer may falsely declare a live node dead, and be put right
@@ -450,7 +483,10 @@ class Sim:
             self.check.extra_settle_s = round(t - end, 3)
             t = round(t + step, 6)
         self.check.finish(self)
-        return self.check.report(self)
+        self.serving.finish(self)
+        self.check.violations += self.serving.violations
+        return {**self.check.report(self), "handbacks_s": self.serving.handbacks_s,
+                "autonomous_loads": self.serving.autonomous_loads}
 
 
 def detection_trial(seed: int, cfg: SimConfig) -> tuple[float | None, float | None]:
@@ -494,6 +530,7 @@ def replay_command(seed: int, args: argparse.Namespace) -> str:
     extra = "" if args.duration == 60.0 else f" --duration {args.duration}"
     extra += " --wire" if args.wire else ""
     extra += f" --bootstrap {args.bootstrap}" if args.bootstrap else ""
+    extra += f" --schedule {args.schedule}" if args.schedule != "random" else ""
     return f"python -m aivailable.gossip.sim --seed {seed} --nodes {args.nodes}{extra} -v"
 
 
@@ -507,10 +544,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wire", action="store_true", help="seal/open every message")
     p.add_argument("--bootstrap", choices=("random", "rooted", "late_root", "split", "mesh"),
                    help="start brand-new nodes with --join seeds by this scenario (SimConfig.bootstrap)")
+    p.add_argument("--schedule", choices=("random", "majority"), default="random",
+                   help="fault schedule: random crashes/partitions, or a majority crashed at once for 40 s")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    cfg = SimConfig(nodes=args.nodes, duration=args.duration, wire=args.wire, bootstrap=args.bootstrap)
+    cfg = SimConfig(nodes=args.nodes, duration=args.duration, wire=args.wire, bootstrap=args.bootstrap,
+                    schedule=args.schedule)
     if args.seed is not None:
         r = run_seed(args.seed, cfg, verbose=args.verbose)
         print({k: v for k, v in r.items() if k != "violations"})
@@ -541,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  split-brain terms {f['split_brain_terms']}")
     print(f"false dead verdicts  {f['false_deads']}")
     print(f"msgs / node / s      {f['msgs_per_node_s']:.1f}")
+    print(f"autonomous replicas  {f['autonomous_loads']} loaded; all gone once the cluster is whole again: p50 "
+          f"{f['autonomous_gone_p50']:.1f} s  max {f['autonomous_gone_max']:.1f} s (n={f['handbacks']})")
     return 1 if f["failed_seeds"] else 0
 
 
@@ -549,7 +591,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     conv = [r["converge_s"] for r in results if r["converge_s"] is not None]
     single = [r["single_first"] for r in results if r["single_first"] is not None]
     faults = [d for r in results for d in r["detect_first"]]
+    gone = [h for r in results for h in r.get("handbacks_s", ())]
     return {
+        "autonomous_loads": sum(r.get("autonomous_loads", 0) for r in results),
+        "autonomous_gone_p50": percentile(gone, 50),
+        "autonomous_gone_max": max(gone, default=0.0),
+        "handbacks": len(gone),
         "seeds": len(results),
         "violations": sum(len(r["violations"]) for r in results),
         "failed_seeds": sum(1 for r in results if r["violations"]),
