@@ -12,6 +12,11 @@ Rows ``N/startup`` hold the start-up seeds, with ``founders`` (clusters founded)
 (seeds where exactly one founder is required) and ``merged_seeds`` (two or more founders, one cluster
 at the end).
 
+Every run also drives the autonomy rule (``aivailable/autonomy.py`` through ``gossip/simserve.py``): a third
+of the seeds per size run the ``majority`` schedule (a majority crashed at once for 40 s), and the serving
+checks apply to every seed: no GPU overbooked, a stable leaderless minority serves every demanded model that
+fits, autonomous replicas gone within 30 s of the cluster being whole (``handback`` figures).
+
 Figures: double leaders in a term (documented disjoint-voter takeovers are counted apart), stale
 placements applied (and how many the fences refused), seeds that did not converge after the heal,
 convergence time, failure detection, elections. Every failing seed is listed with its replay command.
@@ -60,12 +65,14 @@ def figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "founders": sum(r.get("founders", 0) for r in results),
         "one_founder_checked": sum(1 for r in results if r.get("one_founder_expected")),
         "merged_seeds": sum(1 for r in results if r.get("founders", 0) >= 2 and not r["violations"]),
+        "serving_violations": sum(1 for r in results for v in r["violations"]
+                                  if any(k in v for k in ("MiB of", "nobody it reaches", "outlive", "left after"))),
     })
     return f
 
 
 def run(seeds: int, start: int, sizes: list[int], jobs: int) -> dict[str, Any]:
-    groups = [(n, boot) for n in sizes for boot in (None, "random")]
+    groups = [(n, boot) for n in sizes for boot in (None, "random", "majority")]
     by_size: dict[tuple[int, str | None], list[int]] = {g: [] for g in groups}
     for i, seed in enumerate(range(start, start + seeds)):
         by_size[groups[i % len(groups)]].append(seed)
@@ -77,17 +84,20 @@ def run(seeds: int, start: int, sizes: list[int], jobs: int) -> dict[str, Any]:
         if not group:
             continue
         t = time.perf_counter()
-        results = campaign(group, SimConfig(nodes=n, bootstrap=boot), jobs=jobs)
+        cfg = (SimConfig(nodes=n, schedule="majority") if boot == "majority"
+               else SimConfig(nodes=n, bootstrap=boot))
+        results = campaign(group, cfg, jobs=jobs)
         f = figures(results)
         f["wall_s"] = round(time.perf_counter() - t, 1)
-        out["per_size"][f"{n}/startup" if boot else str(n)] = f
+        label = {None: "", "random": "/startup", "majority": "/majority"}[boot]
+        out["per_size"][f"{n}{label}"] = f
         everything += results
         for r in results:
             if r["violations"]:
                 out["failures"].append({"seed": r["seed"], "nodes": n, "violation": r["violations"][0],
                                         "replay": f"python -m aivailable.gossip.sim --seed {r['seed']} "
-                                                  f"--nodes {n}{' --bootstrap random' if boot else ''} -v"})
-        print(f"  {n} nodes{' start-up' if boot else ''}: {len(group)} seeds, {f['violations']} violations, {f['wall_s']:.0f} s", flush=True)
+                                                  f"--nodes {n}{_flag(boot)} -v"})
+        print(f"  {n} nodes{label}: {len(group)} seeds, {f['violations']} violations, {f['wall_s']:.0f} s", flush=True)
     out["total"] = figures(everything)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     t = out["total"]
@@ -97,14 +107,20 @@ def run(seeds: int, start: int, sizes: list[int], jobs: int) -> dict[str, Any]:
     return out
 
 
+def _flag(boot: str | None) -> str:
+    return {None: "", "random": " --bootstrap random", "majority": " --schedule majority"}[boot]
+
+
 def table(out: dict[str, Any]) -> str:
     rows = [("nodes", "seeds", "double leaders", "stale applied", "stale refused", "not converged",
-             "converge p50/p99/max s", "leaders", "takeovers", "founders", "merged", "violations")]
+             "converge p50/p99/max s", "leaders", "takeovers", "founders", "merged", "autonomous loads",
+             "handback p50/max s", "violations")]
     for n, f in [*out["per_size"].items(), ("all", out["total"])]:
         rows.append((n, str(f["seeds"]), str(f["double_leader_terms"]), str(f["stale_placements_applied"]),
                      str(f["stale_refused_by_fence"]), str(f["not_converged_seeds"]),
                      f"{f['converge_p50']:.2f}/{f['converge_p99']:.2f}/{f['converge_max']:.2f}",
                      str(f["leaders"]), str(f["takeovers"]), str(f["founders"]), str(f["merged_seeds"]),
+                     str(f["autonomous_loads"]), f"{f['autonomous_gone_p50']:.1f}/{f['autonomous_gone_max']:.1f}",
                      str(f["violations"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
