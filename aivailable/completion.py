@@ -27,10 +27,18 @@ class Command:
     name: str
     help: str
     options: tuple[Option, ...]
+    words: tuple[str, ...] = ()
+    """Values of its positional arguments that have choices (e.g. `completion bash|zsh|fish`)."""
 
 
 def _value_kind(action: argparse.Action) -> str:
     meta = str(action.metavar or action.dest).upper()
+    if "=" in meta:
+        return ""  # NAME=PATH and the like: no plain file name
+    if action.dest.endswith("_dir"):
+        return "dir"
+    if action.dest.endswith("_file"):
+        return "file"
     if any(m in meta for m in _DIR_METAVARS):
         return "dir"
     if any(m in meta for m in _FILE_METAVARS) or action.dest in ("config", "scenario"):
@@ -56,7 +64,9 @@ def commands(parser: argparse.ArgumentParser) -> tuple[tuple[Option, ...], tuple
     """(top-level options, subcommands) of `parser`."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     helps = {c.dest: c.help or "" for c in sub._choices_actions}
-    cmds = tuple(Command(name, helps.get(name, ""), _options(p)) for name, p in sub.choices.items())
+    cmds = tuple(Command(name, helps.get(name, ""), _options(p),
+                         tuple(str(c) for a in p._actions if not a.option_strings for c in a.choices or ()))
+                 for name, p in sub.choices.items())
     return _options(parser), cmds
 
 
@@ -69,7 +79,7 @@ def bash(parser: argparse.ArgumentParser, prog: str = "aivailable") -> str:
     fn = "_" + re.sub(r"\W", "_", prog)
     cases, values = [], []
     for c in cmds:
-        cases.append(f"        {c.name}) opts=\"{_words(c.options)}\" ;;")
+        cases.append(f"        {c.name}) opts=\"{' '.join(c.words)} {_words(c.options)}\" ;;")
         for o in c.options:
             if not o.takes_value:
                 continue
@@ -121,6 +131,8 @@ def zsh(parser: argparse.ArgumentParser, prog: str = "aivailable") -> str:
                               "_files -/" if o.complete == "dir" else "_files" if o.complete == "file" else " ")
                     spec += f":value:{action}"
                 specs.append(f"'{spec}'")
+        if c.words:
+            specs.append(f"'1:value:({' '.join(c.words)})'")
         cases.append(f"        {c.name}) _arguments {' '.join(specs)} ;;")
     return f"""#compdef {prog}
 # zsh completion for {prog}; load with: source <({prog} completion zsh)
@@ -155,6 +167,8 @@ def fish(parser: argparse.ArgumentParser, prog: str = "aivailable") -> str:
     for c in cmds:
         lines.append(f"complete -c {prog} -n 'not __fish_seen_subcommand_from {names}' -a {c.name} "
                      f"-d '{_fish_text(c.help)}'")
+        if c.words:
+            lines.append(f"complete -c {prog} -n '__fish_seen_subcommand_from {c.name}' -a '{' '.join(c.words)}'")
         for o in c.options:
             longs = [n[2:] for n in o.names if n.startswith("--")]
             shorts = [n[1:] for n in o.names if not n.startswith("--")]
