@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="TOML config file (default $XDG_CONFIG_HOME/aivailable/config.toml, if it exists)")
     up.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     up.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    up.add_argument("--state-dir", dest="state_dir", metavar="DIR", help=f"node state (default {default_state_dir()}: $XDG_STATE_HOME/aivailable, else "
+    up.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                    help=f"node state (default {default_state_dir()}: $XDG_STATE_HOME/aivailable, else "
                          "~/.local/state/aivailable)")
     up.add_argument("--model", action="append", default=[], metavar="NAME=PATH[:CTX]", help="serve a GGUF model")
     up.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", metavar="NAME:VRAM_MIB",
@@ -84,10 +85,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="join the cluster whose node printed TOKEN (`aivailable token`): its address(es) and secret")
     up.add_argument("--log-format", dest="log_format", choices=("text", "json"),
                     help="log lines as text with date and time (default) or one JSON object per line")
-    from aivailable.cli_flags import add_generated_flags
-    from aivailable.config import NodeConfig
-
-    add_generated_flags(up, NodeConfig)  # last: only fields that no flag above covers
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -115,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("place", help="run the placement solver on a scenario file and print placement JSON")
     pl.add_argument("--scenario", required=True, metavar="FILE.json")
+    from aivailable.cli_flags import add_generated_flags
+    from aivailable.config import NodeConfig
+
+    add_generated_flags(up, NodeConfig)  # last: only for settings that no hand-written flag covers
     return p
 
 
@@ -147,8 +148,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
-                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default",
-                                            "join_token", "log_format")}
+                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
+    flags.update(join_token=args.join_token, log_format=args.log_format)
     from aivailable import jointoken
     from aivailable.cli_flags import generated_values
     from aivailable.paths import config_file

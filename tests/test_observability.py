@@ -122,7 +122,8 @@ def test_history_keeps_per_model_and_per_gpu_series(node):
     assert m["t"] == sorted(m["t"]) and abs(m["t"][-1] - time.time()) < 60
     assert any(x is not None and x > 0 for x in m["ttft_s"])
     # requests/s integrates back to the 3 requests sent (each interval's rate times its length)
-    assert sum(r * 1.0 for r in m["requests_per_s"]) == pytest.approx(3, abs=0.6)
+    dts = [h["interval_s"]] + [b - a for a, b in zip(m["t"], m["t"][1:], strict=False)]
+    assert sum(r * dt for r, dt in zip(m["requests_per_s"], dts, strict=True)) == pytest.approx(3, abs=0.05)
     g = h["gpus"]["sim:0"]
     assert g["name"] == "labcard" and g["vram_total_mib"] == 6144 and g["simulated"] is True
     assert g["vram_used_mib"][-1] > 0
