@@ -329,10 +329,13 @@ class WorkerManager:
                         async with h.session.get("http://worker/health",
                                                  timeout=aiohttp.ClientTimeout(total=2)) as r:
                             h.health = await r.json()
-                        if self.on_health is not None:
-                            self.on_health(h)
                     except (aiohttp.ClientError, TimeoutError, OSError):
-                        pass  # a dead worker is noticed by _supervise through proc.wait()
+                        continue  # a dead worker is noticed by _supervise through proc.wait()
+                    if self.on_health is not None:
+                        try:
+                            self.on_health(h)
+                        except Exception:  # observability must not stop health polling
+                            log.exception("model %s: handling its health report failed", h.assignment.key)
             await asyncio.sleep(self.config.health_interval_s)
 
     # -- stopping ------------------------------------------------------------------------------
