@@ -16,16 +16,45 @@ from aivailable.errors import ConfigError, NodeError
 EXIT_USAGE = 2
 
 
+EXAMPLES = """\
+examples:
+  aivailable up --demo                          try it: a simulated GPU and two small models
+  aivailable up --model qwen=~/models/qwen2.5-7b-q4_k_m.gguf:8192
+  aivailable up --join-token aiv1:...           add this machine to a cluster (`aivailable token` there)
+  aivailable status --watch                     the cluster, redrawn every 2 s
+  aivailable doctor                             which GPUs and llama.cpp backend this machine has
+  source <(aivailable completion bash)          tab completion (also zsh, fish)
+"""
+UP_EXAMPLES = """\
+examples:
+  aivailable up --demo
+  aivailable up --model NAME=PATH.gguf[:CTX] --simulate-gpu lab:8192
+  aivailable up --config ~/.config/aivailable/config.toml
+  aivailable up --join-token aiv1:...           join the cluster that printed this token
+  aivailable up --log-format json               one JSON object per log line
+
+Each flag also reads AIVAILABLE_<NAME> from the environment and [node] <name> from the config file
+(default $XDG_CONFIG_HOME/aivailable/config.toml where it exists); flags win.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aivailable", description="Highly available LLM serving on mixed, old GPUs.")
+    from aivailable.paths import default_state_dir
+
+    p = argparse.ArgumentParser(prog="aivailable", description="Highly available LLM serving on mixed, old GPUs.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"aivailable {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run a node (OpenAI API + status page on one port)")
-    up.add_argument("--config", metavar="FILE", help="TOML config file")
+    up = sub.add_parser("up", help="run a node (OpenAI API + status page on one port)", epilog=UP_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("--config", metavar="FILE",
+                    help="TOML config file (default $XDG_CONFIG_HOME/aivailable/config.toml, if it exists)")
     up.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     up.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    up.add_argument("--state-dir", dest="state_dir", metavar="DIR", help="node state (default ~/.local/state/aivailable)")
+    up.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                    help=f"node state (default {default_state_dir()}: $XDG_STATE_HOME/aivailable, else "
+                         "~/.local/state/aivailable)")
     up.add_argument("--model", action="append", default=[], metavar="NAME=PATH[:CTX]", help="serve a GGUF model")
     up.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", metavar="NAME:VRAM_MIB",
                     help="declare a simulated GPU (runs on the CPU; for development and tests)")
@@ -52,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="limit of incoming model-file transfers (default 0: no limit)")
     up.add_argument("--chunk-mib", dest="chunk_mib", type=float, metavar="MIB",
                     help="transfer chunk size, each chunk sha256-verified (default 8)")
+    up.add_argument("--join-token", dest="join_token", metavar="TOKEN",
+                    help="join the cluster whose node printed TOKEN (`aivailable token`): its address(es) and secret")
+    up.add_argument("--log-format", dest="log_format", choices=("text", "json"),
+                    help="log lines as text with date and time (default) or one JSON object per line")
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -60,15 +93,38 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the cluster as a node sees it")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="a node's address (default %(default)s)")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                    help="redraw every SECONDS (default 2) until Ctrl-C")
+
+    tk = sub.add_parser("token", help="print the join command for this node's cluster (address(es) + secret)")
+    tk.add_argument("--url", default="http://127.0.0.1:8000",
+                    help="a running node of the cluster, asked for its address and peers (default %(default)s)")
+    tk.add_argument("--address", action="append", metavar="HOST:PORT",
+                    help="put this address in the token instead of asking --url (repeatable)")
+    tk.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                    help=f"the node's state directory, which holds the secret (default {default_state_dir()})")
+    tk.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="FILE",
+                    help="read the secret from this file instead")
+    tk.add_argument("--token-only", action="store_true", help="print only the token, not the command")
+
+    cp = sub.add_parser("completion", help="print a shell completion script")
+    cp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
     pl = sub.add_parser("place", help="run the placement solver on a scenario file and print placement JSON")
     pl.add_argument("--scenario", required=True, metavar="FILE.json")
+    from aivailable.cli_flags import add_generated_flags
+    from aivailable.config import NodeConfig
+
+    add_generated_flags(up, NodeConfig)  # last: only for settings that no hand-written flag covers
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from aivailable.logfmt import formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_client_garbage_in_one_line)
 
@@ -93,11 +149,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
                                             "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
-    settings = load_settings(args.config, flags, args.model)
-    _setup_logging(settings.node.log_level)
+    flags.update(join_token=args.join_token, log_format=args.log_format)
+    from aivailable import jointoken
+    from aivailable.cli_flags import generated_values
+    from aivailable.paths import config_file
+
+    flags.update({k: v for k, v in generated_values(args).items() if k not in flags})
+    settings = load_settings(config_file(args.config), flags, args.model)
+    _setup_logging(settings.node.log_level, settings.node.log_format)
     from aivailable.statedir import check_writable
 
     check_writable(settings.node.state_path)  # before --demo assembles its model there
+    settings = jointoken.apply(settings)
     if settings.node.demo:
         from aivailable.demo import with_demo
 
@@ -133,6 +196,10 @@ def _check_models(settings) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        from aivailable.status_watch import watch
+
+        return watch(args.url, args.watch, as_json=args.json)
     url = args.url.rstrip("/") + "/api/cluster"
     try:
         with urllib.request.urlopen(url, timeout=10) as r:
@@ -161,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             return doctor_command(args.simulate_gpus, args.json)
         if args.command == "status":
             return _cmd_status(args)
+        if args.command == "token":
+            from aivailable.token_command import token_command
+
+            return token_command(args)
+        if args.command == "completion":
+            from aivailable.completion import script
+
+            sys.stdout.write(script(args.shell, _parser()))
+            return 0
         if args.command == "place":
             from aivailable.placement.command import place_command
 

@@ -31,7 +31,6 @@ from aivailable.gossip.transport import (
     ClusterStateError,
     ClusterTransport,
     TransportConfig,
-    join_instructions,
     load_or_create_secret,
 )
 
@@ -137,7 +136,9 @@ class Cluster:
                                           on_placement=self._on_placement, on_change=self._on_change)
         self._gossip_handler = self.transport.routes()[0].handler
         if self.secret_created:
-            log.warning("%s", join_instructions(advertise, node.state_dir))
+            from aivailable.jointoken import startup_message
+
+            log.warning("%s", startup_message(advertise, self.secret, node.state_dir))
         prior = self.transport.placement()
         if prior is not None:  # restart: resume our share of the last placement we accepted
             await self._on_placement(*prior)

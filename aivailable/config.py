@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from aivailable.engine.spec import SamplingDefaults
 from aivailable.errors import ConfigError
 from aivailable.names import MODEL_NAME_RULE, is_model_name
+from aivailable.paths import default_state_dir
 
 DEFAULT_PORT = 8000
 DEFAULT_STATE_DIR = "~/.local/state/aivailable"
@@ -141,17 +142,21 @@ CsvList = Annotated[list[str], NoDecode]
 class NodeConfig(BaseSettings):
     """The `[node]` table; each key also reads `AIVAILABLE_<KEY>` (lists comma-separated) and a flag."""
 
-    model_config = SettingsConfigDict(env_prefix="AIVAILABLE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="AIVAILABLE_", extra="forbid", frozen=True,
+                                      use_attribute_docstrings=True)
 
     host: str = "0.0.0.0"
     port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
-    state_dir: str = DEFAULT_STATE_DIR
+    state_dir: str = Field(default_factory=default_state_dir)
+    """Node state (id, election vote, secret, cache): $XDG_STATE_HOME/aivailable, else DEFAULT_STATE_DIR."""
     join: CsvList = []
     mdns: bool = True
     simulate_gpus: CsvList = []
     demo: bool = False
     cluster_secret: str | None = None
+    """The cluster's shared secret (peers must have the same one); default: STATE_DIR/cluster_secret."""
     cluster_secret_file: str | None = None
+    """A file holding the cluster secret (mode 0600), instead of STATE_DIR/cluster_secret."""
     api_keys: CsvList = []
     rate_limit_rpm: int = Field(default=0, ge=0)
     """Requests per minute each API key may send to this node (token bucket; 0 = unlimited)."""
@@ -161,7 +166,9 @@ class NodeConfig(BaseSettings):
     """Per-key overrides of rate_limit_rpm (TOML table `[node.api_key_rpm]`, key = the API key)."""
     node_id: str | None = None
     advertise_host: str | None = None
+    """The address peers and clients should use for this node (default: this machine's primary address)."""
     max_body_bytes: int = Field(default=4 << 20, ge=1024)
+    """Largest request body accepted, in bytes (larger ones get 413)."""
     body_timeout_s: float = Field(default=30.0, gt=0)
     """A request body must arrive whole within this many seconds, else 408 (a stalled client frees its slot)."""
     header_timeout_s: float = Field(default=10.0, gt=0)
@@ -201,6 +208,13 @@ class NodeConfig(BaseSettings):
     ask it for and no reachable node serves onto its own free VRAM (aivailable/autonomy.py); 0 = never."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
+    history_interval_s: float = Field(default=10.0, gt=0, le=600)
+    """Seconds between points of the in-memory last hour (GET /api/history, the status page's charts)."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text (with date and time) or one JSON object per line (ts, level, logger, msg, extras)."""
+    join_token: str | None = None
+    """A join token (`aivailable token` on a cluster's node prints it): the cluster's address(es) and
+    secret in one string; sets join and the cluster secret."""
 
     @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, W
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.transport import StateStore
+from aivailable.observe import Observer
 
 log = logging.getLogger("aivailable.node")
 
@@ -64,6 +65,9 @@ class Node:
         self.rate_limited: dict[str, int] = {}  # API key fingerprint -> requests refused with 429
         self.cache = statedir.open_disposable_cache(self.state_dir / "cache")
         self.metrics = NodeMetrics(self._metrics_snapshot)
+        self.observe = Observer(self)
+        self.manager.on_health = self.observe.fold
+        self.metrics.registry.register(self.observe)
         self.cluster = Cluster(self)
         self.files = FileService(node_id=self.node_id, cfg=settings.node, models=self.catalog, cache=self.cache,
                                  secret=self.cluster.secret, registry=self.metrics.registry,
@@ -337,7 +341,8 @@ class Node:
             usable, why = devmod.usable(d, self.backend)
             out.append({"id": d.id, "vendor": d.vendor, "name": d.name, "simulated": d.simulated,
                         "vram_total_mib": d.vram_total_mib, "vram_used_mib": round(used, 1),
-                        "usable": usable, "reason": "" if usable else why, "models": by_dev.get(d.id, [])})
+                        "usable": usable, "reason": "" if usable else why, "models": by_dev.get(d.id, []),
+                        **self.observe.gpu_fields(d.id)})
         return out
 
     def cluster_view(self) -> dict:
@@ -347,6 +352,9 @@ class Node:
                                "yet; retry in a second", retry_after=1)
         view = self.cluster.view()
         view["security"] = self.security_view()
+        disc = self.cluster.discovery
+        view["cluster_id"] = self.cluster.cluster_hash  # public (mDNS announces it): no secret in it
+        view["foreign_nodes"] = sorted(disc.foreign.values(), key=lambda f: f["node"]) if disc is not None else []
         return view
 
     def _count_rejection(self, reason: str) -> None:
@@ -393,6 +401,7 @@ class Node:
         await self.estimate_models()
         await self.cluster.start(self.address)
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
+        self._tasks.append(asyncio.create_task(self.observe.run(), name="history"))
         from aivailable.files import progress
 
         if progress.enabled():

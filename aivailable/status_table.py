@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -11,6 +12,9 @@ def render_status(view: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"node [bold]{view['node_id']}[/]  leader {view.get('leader') or '[red]none[/]'}  "
                   f"term {view.get('term')}")
+    for f in view.get("foreign_nodes") or []:
+        console.print(f"[yellow]another cluster's node on this network (ignored): {escape(str(f.get('node')))} "
+                      f"at {escape(str(f.get('addr')))}[/]")
     gpus = Table(title="GPUs", title_justify="left")
     for col in ("node", "state", "gpu", "name", "VRAM used / total (MiB)", "models"):
         gpus.add_column(col)

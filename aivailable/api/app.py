@@ -174,6 +174,11 @@ async def cluster(request: web.Request) -> web.Response:
     return web.json_response(_node(request).cluster_view())
 
 
+async def history(request: web.Request) -> web.Response:
+    """GET /api/history: this node's last hour per model and per GPU (aivailable.history)."""
+    return web.json_response(_node(request).observe.history.to_dict())
+
+
 async def metrics(request: web.Request) -> web.Response:
     body, ctype = _node(request).metrics.render()
     return web.Response(body=body, headers={"Content-Type": ctype})
@@ -224,6 +229,7 @@ def build_app(node: Node) -> web.Application:
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
+    r.add_get("/api/history", history)
     r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/", status_page)
     r.add_post("/_cluster/gossip", cluster_gossip)

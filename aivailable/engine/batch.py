@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aivailable.engine.latency import token_gaps
 from aivailable.engine.logprobs import token_entry
 from aivailable.engine.runner import (
     DEFAULT_MIN_P,
@@ -119,6 +120,7 @@ class _Seq:
     ttft: float = 0.0
     out_index: int = -1
     cached: int = 0
+    token_times: list[float] = field(default_factory=list)  # when each output token was sampled
     pending_lp: list = field(default_factory=list)
     prompt_lp: list | None = None
     prompt_outputs: list = field(default_factory=list)  # (batch index, prompt position) to score
@@ -214,6 +216,15 @@ class BatchEngine:
     @property
     def active(self) -> int:
         return len(self._active)
+
+    def kv_cells_used(self) -> int:
+        """KV cells that hold tokens: each busy slot's computed positions, each idle slot's cached prefix
+        (kept for reuse). Read from any thread: a snapshot, at most one step old."""
+        used = 0
+        for slot in list(self._slots):
+            seq = slot.seq
+            used += seq.n_past if seq is not None else len(slot.cached)
+        return min(used, self.n_ctx)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the loop (unfinished requests end as cancelled), then free the context."""
@@ -514,6 +525,7 @@ class BatchEngine:
             self._finish(seq, "stop")
             return
         seq.n_out += 1
+        seq.token_times.append(now)
         delta = seq.text.feed(self._piece(tok))
         if delta:
             self._emit(seq.job, delta, seq.pending_lp)
@@ -565,7 +577,8 @@ class BatchEngine:
                 self._emit(job, rest, seq.pending_lp)
         now = time.perf_counter()
         job.future.set_result(GenResult(len(job.tokens), seq.n_out, reason, seq.ttft or (now - job.t0), now - job.t0,
-                                        cached_tokens=seq.cached, prompt_logprobs=seq.prompt_lp))
+                                        cached_tokens=seq.cached, prompt_logprobs=seq.prompt_lp,
+                                        first_token_s=seq.ttft or None, token_gaps=token_gaps(seq.token_times)))
 
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
         self._release(seq)

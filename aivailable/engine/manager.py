@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,6 +97,8 @@ class WorkerHandle:
     ready_at: float | None = None
     next_start_at: float = 0.0
     vram_mib: float = 0.0
+    load_s: float | None = None
+    """Seconds from starting the worker process to its ready report, at its last load."""
     load_info: dict = field(default_factory=dict)
     health: dict = field(default_factory=dict)
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
@@ -122,6 +124,8 @@ class WorkerHandle:
                 "prompt_tokens": self.health.get("prompt_tokens", 0),
                 "cached_tokens": self.health.get("cached_tokens", 0),
                 "tokens_per_s": self.health.get("tokens_per_s", 0.0),
+                "kv_cells_used": self.health.get("kv_cells_used"), "kv_cells_total": self.health.get("kv_cells_total"),
+                "load_s": None if self.load_s is None else round(self.load_s, 3),
                 "chat_template": self.load_info.get("chat_template"),
                 "uptime_s": round(time.monotonic() - self.ready_at, 1) if self.ready_at else None}
 
@@ -165,6 +169,8 @@ class WorkerManager:
         self._n_threads = n_threads or default_threads()
         self._closing = False
         self._health_task: asyncio.Task | None = None
+        self.on_health: Callable[[WorkerHandle], None] | None = None
+        """Called after each successful health poll of a worker (the node folds its latency reports)."""
 
     # -- desired state -------------------------------------------------------------------------
     async def reconcile(self, assignments: list[Assignment]) -> None:
@@ -302,6 +308,7 @@ class WorkerManager:
                                           cookie_jar=aiohttp.DummyCookieJar(),
                                           timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
         h.state, h.ready_at, h.failures = "ready", time.monotonic(), 0
+        h.load_s = h.ready_at - h.started_at
         log.info("model %s: ready in %.1fs (pid %d, %.0f MiB, chat template %s)", a.key,
                  h.ready_at - h.started_at, h.pid, h.vram_mib, event.get("chat_template"))
         return True
@@ -323,7 +330,12 @@ class WorkerManager:
                                                  timeout=aiohttp.ClientTimeout(total=2)) as r:
                             h.health = await r.json()
                     except (aiohttp.ClientError, TimeoutError, OSError):
-                        pass  # a dead worker is noticed by _supervise through proc.wait()
+                        continue  # a dead worker is noticed by _supervise through proc.wait()
+                    if self.on_health is not None:
+                        try:
+                            self.on_health(h)
+                        except Exception:  # observability must not stop health polling
+                            log.exception("model %s: handling its health report failed", h.assignment.key)
             await asyncio.sleep(self.config.health_interval_s)
 
     # -- stopping ------------------------------------------------------------------------------

@@ -75,6 +75,10 @@ class GenResult:
     """Prompt tokens whose KV came from the slot's cache (not computed again)."""
     prompt_logprobs: list | None = None
     """With GenParams.prompt_logprobs: a TokenLogprob per prompt token (None for the first)."""
+    first_token_s: float | None = None
+    """Seconds from submit to the first sampled token (None: none was sampled, e.g. cancelled while queued)."""
+    token_gaps: list[float] = field(default_factory=list)
+    """Seconds between consecutive output tokens (engine/latency.py: inter-token latency)."""
 
 
 # A generation model's Llama object gets only this tiny context (closed right after loading): the

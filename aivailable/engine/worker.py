@@ -39,6 +39,7 @@ from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body
 from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from aivailable.engine.answer import Answer
 from aivailable.engine.chatplan import plan_chat
+from aivailable.engine.latency import LatencyRecorder
 from aivailable.engine.runner import GenParams, LoadError, Runner
 from aivailable.engine.spec import WorkerSpec
 from aivailable.errors import InvalidRequest, QueueFullError
@@ -103,6 +104,7 @@ class Worker:
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0,
                       "prompt_tokens": 0, "cached_tokens": 0, "completion_tokens": 0, "busy_s": 0.0}
         self.last_tps = 0.0
+        self.latency = LatencyRecorder()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[openai_errors], client_max_size=8 << 20)
@@ -116,8 +118,14 @@ class Worker:
         return web.json_response({
             "state": "ready", "model": self.spec.model, "pid": os.getpid(),
             "active": self.gate.active, "queued": self.gate.waiting, "slots": self.spec.parallel,
-            "tokens_per_s": round(self.last_tps, 2), **self.stats,
+            "tokens_per_s": round(self.last_tps, 2), **self.stats, **self.latency.report(), **self._kv(),
         })
+
+    def _kv(self) -> dict:
+        engine = self.runner.engine
+        if engine is None:  # an embedding model keeps no KV between requests
+            return {}
+        return {"kv_cells_used": engine.kv_cells_used(), "kv_cells_total": engine.n_ctx}
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -181,6 +189,7 @@ class Worker:
 
     async def _generate(self, request, req, answer: Answer, params: GenParams, prep) -> web.StreamResponse:
         """Tokenize (stopping early if the client leaves), run `answer.n` sequences, send the answer."""
+        arrived = time.perf_counter()
         await self.gate.acquire()
         released = False
         n = answer.n
@@ -189,6 +198,7 @@ class Worker:
         futs = []
         try:
             tokens, stops = await self._run(prep, cancels[0].is_set)
+            waited = time.perf_counter() - arrived  # queue and tokenizing: part of what a client waits
             params.stop = params.stop + stops
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
@@ -222,7 +232,7 @@ class Worker:
             else:
                 resp = await self._whole(answer, events, jobs, len(tokens))
             for job in jobs:
-                self._account(job.result())
+                self._account(job.result(), waited)
             return resp
         except BaseException:
             for c in cancels:
@@ -280,7 +290,9 @@ class Worker:
         await resp.write_eof()
         return resp
 
-    def _account(self, result) -> None:
+    def _account(self, result, waited_s: float = 0.0) -> None:
+        first = result.first_token_s
+        self.latency.record(None if first is None else waited_s + first, result.token_gaps)
         s = self.stats
         s["completed"] += 1
         s["prompt_tokens"] += result.prompt_tokens

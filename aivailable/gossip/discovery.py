@@ -97,6 +97,8 @@ class Discovery:
         self.addr = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
         self.peers: dict[str, str] = {}  # node id -> address reported
         self.ignored: set[str] = set()  # instance names of other clusters seen
+        self.foreign: dict[str, dict[str, str]] = {}
+        """Instance name -> {node, addr, cluster} of each node of another cluster seen (at most MAX_PEERS)."""
         self.dropped = 0  # records not looked at: MAX_RESOLVING or MAX_PEERS reached
         self._names: dict[str, str] = {}  # instance name -> node id
         self._azc: AsyncZeroconf | None = None
@@ -173,7 +175,7 @@ class Discovery:
         if props.get("cluster") != self.cluster_hash:
             if name not in self.ignored:
                 self.ignored.add(name)
-                log.info("mDNS: ignoring %s (another cluster)", name)
+                self._foreign(name, props, info)
             return
         node = props.get("node", "")
         if not node or node == self.node_id:
@@ -195,3 +197,19 @@ class Discovery:
             self.on_peer(addr)
         except Exception:
             log.exception("mDNS: on_peer(%s) failed", addr)
+
+    def _foreign(self, name: str, props: dict[str, str], info: AsyncServiceInfo) -> None:
+        """A node of another cluster: warn once on the console (the first one), list it for the status page."""
+        addr = props.get("addr") or ""
+        if not addr and info.parsed_addresses() and info.port:
+            addr = f"{info.parsed_addresses()[0]}:{info.port}"
+        first = not self.foreign
+        if len(self.foreign) < MAX_PEERS:
+            self.foreign[name] = {"node": props.get("node", "")[:128], "addr": addr[:128],
+                                  "cluster": props.get("cluster", "")[:16]}
+        if first:
+            log.warning("mDNS: node %s at %s belongs to another cluster (another cluster secret) and is ignored. "
+                        "If it should be in this cluster, start it with this cluster's join token "
+                        "(`aivailable token` prints it)", props.get("node") or name, addr or "?")
+        else:
+            log.info("mDNS: ignoring %s (another cluster)", name)
