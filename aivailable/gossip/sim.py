@@ -133,11 +133,12 @@ class SimNode:
         free = 8000 + (sum(map(ord, self.id)) * 997) % 16000
         queue = self.sim.rng.randrange(8)
         return {"devices": [{"id": "gpu0", "total": 24000, "free": free}], "queue": queue, "backend": "sim",
-                "autonomous": sorted(self.autonomous)}
+                "autonomous": sorted(self.autonomous), "serving": sorted(set(self.autonomous) | {
+                    m for m, a in self.applied.items() if a.get("node") == self.id})}
 
-    def _serve(self, now: float) -> None:
+    def _serve(self, now: float, placed: bool = False) -> None:
         """The autonomy rule, as the real node's autonomy loop runs it; changed replicas are gossiped at once."""
-        if self.sim.cfg.autonomy and self.serving.step(self, now, self.sim.cfg.demand):
+        if self.sim.cfg.autonomy and (self.serving.step(self, now, self.sim.cfg.demand) or placed):
             self.core.set_facts(self._facts(), now)
 
     def crash(self) -> None:
@@ -194,7 +195,7 @@ class SimNode:
                 check.became_leader(self.id, ev, now, self.sim.net)
             case PlacementApplied():
                 self.applied = ev.assignments
-                self._serve(now)  # before anything loads: a placement on its GPU retires an autonomous one
+                self._serve(now, placed=True)  # before anything loads: a placement on its GPU retires an autonomous one
                 msg = PlacementPublish(term=ev.term, version=ev.version, assignments=ev.assignments)
                 check.applied(self.id, ev.src, msg, ev.node_term, now)
             case PlacementRefused(stale=True):

@@ -64,17 +64,15 @@ class Autonomy:
         if leader != self.coordinator:
             self.coordinator, self.changed_at = leader, now
         peers = sorted(live | {node.id})
-        served = set(node.autonomous)
+        served = set(node.autonomous) | set(placed_on(node.applied, node.id))
         ready_elsewhere = set()
-        for m, a in node.applied.items():
-            if a.get("node") in live:
-                served.add(m)
-                if a.get("node") != node.id:
-                    ready_elsewhere.add(m)
-        for n in live - {node.id}:
+        for n in live - {node.id}:  # what peers serve, as their gossiped facts say (as a real node sees it)
             facts = core.mem.facts(n)
-            if facts is not None:
-                served |= set(facts[1].get("autonomous", ()))
+            if facts is None:
+                continue
+            theirs = set(facts[1].get("serving", ()))
+            served |= theirs
+            ready_elsewhere |= {m for m in theirs if node.applied.get(m, {}).get("node") == n}
         free = CAPACITY_MIB - sum(NEEDS_MIB.get(m, 0.0) for m in set(placed_on(node.applied, node.id))
                                   | set(node.autonomous))
         return Situation(now=now, coordinator=leader, changed_at=self.changed_at, rank=peers.index(node.id),
