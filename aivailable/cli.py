@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="limit of incoming model-file transfers (default 0: no limit)")
     up.add_argument("--chunk-mib", dest="chunk_mib", type=float, metavar="MIB",
                     help="transfer chunk size, each chunk sha256-verified (default 8)")
+    up.add_argument("--allow-image-urls", dest="allow_image_urls", action="store_true", default=None,
+                    help="fetch http(s) image URLs in chat requests (default: only data: URLs)")
+    up.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, metavar="BYTES",
+                    help="largest image a request may carry (default 10 MiB)")
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -92,7 +96,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
-                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
+                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default",
+                                            "allow_image_urls", "max_image_bytes")}
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
     from aivailable.statedir import check_writable

@@ -45,6 +45,8 @@ from aivailable.errors import InvalidRequest, QueueFullError
 
 log = logging.getLogger("aivailable.worker")
 EXIT_LOAD_FAILED = 3
+MAX_BODY_BYTES = 96 << 20
+"""Bodies come only from the node, which applies its own max_body_bytes; images make them large."""
 
 
 class FifoGate:
@@ -105,7 +107,7 @@ class Worker:
         self.last_tps = 0.0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors], client_max_size=8 << 20)
+        app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -126,7 +128,7 @@ class Worker:
         req = parse_request("chat", await read_json(request))
         assert isinstance(req, ChatCompletionRequest)
         images = req.images()
-        if images:
+        if images and self.runner.projector is None:
             raise InvalidRequest(f"model {self.spec.model!r} does not accept images (it has no multimodal "
                                  "projector)", param=images[0])
         plan = plan_chat(req, self.runner.tool_format)
@@ -154,7 +156,7 @@ class Worker:
         answer = Answer(CompletionShape(req.model), req.n or 1, None, set(), logprobs=req.logprobs is not None,
                         legacy_logprobs=True, echo=prompt if req.echo else None)
         return await self._generate(request, req, answer, params,
-                                    lambda cancelled: (self.runner.text_prompt(prompt), []))
+                                    lambda cancelled: (self.runner.text_prompt(prompt), [], None))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_request("embeddings", await read_json(request))
@@ -188,7 +190,7 @@ class Worker:
         self.stats["requests"] += 1
         futs = []
         try:
-            tokens, stops = await self._run(prep, cancels[0].is_set)
+            tokens, stops, media = await self._run(prep, cancels[0].is_set)
             params.stop = params.stop + stops
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
@@ -207,7 +209,7 @@ class Worker:
                     loop.call_soon_threadsafe(events.put_nowait, (i, text, logprobs))
 
                 try:
-                    fut = self.runner.submit(tokens, p, cancels[i], emit)
+                    fut = self.runner.submit(tokens, p, cancels[i], emit, media)
                 except BaseException:
                     if futs:  # the choices already started release the gate when they end
                         left[0], released = len(futs), True
