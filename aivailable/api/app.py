@@ -93,7 +93,7 @@ async def list_models(request: web.Request) -> web.Response:
     node = _node(request)
     states = {m["name"]: m["state"] for m in node.cluster_view()["models"]}
     data = [{"id": name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
-             "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False),
+             "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False), "vision": accepts_images(m),
              "context_length": m.get("ctx")}
             for name, m in sorted(node.models().items())]
     return web.json_response({"object": "list", "data": data})
