@@ -139,6 +139,27 @@ def test_models_say_which_accept_images_and_the_projector_counts_in_the_estimate
     assert listed[VISION]["vision"] is True and listed[TEXT]["vision"] is False
 
 
+def image_server(files: dict[str, bytes]):
+    """A local HTTP server (in a thread) answering GET PATH with files[PATH], else 404; `.shutdown()` it."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            data = files.get(self.path)
+            self.send_response(200 if data is not None else 404)
+            self.send_header("Content-Length", str(len(data or b"")))
+            self.end_headers()
+            self.wfile.write(data or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 SECRET = "vision-cluster-secret-0123456789abcdef"
 
 
@@ -156,8 +177,9 @@ def test_a_second_node_fetches_model_and_projector_and_serves_a_forwarded_image_
     ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2)}
     common = ["--cluster-secret", SECRET]
     n1 = start_node(tmp_path, "--config", str(cfg), "--simulate-gpu", "card1:2000", *common, "--node-id", "n1",
-                    host="127.0.0.1", port=ports[1], name="n1")
+                    "--allow-image-urls", host="127.0.0.1", port=ports[1], name="n1")
     nodes = [n1]
+    web = image_server({"/cat.png": png(20, 20, seed=5), "/cat.webp": b"RIFF\x00\x00\x00\x00WEBPVP8 "})
     try:
         n1.wait_healthy()
         n2 = start_node(tmp_path, "--simulate-gpu", "card2:2000", *common, "--node-id", "n2", "--join",
@@ -180,6 +202,21 @@ def test_a_second_node_fetches_model_and_projector_and_serves_a_forwarded_image_
         assert raw.headers.get("X-AIvailable-Replica", "").startswith("n2")
         out = raw.parse()
         assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens > N_IMAGE
+        # n1 allows image URLs: it fetches the image and forwards its bytes to n2
+        base = f"http://127.0.0.1:{web.server_port}"
+        by_url = client.chat.completions.create(model="tinyv", messages=ask("What is", IMG, "?"), max_tokens=1)
+        fetched_answer = client.chat.completions.create(
+            model="tinyv", max_tokens=1, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "What is"}, {"type": "image_url", "image_url": {"url": base + "/cat.png"}},
+                {"type": "text", "text": "?"}]}])
+        assert fetched_answer.usage.prompt_tokens == by_url.usage.prompt_tokens
+        for path, words in (("/cat.webp", "not PNG, JPEG, GIF or BMP"), ("/missing.png", "HTTP 404")):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(model="tinyv", max_tokens=1, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": base + path}}]}])
+            assert err.value.body["param"] == "messages[0].content[0].image_url.url"
+            assert words in err.value.body["message"], err.value.body
     finally:
+        web.shutdown()
         for n in nodes:
             n.stop(timeout=15)
