@@ -22,8 +22,9 @@ def image_tokens(image_size: int, patch_size: int, merge: int) -> int:
 
 def write_mmproj(path: str | Path, *, n_embd_text: int = 640, n_embd: int = 32, n_ff: int = 64, n_head: int = 2,
                  n_layers: int = 1, image_size: int = 64, patch_size: int = 8, merge: int = 2,
-                 seed: int = 0) -> Path:
-    """Write the projector to `path`; it yields `image_tokens(image_size, patch_size, merge)` per image."""
+                 proj_scale: float = 0.02, seed: int = 0) -> Path:
+    """Write the projector to `path`; it yields `image_tokens(image_size, patch_size, merge)` per image.
+    `proj_scale`: standard deviation of the output projection (larger: images sway the model more)."""
     import gguf
 
     if image_size % (patch_size * merge):
@@ -69,7 +70,7 @@ def write_mmproj(path: str | Path, *, n_embd_text: int = 640, n_embd: int = 32, 
         t(f"v.blk.{i}.ffn_down.bias", n_embd, value=0.0)
     t("v.post_ln.weight", n_embd, value=1.0)
     t("v.post_ln.bias", n_embd, value=0.0)
-    t("mm.input_projection.weight", n_embd, n_embd_text)
+    t("mm.input_projection.weight", n_embd, n_embd_text, scale=proj_scale)
     t("mm.soft_emb_norm.weight", n_embd, value=1.0)
 
     w.write_header_to_file()

@@ -26,6 +26,11 @@ One turn of the loop:
    stop strings as engine.textstop does, and finish on end-of-generation, a stop string,
    max_tokens or the slot's context.
 
+Images (models with an mmproj, engine/media.py): a prompt's image positions hold a negative pseudo-token
+derived from the image's sha256, and step 3 feeds an image as one unit (libmtmd encodes it and decodes its
+embeddings into the slot) and text only up to the next image. A slot's cached prefix is reused only up to
+the first image of either prompt, so KV computed for one image is never taken for another.
+
 Why prompts go alone, in fixed chunks: llama.cpp's numbers depend on how a sequence's tokens are
 grouped into batches (the KV of a prompt fed in one piece differs in the last bits from the same
 prompt fed in two). A prompt is therefore always fed in chunks that start at multiples of

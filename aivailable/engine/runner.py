@@ -96,6 +96,8 @@ class Runner:
         self.specials = safe_prompt.Specials.of({})
         self.engine = None  # engine.batch.BatchEngine, for models that generate
         self.projector = None  # engine.media.Projector, for models with an mmproj
+        self.projector_mib = 0.0
+        """The projector's weights + one image's compute buffer (estimated: llama.cpp's load log omits them)."""
         self._llm = None
         self._lock = threading.Lock()
 
@@ -187,6 +189,9 @@ class Runner:
             self.close()
             raise LoadError(str(exc)) from exc
         self.engine.projector = self.projector
+        from aivailable.engine.mmproj_info import read_projector_info
+
+        self.projector_mib = read_projector_info(spec.mmproj).total_mib()
 
     def close(self) -> None:
         """Stop the engine and free the model (the worker calls it once, on the way out)."""

@@ -314,8 +314,14 @@ async def _serve(worker: Worker) -> None:
     site = web.UnixSite(runner, worker.spec.socket)
     await site.start()
     rep = worker.runner.load_report
+    gpu_mib, host_mib = (rep.gpu_mib, rep.host_mib) if rep else (None, None)
+    if worker.runner.projector_mib and rep:  # on the model's device; simulated: in host memory
+        if worker.spec.simulated:
+            host_mib = (host_mib or 0) + worker.runner.projector_mib
+        else:
+            gpu_mib = (gpu_mib or 0) + worker.runner.projector_mib
     _announce({"event": "ready", "pid": os.getpid(), "socket": worker.spec.socket,
-               "gpu_mib": rep.gpu_mib if rep else None, "host_mib": rep.host_mib if rep else None,
+               "gpu_mib": gpu_mib, "host_mib": host_mib,
                "offloaded_layers": rep.offloaded_layers if rep else None,
                "total_layers": rep.total_layers if rep else None,
                "chat_template": worker.runner.template.source if worker.runner.template else None})
