@@ -220,3 +220,16 @@ def test_projector_estimate_from_a_real_mmproj(tmp_path):
     assert image_tokens(64, 8, 2) == 16
     with pytest.raises(GGUFError):
         read_projector_info(tmp_path / "missing.gguf")
+
+
+def test_is_projector(tmp_path, gemma_path):
+    from aivailable.engine.gguf_info import GGUFError
+    from aivailable.engine.mmproj_info import is_projector, read_projector_info
+
+    assert is_projector(write_mmproj(tmp_path / "p.gguf"))
+    assert not is_projector(gemma_path)
+    assert not is_projector(tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF junk")
+    assert not is_projector(tmp_path / "junk.gguf")
+    with pytest.raises(GGUFError, match="not a multimodal projector"):
+        read_projector_info(gemma_path)

@@ -96,6 +96,14 @@ def test_responses_api_input_image(client):
                                      {"type": "input_image", "image_url": IMG, "detail": "auto"}]}])
     assert r.status in ("completed", "incomplete")
     assert r.usage.input_tokens > N_IMAGE
+    for model, image, words in ((TEXT, IMG, "does not accept images"),
+                                (VISION, "data:image/webp;base64,UklGRgAAAABXRUJQ", "unsupported image type")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=model, max_output_tokens=5, input=[
+                {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
+                                             {"type": "input_image", "image_url": image}]}])
+        assert err.value.body["param"].startswith("input[0]"), err.value.body
+        assert words in err.value.body["message"]
 
 
 @pytest.mark.parametrize("model, messages, param, words", [

@@ -296,7 +296,8 @@ class BatchEngine:
         free = [s for s in self._slots if s.seq is None]
         slot = max(free, key=lambda s: (self._reusable(s, tokens), -s.seq_id))
         # Scoring the prompt needs logits at every prompt position: compute it all again.
-        keep = 0 if job.params.prompt_logprobs else min(self._reusable(slot, tokens), job.first_media())
+        keep = 0 if job.params.prompt_logprobs else min(self._reusable(slot, tokens),
+                                                         job.first_media() // self.prompt_chunk * self.prompt_chunk)
         if keep < len(slot.cached):
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)

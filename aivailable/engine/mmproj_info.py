@@ -76,3 +76,13 @@ def projector_mib(entry: Mapping[str, Any], path: str | os.PathLike[str] | None)
     if path is not None:
         return read_projector_info(path).total_mib()
     return float(entry.get("mmproj_size") or 0) * (1 + SAFETY_MARGIN) / MIB
+
+
+def is_projector(path: str | os.PathLike[str]) -> bool:
+    """True for a readable GGUF whose architecture is `clip` (a multimodal projector, not a model)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            meta, _ = _Header(buf, Path(path)).parse()
+    except (OSError, ValueError):
+        return False
+    return meta.get("general.architecture") == "clip"

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from aivailable.config import ModelConfig, NodeConfig
+from aivailable.engine.mmproj_info import is_projector
 from aivailable.files import hub
 from aivailable.files.budget import StoredFile, plan_evictions
 from aivailable.files.fetch import FetchCounters, Fetcher, Transfer, TransferFailed
@@ -106,6 +107,8 @@ class FileService:
                         log.warning("not offering %s: its name %r is not a model name (%s); rename the file",
                                     f.path, f.name[:140], MODEL_NAME_RULE)
                     continue
+                if await asyncio.to_thread(is_projector, f.path):
+                    continue  # an mmproj next to its model: served to peers by sha256, not a model to offer
                 try:
                     defaults = await asyncio.to_thread(gguf_defaults, f.path, self.cache)
                 except Exception as exc:  # not a usable GGUF: not offered, said once per scan
