@@ -206,12 +206,14 @@ class Node:
                 continue
             path = self.files.path_for(model, m)
             mmproj = self.files.projector_path_for(model, m)
-            if path is None or (accepts_images(m) and mmproj is None):  # fetch first; start once verified
-                waiting[model] = (self.files.want(model, m, self._files_changed) if path is None
-                                  else self.files.want_projector(model, m, self._files_changed))
+            lacks_projector = accepts_images(m) and mmproj is None
+            if path is None or lacks_projector:  # fetch first (both at once); start once verified
+                states = [f"file: {self.files.want(model, m, self._files_changed)}"] if path is None else []
+                if lacks_projector:
+                    states.append(f"projector: {self.files.want_projector(model, m, self._files_changed)}")
+                waiting[model] = "; ".join(states)
                 if self._waiting.get(model) != waiting[model]:
-                    log.info("model %s is placed on %s but its %s is not here: %s", model, self.node_id,
-                             "file" if path is None else "projector (mmproj)", waiting[model])
+                    log.info("model %s is placed on %s but is not all here: %s", model, self.node_id, waiting[model])
                 continue
             max_default, ceiling = token_budget(m, self.settings.node.max_tokens_default)
             out.append(Assignment(
