@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="join the cluster whose node printed TOKEN (`aivailable token`): its address(es) and secret")
     up.add_argument("--log-format", dest="log_format", choices=("text", "json"),
                     help="log lines as text with date and time (default) or one JSON object per line")
+    up.add_argument("--allow-image-urls", dest="allow_image_urls", action="store_true", default=None,
+                    help="fetch http(s) image URLs in chat requests (default: only data: URLs)")
+    up.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, metavar="BYTES",
+                    help="largest image a request may carry (default 10 MiB)")
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -148,7 +152,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in ("host", "port", "state_dir", "simulate_gpus", "demo", "join", "mdns",
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
-                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
+                                            "bandwidth_mib_s", "chunk_mib", "max_tokens_default",
+                                            "allow_image_urls", "max_image_bytes")}
     flags.update(join_token=args.join_token, log_format=args.log_format)
     from aivailable import jointoken
     from aivailable.cli_flags import generated_values

@@ -93,6 +93,7 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
             reason = (reason + "; " if reason else "") + conflicts[name]
         needs = [f.needs_mib[name] for f in live_facts if name in f.needs_mib]
         models.append({"name": name, "state": state, "reason": reason, "embedding": spec.get("embedding", False),
+                       "vision": bool(spec.get("mmproj") or spec.get("mmproj_sha256") or spec.get("mmproj_source")),
                        "sha256": spec.get("sha256"), "size": spec.get("size"), "offered": bool(spec.get("offered")),
                        "holders": [f.node_id for f in live_facts if spec.get("sha256") in f.files],
                        "ctx": spec.get("ctx"), "vram_estimate_mib": round(max(needs), 1) if needs else None,

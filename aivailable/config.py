@@ -64,6 +64,13 @@ class ModelConfig(BaseModel):
     """Most tokens one request may generate; a larger max_tokens is clamped (None: the slot's context)."""
     sampling: SamplingDefaults | None = None
     """Sampling for requests that leave a parameter unset, e.g. a model card's recommended settings."""
+    mmproj: str | None = None
+    """The model's multimodal projector GGUF on this node (llama.cpp's `--mmproj`): with it the model
+    accepts image content parts. Other nodes fetch it with the model file."""
+    mmproj_sha256: str | None = None
+    """The projector file's sha256 (lowercase hex): names a file some peer holds, or checks `mmproj`."""
+    mmproj_source: str | None = None
+    """`hf://OWNER/REPO/FILE.gguf`: the projector, downloaded at startup like `source`."""
 
     @field_validator("name")
     @classmethod
@@ -72,14 +79,14 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model name {v[:140]!r} is not allowed: use {MODEL_NAME_RULE}")
         return v
 
-    @field_validator("sha256")
+    @field_validator("sha256", "mmproj_sha256")
     @classmethod
     def _sha(cls, v: str | None) -> str | None:
         if v is not None and not _SHA256_RE.match(v.lower()):
             raise ValueError("must be 64 hexadecimal characters (a sha256)")
         return v.lower() if v else v
 
-    @field_validator("source")
+    @field_validator("source", "mmproj_source")
     @classmethod
     def _source(cls, v: str | None) -> str | None:
         if v is not None and not _HF_RE.match(v):
@@ -90,6 +97,8 @@ class ModelConfig(BaseModel):
     def _replicas(self):
         if self.path is None and self.source is None and self.sha256 is None:
             raise ValueError(f"model {self.name!r} needs a path, a source (hf://...) or a sha256")
+        if self.embedding and (self.mmproj or self.mmproj_sha256 or self.mmproj_source):
+            raise ValueError(f"model {self.name!r}: an embedding model cannot have a multimodal projector (mmproj)")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         if (self.max_tokens_default is not None and self.max_tokens_ceiling is not None
@@ -167,8 +176,13 @@ class NodeConfig(BaseSettings):
     node_id: str | None = None
     advertise_host: str | None = None
     """The address peers and clients should use for this node (default: this machine's primary address)."""
-    max_body_bytes: int = Field(default=4 << 20, ge=1024)
-    """Largest request body accepted, in bytes (larger ones get 413)."""
+    max_body_bytes: int = Field(default=20 << 20, ge=1024)
+    """Largest request body (a data-URL image is 4/3 of its bytes: 20 MiB holds a 10 MiB image and text)."""
+    allow_image_urls: bool = False
+    """Fetch http(s) image URLs of chat requests (the entry node fetches, then forwards the bytes). Off: only
+    data: URLs, so an anonymous client cannot make the node fetch arbitrary addresses."""
+    max_image_bytes: int = Field(default=10 << 20, ge=1024)
+    """Largest image (decoded bytes) a request may carry or the node may fetch; larger is a 400."""
     body_timeout_s: float = Field(default=30.0, gt=0)
     """A request body must arrive whole within this many seconds, else 408 (a stalled client frees its slot)."""
     header_timeout_s: float = Field(default=10.0, gt=0)

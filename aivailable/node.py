@@ -17,6 +17,7 @@ from aivailable import coordinator as coord
 from aivailable import leave, statedir
 from aivailable.api.app import build_app
 from aivailable.api.connections import GuardedSite, raise_open_file_limit
+from aivailable.api.image_input import accepts_images
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
@@ -24,6 +25,7 @@ from aivailable.config import ModelConfig, Settings, token_budget
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
+from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.transport import StateStore
@@ -135,6 +137,7 @@ class Node:
             try:
                 self.estimates[name] = await asyncio.to_thread(self._estimate, path, int(m.get("ctx", 4096)),
                                                                int(m.get("parallel", 1)))
+                self.estimates[name] += await asyncio.to_thread(projector_mib, m, self.files.projector_path_for(name, m))
                 self.unplaced.pop(name, None)
             except Exception as exc:  # unreadable or not a GGUF: say so on the status page
                 self.unplaced[name] = f"cannot read {path}: {exc}"
@@ -159,11 +162,13 @@ class Node:
         return need
 
     def _files_in_use(self) -> set[str]:
-        paths = {str(Path(h.assignment.path).resolve()) for h in self.manager.workers.values() if h.state != "stopped"}
+        paths = {str(Path(p).resolve()) for h in self.manager.workers.values() if h.state != "stopped"
+                 for p in (h.assignment.path, h.assignment.mmproj) if p}
         return {s for s, f in self.files.files.items() if str(f.path.resolve()) in paths}
 
     def _pinned_files(self) -> set[str]:
-        return {m["sha256"] for m in self.models().values() if m.get("pinned") and m.get("sha256")}
+        return {s for m in self.models().values() if m.get("pinned") for s in (m.get("sha256"), m.get("mmproj_sha256"))
+                if s}
 
     async def _files_changed(self) -> None:
         """A file arrived or appeared: estimate it and start any replica that waited for it."""
@@ -229,11 +234,15 @@ class Node:
                 log.warning("placement gives %s on %s, which this node does not have; ignoring", model, device_ids)
                 continue
             path = self.files.path_for(model, m)
-            if path is None:  # fetch the file first; the replica starts once it is verified
-                waiting[model] = self.files.want(model, m, self._files_changed)
+            mmproj = self.files.projector_path_for(model, m)
+            lacks_projector = accepts_images(m) and mmproj is None
+            if path is None or lacks_projector:  # fetch first (both at once); start once verified
+                states = [f"file: {self.files.want(model, m, self._files_changed)}"] if path is None else []
+                if lacks_projector:
+                    states.append(f"projector: {self.files.want_projector(model, m, self._files_changed)}")
+                waiting[model] = "; ".join(states)
                 if self._waiting.get(model) != waiting[model]:
-                    log.info("model %s is placed on %s but its file is not here: %s", model, self.node_id,
-                             waiting[model])
+                    log.info("model %s is placed on %s but is not all here: %s", model, self.node_id, waiting[model])
                 continue
             max_default, ceiling = token_budget(m, self.settings.node.max_tokens_default)
             out.append(Assignment(
@@ -241,7 +250,7 @@ class Node:
                 parallel=int(m.get("parallel", 1)), embedding=bool(m.get("embedding", False)),
                 max_queue=int(m.get("max_queue", 16)), chat_format=m.get("chat_format"),
                 max_tokens_default=max_default, max_tokens_ceiling=ceiling,
-                sampling=tuple(sorted((m.get("sampling") or {}).items())),
+                sampling=tuple(sorted((m.get("sampling") or {}).items())), mmproj=str(mmproj) if mmproj else None,
                 simulated=all(d.simulated for d in devs), tensor_split=split,
                 vram_estimate_mib=self.estimates.get(model, 0.0),
                 visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))

@@ -51,7 +51,7 @@ def _run(runner: Runner, bodies: list[dict], free: bool, max_tokens: int) -> lis
     for body in bodies:
         req = parse_request("chat", body)
         plan = plan_chat(req, runner.tool_format)
-        tokens, stops = runner.chat_prompt(plan)
+        tokens, stops, _ = runner.chat_prompt(plan)
         p = GenParams(max_tokens=max_tokens, temperature=0, stop=stops,
                       grammar=None if free else plan.grammar, logit_bias=dict(NO_EOG) if free else {})
         mark = {"t0": time.perf_counter(), "first": None, "last": None}

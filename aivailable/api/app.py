@@ -14,6 +14,7 @@ from aivailable.api import hop
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
+from aivailable.api.image_input import accepts_images, check_images, fetch_images, image_refs, inline
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.responses_endpoint import add_responses_route
@@ -92,7 +93,7 @@ async def list_models(request: web.Request) -> web.Response:
     node = _node(request)
     states = {m["name"]: m["state"] for m in node.cluster_view()["models"]}
     data = [{"id": name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
-             "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False),
+             "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False), "vision": accepts_images(m),
              "context_length": m.get("ctx")}
             for name, m in sorted(node.models().items())]
     return web.json_response({"object": "list", "data": data})
@@ -127,6 +128,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
                              param="model")
     if kind != "embeddings" and embedding:
         raise InvalidRequest(f"model '{name}' is an embedding model; use /v1/embeddings", param="model")
+    refs = image_refs(req) if kind == "chat" else []
+    to_fetch = check_images(refs, model=name, accepts=accepts_images(spec), allow_urls=node.settings.node.allow_image_urls,
+                            max_bytes=node.settings.node.max_image_bytes)
     if not forwarded:
         node.cluster.rates.hit(name)  # demand, gossiped to the coordinator (also for models not loaded)
     upstreams = node.upstreams(name, local_only=forwarded)
@@ -134,10 +138,9 @@ async def inference(request: web.Request) -> web.StreamResponse:
         node.raise_unavailable(name)
     t0 = time.perf_counter()
     sent = req.model_dump(exclude_unset=True, by_alias=True)
+    if to_fetch:  # replicas get the bytes, never a URL to fetch
+        sent = inline(sent, await fetch_images(to_fetch, node.settings.node.max_image_bytes))
     body = body_bytes(sent)
-    if kind == "chat" and req.images():  # type: ignore[attr-defined]
-        raise InvalidRequest(f"model '{name}' does not accept images (no model here has a multimodal projector)",
-                             param=req.images()[0])  # type: ignore[attr-defined]
     resume = None
     if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]

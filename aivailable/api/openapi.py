@@ -40,6 +40,8 @@ class ModelCard(BaseModel):
     owned_by: str
     state: str | None = None
     embedding: bool | None = None
+    vision: bool | None = None
+    """The model has a multimodal projector: chat messages may carry image_url parts."""
     context_length: int | None = None
 
 

@@ -41,6 +41,7 @@ class Refusal(_Strict):
 
 
 class InputImage(_Strict):
+    model_config = ConfigDict(extra="forbid", str_max_length=64 << 20)  # a data: URL (api/schemas.ImageUrl)
     type: Literal["input_image"]
     image_url: str | None = None
     file_id: str | None = None

@@ -35,7 +35,13 @@ class TextPart(_Strict):
     text: str
 
 
+MAX_IMAGE_URL = 64 << 20
+"""A data: URL may be as long as the node's max_body_bytes allows (an image is not a 4 MB text)."""
+
+
 class ImageUrl(_Strict):
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_IMAGE_URL)
+
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 

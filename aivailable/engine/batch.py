@@ -26,6 +26,11 @@ One turn of the loop:
    stop strings as engine.textstop does, and finish on end-of-generation, a stop string,
    max_tokens or the slot's context.
 
+Images (models with an mmproj, engine/media.py): a prompt's image positions hold a negative pseudo-token
+derived from the image's sha256, and step 3 feeds an image as one unit (libmtmd encodes it and decodes its
+embeddings into the slot) and text only up to the next image. A slot's cached prefix is reused only up to
+the first image of either prompt, so KV computed for one image is never taken for another.
+
 Why prompts go alone, in fixed chunks: llama.cpp's numbers depend on how a sequence's tokens are
 grouped into batches (the KV of a prompt fed in one piece differs in the last bits from the same
 prompt fed in two). A prompt is therefore always fed in chunks that start at multiples of
@@ -90,6 +95,12 @@ class _Job:
     future: Future
     t0: float
     sampler: _Sampler | None = None
+    media: dict | None = None
+    """Images by start position (engine/media.py): `tokens` holds their pseudo-tokens there."""
+
+    def first_media(self) -> int:
+        """Position of the first image (len(tokens) without images): no cache is reused past it."""
+        return min(self.media) if self.media else len(self.tokens)
 
 
 @dataclass(eq=False)
@@ -182,6 +193,7 @@ class BatchEngine:
                               if t >= 0], dtype=np.int64)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
+        self.projector = None  # engine.media.Projector, set by the runner for a model with an mmproj
         self._slots = [_Slot(i) for i in range(parallel)]
         self._active: list[_Seq] = []  # in admission order
         self._pending: collections.deque[_Job] = collections.deque()
@@ -194,17 +206,26 @@ class BatchEngine:
 
     # -- the caller's side (any thread) -------------------------------------------------------
     def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
-               emit: Callable[[str], None]) -> Future:
-        """Queue a generation; its Future gives the GenResult. Raises InvalidRequest at once for a bad prompt."""
+               emit: Callable[[str], None], media: dict | None = None) -> Future:
+        """Queue a generation; its Future gives the GenResult. Raises InvalidRequest at once for a bad prompt.
+
+        `media`: the prompt's images by start position (engine/media.py); their positions in `tokens` hold
+        pseudo-tokens, and the prompt must end in text."""
         if len(tokens) >= self.n_ctx_seq:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.n_ctx_seq} tokens, but the prompt is "
                 f"{len(tokens)} tokens.", param=params.prompt_param)
         if not tokens:
             raise InvalidRequest("the prompt is empty", param=params.prompt_param)
+        if media:
+            if self.projector is None:
+                raise InvalidRequest("this model does not accept images", param=params.prompt_param)
+            if max(p + c.n_tokens for p, c in media.items()) >= len(tokens) or params.prompt_logprobs:
+                raise InvalidRequest("a prompt with images must end in text and cannot be scored",
+                                     param=params.prompt_param)
         sampler = self._sampler(params)  # here, so a bad grammar or prefix is a 400 before anything is sent
         fut: Future = Future()
-        job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter(), sampler)
+        job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter(), sampler, media or None)
         with self._cv:
             if self._closing:
                 self._free_sampler(sampler)
@@ -286,7 +307,8 @@ class BatchEngine:
         free = [s for s in self._slots if s.seq is None]
         slot = max(free, key=lambda s: (self._reusable(s, tokens), -s.seq_id))
         # Scoring the prompt needs logits at every prompt position: compute it all again.
-        keep = 0 if job.params.prompt_logprobs else self._reusable(slot, tokens)
+        keep = 0 if job.params.prompt_logprobs else min(self._reusable(slot, tokens),
+                                                         job.first_media() // self.prompt_chunk * self.prompt_chunk)
         if keep < len(slot.cached):
             if not self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 self._lc.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -457,6 +479,13 @@ class BatchEngine:
             start, n_prompt = seq.n_past, len(seq.job.tokens)
             if start >= n_prompt:
                 continue
+            media = seq.job.media
+            if media:
+                if start in media:
+                    budget -= self._image(seq, media[start])
+                    continue
+                # text up to the next image at most: an image goes into the KV by itself
+                n_prompt = min([p for p in media if p > start] + [n_prompt])
             n = min(self.prompt_chunk, n_prompt - start)
             self._decode([(seq, n)])
             self.prompt_tokens_fed += n
@@ -464,6 +493,22 @@ class BatchEngine:
         generating = sorted((s for s in self._active if s.n_past == len(s.history) - 1), key=lambda s: s.slot)
         if generating:
             self._decode([(seq, 1) for seq in generating])
+
+    def _image(self, seq: _Seq, chunk) -> int:
+        """Encode one image of `seq`'s prompt and decode its embeddings into the slot (libmtmd); a failure
+        ends only this request. Returns the positions it took."""
+        try:
+            end = self.projector.evaluate(chunk, self._ctx, seq.n_past, seq.slot, self.n_batch)
+            if end != seq.n_past + chunk.n_tokens:
+                raise EngineError(f"an image took {end - seq.n_past} positions, expected {chunk.n_tokens}")
+        except Exception as exc:
+            log.exception("evaluating an image failed")
+            self._fail(seq, exc if isinstance(exc, EngineError) else EngineError(str(exc)))
+            return chunk.n_tokens
+        self.steps += 1
+        self.prompt_tokens_fed += chunk.n_tokens
+        seq.n_past = end
+        return chunk.n_tokens
 
     def _decode(self, parts: list[tuple[_Seq, int]]) -> None:
         """Feed the next `n` tokens of each sequence (in this order), then sample those that caught up."""
@@ -563,7 +608,7 @@ class BatchEngine:
         slot.seq = None
         slot.cached = seq.history[:seq.n_past]
         # Prompt chunks start at multiples of prompt_chunk: the whole ones are reusable.
-        n_prompt = min(seq.n_past, len(seq.job.tokens))
+        n_prompt = min(seq.n_past, len(seq.job.tokens), seq.job.first_media())
         slot.aligned = n_prompt // self.prompt_chunk * self.prompt_chunk
         self._free_sampler(seq.sampler)
         seq.sampler = None

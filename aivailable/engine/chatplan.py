@@ -8,10 +8,12 @@ grammar (tool calls, JSON Schema or JSON mode) and how the answer is parsed afte
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from aivailable.engine.grammar import JSON_GRAMMAR, schema_grammar
+from aivailable.engine.media import image_mark
 from aivailable.engine.tools import ToolDef, ToolFormat, generic_instructions, tool_grammar
 
 
@@ -24,6 +26,24 @@ class ChatPlan:
     """How to parse tool calls out of the answer; None when the request has no active tools."""
     tool_names: set[str] = field(default_factory=set)
     grammar: str | None = None
+    images: list[str] = field(default_factory=list)
+    """The request's image URLs (data: URLs by now), in order; message texts mark where each goes."""
+    image_nonce: str = ""
+    """Part of every image mark, unguessable by clients (engine/media.py)."""
+
+
+def _content(m, images: list[str], nonce: str) -> str:
+    """The message's text, with a mark where each of its images goes (their URLs appended to `images`)."""
+    if not m.images():
+        return m.text()
+    out = []
+    for p in m.content:
+        if p.type == "image_url":
+            out.append(image_mark(nonce, len(images)))
+            images.append(p.image_url.url)
+        else:
+            out.append(p.text)
+    return "".join(out)
 
 
 def _arguments(text: str) -> Any:
@@ -48,8 +68,10 @@ def plan_chat(req, native: ToolFormat) -> ChatPlan:
                      t.function.parameters or {"type": "object", "properties": {}}) for t in req.active_tools()]
     generic = native is ToolFormat.GENERIC
     messages: list[dict[str, Any]] = []
+    images: list[str] = []
+    nonce = secrets.token_hex(8)
     for m in req.messages:
-        text = m.text()
+        text = _content(m, images, nonce)
         if m.role == "assistant" and m.tool_calls:
             if generic:
                 calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)} for c in m.tool_calls]
@@ -70,7 +92,7 @@ def plan_chat(req, native: ToolFormat) -> ChatPlan:
                                  **({"name": m.name} if m.name else {})})
         else:
             messages.append({"role": m.role, "content": text})
-    plan = ChatPlan(messages)
+    plan = ChatPlan(messages, images=images, image_nonce=nonce)
     if tools:
         choice = _choice(req)
         parallel = req.parallel_tool_calls is not False

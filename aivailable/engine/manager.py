@@ -74,6 +74,8 @@ class Assignment:
     max_tokens_ceiling: int | None = None
     sampling: tuple[tuple[str, float], ...] = ()
     """The model's sampling defaults (engine.spec.SamplingDefaults fields), as hashable pairs."""
+    mmproj: str | None = None
+    """The multimodal projector file (engine/media.py), or None."""
     vram_estimate_mib: float = field(default=0.0, compare=False)
     """Not part of identity: a better estimate must not restart a running worker."""
 
@@ -265,7 +267,7 @@ class WorkerManager:
                           simulated=a.simulated, tensor_split=a.tensor_split, chat_format=a.chat_format,
                           max_queue=a.max_queue, max_tokens_default=a.max_tokens_default,
                           max_tokens_ceiling=a.max_tokens_ceiling, sampling=SamplingDefaults(**dict(a.sampling)),
-                          socket=h.socket)
+                          mmproj=a.mmproj, socket=h.socket)
         env = {**os.environ, **dict(a.visible_env)}
         h.state, h.started_at, h.reason = "loading", time.monotonic(), ""
         log.info("model %s: starting worker (ctx %d, %s)", a.key, a.n_ctx,

@@ -83,6 +83,8 @@ class GenResult:
 
 # A generation model's Llama object gets only this tiny context (closed right after loading): the
 # BatchEngine creates the real one, with a slot per parallel request.
+MAX_IMAGE_BYTES = 64 << 20
+"""A worker's own bound on one image; the entry node enforces the node's (smaller) max_image_bytes first."""
 PLACEHOLDER_CTX = 256
 PLACEHOLDER_BATCH = 8
 
@@ -97,6 +99,9 @@ class Runner:
         self.tool_format = ToolFormat.GENERIC
         self.specials = safe_prompt.Specials.of({})
         self.engine = None  # engine.batch.BatchEngine, for models that generate
+        self.projector = None  # engine.media.Projector, for models with an mmproj
+        self.projector_mib = 0.0
+        """The projector's weights + one image's compute buffer (estimated: llama.cpp's load log omits them)."""
         self._llm = None
         self._lock = threading.Lock()
 
@@ -136,6 +141,8 @@ class Runner:
         self.load_report = log.report()
         if not spec.embedding:
             self._start_engine()
+        if spec.mmproj:
+            self._load_projector()
         if not spec.simulated and not self.load_report.fully_offloaded:
             rep = self.load_report
             self.close()
@@ -175,11 +182,29 @@ class Runner:
         self.load_report = dataclasses.replace(self.load_report, kv_mib=ctx.kv_mib, compute_mib=ctx.compute_mib,
                                                output_mib=ctx.output_mib, kv_cells=ctx.kv_cells)
 
+    def _load_projector(self) -> None:
+        from aivailable.engine.media import Projector, ProjectorError
+
+        spec = self.spec
+        try:
+            self.projector = Projector(spec.mmproj, self._llm._model, use_gpu=not spec.simulated,
+                                       n_threads=spec.n_threads)
+        except ProjectorError as exc:
+            self.close()
+            raise LoadError(str(exc)) from exc
+        self.engine.projector = self.projector
+        from aivailable.engine.mmproj_info import read_projector_info
+
+        self.projector_mib = read_projector_info(spec.mmproj).total_mib()
+
     def close(self) -> None:
         """Stop the engine and free the model (the worker calls it once, on the way out)."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -197,8 +222,9 @@ class Runner:
 
     # -- prompts -------------------------------------------------------------------------------
     def chat_prompt(self, plan: ChatPlan, *, continue_final: bool = False,
-                    cancelled=lambda: False) -> tuple[list[int], list[str]]:
-        """Tokens of the rendered chat prompt, and the template's stop strings. Control tokens come only
+                    cancelled=lambda: False) -> tuple[list[int], list[str], dict | None]:
+        """Tokens of the rendered chat prompt, the template's stop strings and the images by start position
+        (None without images; engine/media.py). Control tokens come only
         from the template (engine/prompt.py). With `continue_final`, the last (assistant) message is
         continued: the prompt is the conversation before it, the turn opener, then its text."""
         if self.template is None:
@@ -218,8 +244,42 @@ class Runner:
         rendered = render(self.template, marked, bos=self._bos, eos=self._eos, tools=plan.template_tools)
         parts = safe_prompt.pieces(rendered, texts, suffix)
         safe_prompt.check_size(parts, self.n_ctx_seq, "messages")
+        if plan.images:
+            prompt = self._media_prompt(plan, parts, cancelled)
+            return prompt.tokens, list(self.template.stops), prompt.media
         tokens = safe_prompt.tokenize_pieces(parts, sp, self._plain_tokens, cancelled)
-        return tokens, list(self.template.stops)
+        return tokens, list(self.template.stops), None
+
+    def _media_prompt(self, plan: ChatPlan, parts: list[tuple[str, bool]], cancelled):
+        """The prompt of a chat with images: text as `chat_prompt` tokenizes it, each image's items where its
+        mark was (engine/media.py)."""
+        from aivailable.engine.media import MediaPrompt, ProjectorError, split_marks
+        from aivailable.images import ImageError, decode_data_url
+
+        if self.projector is None:
+            raise InvalidRequest(f"model {self.spec.model!r} does not accept images (it has no multimodal projector)",
+                                 param="messages")
+        items: list = []
+        run: list[tuple[str, bool]] = []
+
+        def flush() -> None:
+            if run:
+                items.extend(safe_prompt.tokenize_pieces(run, self.specials, self._plain_tokens, cancelled))
+                run.clear()
+
+        for text, is_template in parts:
+            for seg in ([text] if is_template else split_marks(text, plan.image_nonce)):
+                if isinstance(seg, str):
+                    run.append((seg, is_template))
+                    continue
+                flush()
+                try:
+                    image = decode_data_url(plan.images[seg], MAX_IMAGE_BYTES)
+                    items.extend(self.projector.image_items(image.data))
+                except (ImageError, ProjectorError) as exc:
+                    raise InvalidRequest(f"image {seg} of the request cannot be used: {exc}", param="messages") from None
+        flush()
+        return MediaPrompt.of(items)
 
     def _plain_tokens(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -236,7 +296,7 @@ class Runner:
         return self.engine.n_ctx_seq if self.engine is not None else self.llm.n_ctx()
 
     def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
-               emit: Callable[..., None]) -> Future:
+               emit: Callable[..., None], media: dict | None = None) -> Future:
         """Start generating from `tokens`; `emit(text_delta, logprobs)` is called from the engine's thread
         (`logprobs`: the entries of the tokens in that text, or None) and the
         Future gives the GenResult. Stops at EOG, a stop string, the limit or `cancel`. A prompt that
@@ -244,7 +304,7 @@ class Runner:
         if self.engine is None:
             raise InvalidRequest(f"model {self.spec.model!r} is an embedding model; it does not generate text",
                                  param="model")
-        return self.engine.submit(tokens, params, cancel, emit)
+        return self.engine.submit(tokens, params, cancel, emit, media)
 
     def generate(self, tokens: list[int], params: GenParams, cancel: threading.Event,
                  emit: Callable[..., None]) -> GenResult:

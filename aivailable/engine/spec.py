@@ -51,6 +51,8 @@ class WorkerSpec(BaseModel):
     max_tokens_ceiling: int | None = Field(default=None, ge=1)
     """Most tokens one request may generate; a larger max_tokens is clamped (None: the slot's context)."""
     sampling: SamplingDefaults = SamplingDefaults()
+    mmproj: str | None = None
+    """The multimodal projector GGUF (engine/media.py); None: the model takes no images."""
     socket: str
 
     def token_limit(self, asked: int | None) -> int | None:

@@ -46,6 +46,8 @@ from aivailable.errors import InvalidRequest, QueueFullError
 
 log = logging.getLogger("aivailable.worker")
 EXIT_LOAD_FAILED = 3
+MAX_BODY_BYTES = 96 << 20
+"""Bodies come only from the node, which applies its own max_body_bytes; images make them large."""
 
 
 class FifoGate:
@@ -107,7 +109,7 @@ class Worker:
         self.latency = LatencyRecorder()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors], client_max_size=8 << 20)
+        app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -134,7 +136,7 @@ class Worker:
         req = parse_request("chat", await read_json(request))
         assert isinstance(req, ChatCompletionRequest)
         images = req.images()
-        if images:
+        if images and self.runner.projector is None:
             raise InvalidRequest(f"model {self.spec.model!r} does not accept images (it has no multimodal "
                                  "projector)", param=images[0])
         plan = plan_chat(req, self.runner.tool_format)
@@ -162,7 +164,7 @@ class Worker:
         answer = Answer(CompletionShape(req.model), req.n or 1, None, set(), logprobs=req.logprobs is not None,
                         legacy_logprobs=True, echo=prompt if req.echo else None)
         return await self._generate(request, req, answer, params,
-                                    lambda cancelled: (self.runner.text_prompt(prompt), []))
+                                    lambda cancelled: (self.runner.text_prompt(prompt), [], None))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         req = parse_request("embeddings", await read_json(request))
@@ -197,7 +199,7 @@ class Worker:
         self.stats["requests"] += 1
         futs = []
         try:
-            tokens, stops = await self._run(prep, cancels[0].is_set)
+            tokens, stops, media = await self._run(prep, cancels[0].is_set)
             waited = time.perf_counter() - arrived  # queue and tokenizing: part of what a client waits
             params.stop = params.stop + stops
             loop = asyncio.get_running_loop()
@@ -217,7 +219,7 @@ class Worker:
                     loop.call_soon_threadsafe(events.put_nowait, (i, text, logprobs))
 
                 try:
-                    fut = self.runner.submit(tokens, p, cancels[i], emit)
+                    fut = self.runner.submit(tokens, p, cancels[i], emit, media)
                 except BaseException:
                     if futs:  # the choices already started release the gate when they end
                         left[0], released = len(futs), True
@@ -324,8 +326,14 @@ async def _serve(worker: Worker) -> None:
     site = web.UnixSite(runner, worker.spec.socket)
     await site.start()
     rep = worker.runner.load_report
+    gpu_mib, host_mib = (rep.gpu_mib, rep.host_mib) if rep else (None, None)
+    if worker.runner.projector_mib and rep:  # on the model's device; simulated: in host memory
+        if worker.spec.simulated:
+            host_mib = (host_mib or 0) + worker.runner.projector_mib
+        else:
+            gpu_mib = (gpu_mib or 0) + worker.runner.projector_mib
     _announce({"event": "ready", "pid": os.getpid(), "socket": worker.spec.socket,
-               "gpu_mib": rep.gpu_mib if rep else None, "host_mib": rep.host_mib if rep else None,
+               "gpu_mib": gpu_mib, "host_mib": host_mib,
                "offloaded_layers": rep.offloaded_layers if rep else None,
                "total_layers": rep.total_layers if rep else None,
                "chat_template": worker.runner.template.source if worker.runner.template else None})

@@ -27,7 +27,7 @@ from aivailable.names import MODEL_NAME_RULE, is_model_name, is_sha256
 log = logging.getLogger("aivailable.files")
 _warned: set[tuple[str, str]] = set()
 
-LOCAL_KEYS = frozenset({"path", "source", "sha256", "size"})
+LOCAL_KEYS = frozenset({"path", "source", "sha256", "size", "mmproj", "mmproj_source", "mmproj_sha256", "mmproj_size"})
 """Keys that may differ between nodes without a conflict (sha256 is compared separately)."""
 
 
@@ -38,7 +38,7 @@ def _definition(m: dict) -> dict:
 def _agree(a: dict, b: dict) -> bool:
     if _definition(a) != _definition(b):
         return False
-    return not (a.get("sha256") and b.get("sha256") and a["sha256"] != b["sha256"])
+    return not any(a.get(k) and b.get(k) and a[k] != b[k] for k in ("sha256", "mmproj_sha256"))
 
 
 def invalid(m: Any) -> str | None:
@@ -47,8 +47,9 @@ def invalid(m: Any) -> str | None:
         return f"a {type(m).__name__} is not a model definition"
     if not is_model_name(m.get("name")):
         return f"name {str(m.get('name'))[:140]!r} is not a model name ({MODEL_NAME_RULE})"
-    if m.get("sha256") is not None and not is_sha256(m["sha256"]):
-        return f"model {m['name']}: sha256 {str(m['sha256'])[:80]!r} is not 64 lowercase hex digits"
+    for key in ("sha256", "mmproj_sha256"):
+        if m.get(key) is not None and not is_sha256(m[key]):
+            return f"model {m['name']}: {key} {str(m[key])[:80]!r} is not 64 lowercase hex digits"
     return None
 
 
@@ -78,11 +79,12 @@ def merge(node_catalogs: Iterable[tuple[str, list[dict[str, Any]]]]) -> tuple[di
             kind = "offered file" if offered else "definition"
             conflicts[name] = (f"defined differently on {owner} and {', '.join(differ)}; "
                                f"using {owner}'s {kind}")
-        if not win.get("sha256"):
-            for _, _, m in entries[1:]:
-                if m.get("sha256") and _agree(win, m):
-                    win["sha256"], win["size"] = m["sha256"], m.get("size")
-                    break
+        for sha, size in (("sha256", "size"), ("mmproj_sha256", "mmproj_size")):
+            if not win.get(sha):
+                for _, _, m in entries[1:]:
+                    if m.get(sha) and _agree(win, m):
+                        win[sha], win[size] = m[sha], m.get(size)
+                        break
         catalog[name] = win
     return catalog, conflicts
 

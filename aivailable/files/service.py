@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 
 from aivailable.config import ModelConfig, NodeConfig
+from aivailable.engine.mmproj_info import is_projector
 from aivailable.files import hub
 from aivailable.files.budget import StoredFile, plan_evictions
 from aivailable.files.fetch import FetchCounters, Fetcher, Transfer, TransferFailed
@@ -29,6 +30,8 @@ log = logging.getLogger("aivailable.files")
 
 RETRY_FAILED_S = 30.0
 """A failed transfer of a model still placed here is tried again after this long."""
+MMPROJ = ".mmproj"
+"""A configured projector is indexed under its model's name plus this (files/index.py)."""
 RESCAN_S = 10.0
 """How often the models directory is rescanned for dropped-in files (only new files are hashed)."""
 
@@ -41,7 +44,9 @@ class FileService:
                  in_use: Callable[[], set[str]], pinned: Callable[[], set[str]]):
         self.node_id, self.cfg, self.models, self.cache = node_id, cfg, models, cache
         self.peers, self.in_use, self.pinned = peers, in_use, pinned
-        self.index = FileIndex(cfg.models_path, cache, {n: m.path for n, m in models.items() if m.path})
+        config_paths = {n: m.path for n, m in models.items() if m.path}
+        config_paths.update({n + MMPROJ: m.mmproj for n, m in models.items() if m.mmproj})
+        self.index = FileIndex(cfg.models_path, cache, config_paths)
         self.files: dict[str, LocalFile] = {}
         """sha256 -> one local copy (what peers may fetch)"""
         self.found: list[LocalFile] = []
@@ -77,6 +82,9 @@ class FileService:
             if m.source and not (m.path and Path(m.path).expanduser().is_file()) and \
                     not (m.sha256 and m.sha256 in self.files):
                 await self._download_hf(m)
+            if m.mmproj_source and not (m.mmproj and Path(m.mmproj).expanduser().is_file()) and \
+                    not (m.mmproj_sha256 and m.mmproj_sha256 in self.files):
+                await self._download_hf(m, projector=True)
         self._bg.append(asyncio.create_task(self._rescan_loop(), name="models dir rescan"))
 
     async def stop(self) -> None:
@@ -99,6 +107,8 @@ class FileService:
                         log.warning("not offering %s: its name %r is not a model name (%s); rename the file",
                                     f.path, f.name[:140], MODEL_NAME_RULE)
                     continue
+                if await asyncio.to_thread(is_projector, f.path):
+                    continue  # an mmproj next to its model: served to peers by sha256, not a model to offer
                 try:
                     defaults = await asyncio.to_thread(gguf_defaults, f.path, self.cache)
                 except Exception as exc:  # not a usable GGUF: not offered, said once per scan
@@ -120,12 +130,13 @@ class FileService:
             except Exception:
                 log.exception("rescanning %s failed", self.cfg.models_path)
 
-    async def _download_hf(self, m: ModelConfig) -> None:
+    async def _download_hf(self, m: ModelConfig, projector: bool = False) -> None:
+        source, sha = (m.mmproj_source, m.mmproj_sha256) if projector else (m.source, m.sha256)
         try:
-            path, digest = await asyncio.to_thread(hub.download, m.source, self.index.fetched_dir,
-                                                   expected_sha256=m.sha256)
+            path, digest = await asyncio.to_thread(hub.download, source, self.index.fetched_dir,
+                                                   expected_sha256=sha)
         except Exception as exc:  # no internet in many labs: say so; peers may still serve it by sha256
-            log.error("model %s: cannot download %s: %s", m.name, m.source, exc)
+            log.error("model %s: cannot download %s: %s", m.name, source, exc)
             return
         self.index.remember(path, digest)
         await self.rescan()
@@ -161,6 +172,14 @@ class FileService:
                 d["sha256"], d["size"] = d.get("sha256", f.sha256), f.size
             elif m.sha256 and m.sha256 in self.files:
                 d["size"] = self.files[m.sha256].size
+            p = by_name.get(name + MMPROJ)
+            if p is not None:
+                if m.mmproj_sha256 and m.mmproj_sha256 != p.sha256:
+                    log.error("model %s: projector %s hashes to %s, but its config says mmproj_sha256 = %s", name,
+                              p.path, p.sha256, m.mmproj_sha256)
+                d["mmproj_sha256"], d["mmproj_size"] = d.get("mmproj_sha256", p.sha256), p.size
+            elif m.mmproj_sha256 and m.mmproj_sha256 in self.files:
+                d["mmproj_size"] = self.files[m.mmproj_sha256].size
             out.append(d)
         out += [o for n, o in sorted(self.offers.items()) if n not in self.models]
         return out
@@ -174,6 +193,21 @@ class FileService:
         if m is not None and m.path and Path(m.path).expanduser().is_file():
             return Path(m.path).expanduser()
         return None
+
+    def projector_path_for(self, name: str, entry: dict) -> Path | None:
+        """This node's copy of catalog model `name`'s projector (mmproj), or None (none, or not here yet)."""
+        sha = entry.get("mmproj_sha256")
+        if sha:
+            return self.lookup(sha)
+        m = self.models.get(name)
+        if m is not None and m.mmproj and Path(m.mmproj).expanduser().is_file():
+            return Path(m.mmproj).expanduser()
+        return None
+
+    def want_projector(self, name: str, entry: dict, on_ready: Callable[[], Awaitable[None]]) -> str:
+        """`want` for the model's projector file (fetched like a model file, by its sha256)."""
+        return self.want(f"{name} (projector)", {"sha256": entry.get("mmproj_sha256"),
+                                                 "size": entry.get("mmproj_size")}, on_ready)
 
     # -- transfers -----------------------------------------------------------------------------------
     def want(self, name: str, entry: dict, on_ready: Callable[[], Awaitable[None]]) -> str:
