@@ -78,7 +78,7 @@ class ElectionConfig:
     heartbeat_interval: float = 0.25  # leader beat period; also how fast a voter-set change spreads
     election_timeout: float = 1.5  # follower waits uniform [t, 2t) without a beat before a pre-vote
     lease: float = 1.0  # leader steps down without majority acks within it; voters stay sticky for it
-    removal_timeout: float = 30.0  # a voter dead this long is removed by the leader (re-placement too)
+    removal_timeout: float = 10.0  # a voter dead this long is removed by the leader (bench/voter_removal.py)
     small_cluster_takeover: bool = True  # 2 voters: survivor takes over after removal_timeout (see top)
 
     @classmethod

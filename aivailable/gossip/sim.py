@@ -84,7 +84,8 @@ class SimConfig:
     # Autonomous serving (aivailable/autonomy.py through gossip/simserve.py): every node is asked for every
     # model of `demand`; a node without a coordinator serves what nobody it reaches serves.
     autonomy: bool = True
-    # "random" faults, or "majority": at 5 s, crash a majority at once for 40 s (no coordinator anywhere)
+    # "random" faults; "majority": at 5 s, crash a majority at once until 45 s (no coordinator anywhere);
+    # "cascade": the same majority one after another, 12 s apart (dead voters may be removed in between)
     schedule: str = "random"
 
 
@@ -375,8 +376,8 @@ class Sim:
     # ---- faults --------------------------------------------------------------------------------------
 
     def schedule_faults(self) -> None:
-        if self.cfg.schedule == "majority":
-            self._schedule_majority_loss()
+        if self.cfg.schedule in ("majority", "cascade"):
+            self._schedule_majority_loss(12.0 if self.cfg.schedule == "cascade" else 0.0)
             return
         rng, t = self.rng, self.faults_from
         while True:
@@ -401,11 +402,11 @@ class Sim:
                 self.at(min(t + length, self.cfg.duration), lambda: self._log_net("heal", None))
         self.at(self.cfg.duration, self.final_heal)
 
-    def _schedule_majority_loss(self) -> None:
-        """A majority crashes at once at 5 s (one power strip) and comes back 40 s later."""
+    def _schedule_majority_loss(self, gap: float) -> None:
+        """A majority crashes from 5 s on, `gap` s apart (0: at once, one power strip), and all come back at 45 s."""
         victims = self.rng.sample(self.ids, len(self.ids) // 2 + 1)
-        for node in victims:
-            self.at(5.0, lambda node=node: self.crash(node))
+        for i, node in enumerate(victims):
+            self.at(5.0 + i * gap, lambda node=node: self.crash(node))
             self.at(min(45.0, self.cfg.duration), lambda node=node: self.restart(node))
         self.at(self.cfg.duration, self.final_heal)
 
@@ -487,6 +488,7 @@ class Sim:
         self.serving.finish(self)
         self.check.violations += self.serving.violations
         return {**self.check.report(self), "handbacks_s": self.serving.handbacks_s,
+                "leaderless_s": round(self.serving.leaderless_s, 1),
                 "autonomous_loads": self.serving.autonomous_loads}
 
 
@@ -545,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wire", action="store_true", help="seal/open every message")
     p.add_argument("--bootstrap", choices=("random", "rooted", "late_root", "split", "mesh"),
                    help="start brand-new nodes with --join seeds by this scenario (SimConfig.bootstrap)")
-    p.add_argument("--schedule", choices=("random", "majority"), default="random",
-                   help="fault schedule: random crashes/partitions, or a majority crashed at once for 40 s")
+    p.add_argument("--schedule", choices=("random", "majority", "cascade"), default="random",
+                   help="fault schedule: random crashes/partitions, a majority crashed at once until 45 s, or "
+                        "the same majority one after another (12 s apart)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)

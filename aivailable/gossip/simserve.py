@@ -102,6 +102,8 @@ class ServingCheck:
     unserved_samples: int = 0
     handbacks_s: list[float] = field(default_factory=list)
     """Per episode: seconds from the cluster becoming whole (all up, no partition) to no autonomous replica."""
+    leaderless_s: float = 0.0
+    """Sampled time (0.1 s steps) in which no up node led: nobody could place anything."""
     _whole_since: float | None = None
     _pending: bool = False
 
@@ -109,8 +111,10 @@ class ServingCheck:
         """The network or the set of up nodes changed."""
         self.last_change = now
 
-    def sample(self, sim: Sim) -> None:
+    def sample(self, sim: Sim, step: float = 0.1) -> None:
         up = [n for n in sim.nodes.values() if n.up]
+        if not any(n.elect is not None and n.elect.is_leader for n in up):
+            self.leaderless_s += step
         for n in up:
             if n.autonomous and booked(n) > CAPACITY_MIB:
                 self._fail(sim.now, f"{n.id} books {booked(n):.0f} MiB of {CAPACITY_MIB:.0f} on {GPU} "
