@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from aivailable.engine.spec import SamplingDefaults
 from aivailable.errors import ConfigError
+from aivailable.keepalive import FOREVER, parse_duration
 from aivailable.names import MODEL_NAME_RULE, is_model_name
 
 DEFAULT_PORT = 8000
@@ -63,6 +64,14 @@ class ModelConfig(BaseModel):
     """Most tokens one request may generate; a larger max_tokens is clamped (None: the slot's context)."""
     sampling: SamplingDefaults | None = None
     """Sampling for requests that leave a parameter unset, e.g. a model card's recommended settings."""
+    keep_alive: float | None = None
+    """Seconds the model stays loaded after its last request ("5m", "1h", 300; -1 = forever, 0 = unload after
+    each use); None: the node's `keep_alive` (aivailable/keepalive.py)."""
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
 
     @field_validator("name")
     @classmethod
@@ -196,8 +205,19 @@ class NodeConfig(BaseSettings):
     """How an entry node picks among a model's replicas: "prefix" keeps each conversation on the replica that
     caches its prompt (the same choice on every node, within a load bound; api/affinity.py), "p2c" is the
     power of two choices on load alone."""
+    load_wait_s: float = Field(default=120.0, ge=0)
+    """How long a request for a model that is loading (or being re-placed, or loading on demand) waits at
+    its entry node for a ready replica before it gets 503 + Retry-After (0 = answer 503 at once)."""
+    keep_alive: float = FOREVER
+    """Default keep-alive of models that set none: seconds a model stays loaded after its last request ("5m",
+    "1h", 300; -1 = forever, 0 = unload after each use). Every node of a cluster should use the same."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        return parse_duration(v)
 
     @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
