@@ -64,6 +64,8 @@ class NodeFacts:
     leaving: bool = False
     """The node is shutting down gracefully: place nothing on it and move its models elsewhere; it
     keeps serving what it runs until they are ready on other nodes (see `aivailable.leave`)."""
+    usage: dict[str, dict] = field(default_factory=dict)
+    """model -> {at, keep_alive, active}: when this node's clients last used each model (`keepalive.Usage`)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
