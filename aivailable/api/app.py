@@ -24,7 +24,14 @@ from aivailable.api.router import Proxy, Upstream, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.config import token_budget
 from aivailable.engine.spec import generation_limit
-from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, NodeStarting, RateLimited
+from aivailable.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NodeStarting,
+    RateLimited,
+)
 
 if TYPE_CHECKING:
     from aivailable.node import Node
@@ -182,11 +189,12 @@ async def wait_for_replicas(request: web.Request, node: Node, name: str, forward
         node.raise_unavailable(name)
     queue = request.app[LOAD_WAITS]
     t0 = time.monotonic()
-    spec = node.models().get(name, {})
-    me = queue.join(name, t0, loadwait.capacity(spec, len(node.placement.get(name, ()))),
-                    asyncio.get_running_loop().create_future())
-    if me is None:  # as many wait as its replicas could queue: refuse as when it was not loading
-        node.raise_unavailable(name)
+    limit = loadwait.capacity(node.models().get(name, {}), len(node.placement.get(name, ())))
+    me = queue.join(name, t0, limit, asyncio.get_running_loop().create_future())
+    if me is None:  # as many wait as its replicas could queue: refuse as when nobody waited
+        state, _ = node.model_state(name)
+        raise ModelUnavailable(f"model '{name}' is {state} and {limit} requests already wait for it (its "
+                               "replicas' queue limit); retry shortly", retry_after=2)
     waiting = node.metrics.load_waiting.labels(name)
     waiting.inc()
     try:
