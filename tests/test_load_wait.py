@@ -15,7 +15,7 @@ import time
 import openai
 import pytest
 
-from tests.nodeproc import start_node
+from tests.nodeproc import free_port, start_node
 
 MODEL = "gemma-3-270m"
 MSG = [{"role": "user", "content": "Say hello."}]
@@ -208,3 +208,57 @@ def http_get(node, path: str) -> str:
     body = conn.getresponse().read().decode()
     conn.close()
     return body
+
+
+SECRET = "load-wait-test-secret-0123456789abcdef"
+
+
+def test_a_request_for_a_model_whose_holder_just_died_waits_for_its_re_placement(tmp_path, gemma_path):
+    """Two nodes, one replica: kill -9 its holder and ask the survivor at once. The request waits while the
+    failure is detected and the model is re-placed and loaded on the survivor, and is served."""
+    cfg = write_config(tmp_path, gemma_path, max_replicas=1)
+    ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2)}
+    nodes = {}
+    try:
+        for i in (1, 2):
+            args = ["--config", cfg, "--simulate-gpu", f"card{i}:2000", "--cluster-secret", SECRET, "--node-id", f"n{i}"]
+            if i == 2:
+                args += ["--join", f"127.0.0.1:{ports[1]}"]
+            nodes[i] = start_node(tmp_path, *args, host=f"127.0.0.{i}", port=ports[i], name=f"n{i}")
+            nodes[i].wait_healthy()
+        def holders():
+            both = all({n["id"] for n in v.cluster()["nodes"] if n["state"] == "alive"} == {"n1", "n2"}
+                       for v in nodes.values())
+            return both and [r["node"] for r in model_view(nodes[1])["replicas"] if r["state"] == "ready"]
+
+        ready = wait_for(holders, 120, "model ready on one of two nodes")
+        holder = int(ready[0][1:])
+        entry = nodes[3 - holder]
+        client(entry).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2)  # served by the holder
+        nodes[holder].kill_group()
+        results = {}
+
+        def ask(key, stream):
+            try:
+                r = client(entry).chat.completions.create(model=MODEL, messages=MSG, max_tokens=2, stream=stream)
+                results[key] = list(r) if stream else r
+            except Exception as e:
+                results[key] = e
+
+        threads = [threading.Thread(target=ask, args=(k, k == "stream")) for k in ("plain", "stream")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not isinstance(results["plain"], Exception), (results["plain"], entry.log()[-3000:])
+        assert not isinstance(results["stream"], Exception), results["stream"]
+        assert results["plain"].choices and results["stream"]
+        assert metric(entry, "aivailable_load_wait_seconds_count") == 2
+        assert [r["node"] for r in model_view(entry)["replicas"] if r["state"] == "ready"] == [entry_id(entry)]
+    finally:
+        for n in nodes.values():
+            n.kill_group()
+
+
+def entry_id(node) -> str:
+    return node.cluster()["node_id"]

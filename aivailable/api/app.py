@@ -166,11 +166,22 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
         resume = Continuation(kind, sent, limit)
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)
-    try:
+
+    async def forward(upstreams: list[Upstream]) -> web.StreamResponse:
         affinity = request_key(kind, req) if node.settings.node.routing == "prefix" and len(upstreams) > 1 else None
-        resp = await request.app[PROXY].forward(
+        return await request.app[PROXY].forward(
             request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
             authorization=request.headers.get("Authorization"), resume=resume, affinity=affinity)
+
+    try:
+        try:
+            resp = await forward(upstreams)
+        except ModelUnavailable:  # every replica failed before its first byte: nothing was sent yet
+            if forwarded or node.settings.node.load_wait_s <= 0 or any(u.local for u in upstreams):
+                raise  # a local worker that crashed on this request is not given it again
+            # Their nodes just died (membership has not said so yet): wait for the model's re-placement.
+            resp = await forward(await wait_for_replicas(request, node, name, forwarded,
+                                                         avoid=frozenset(u.key for u in upstreams)))
     except Exception as exc:
         status = getattr(exc, "http_status", 500)
         metrics.requests.labels(name, kind, str(status)).inc()
@@ -180,10 +191,12 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
     return resp
 
 
-async def wait_for_replicas(request: web.Request, node: Node, name: str, forwarded: bool) -> list[Upstream]:
-    """Ready replicas of `name` once it has loaded: the request waits in the model's FIFO queue (bounded by
-    its replicas' capacity) for at most `load_wait_s`; otherwise, or when it cannot wait, today's 503. Only
-    at the entry node: a forwarded request answers at once, and its entry node tries elsewhere."""
+async def wait_for_replicas(request: web.Request, node: Node, name: str, forwarded: bool,
+                            avoid: frozenset[str] = frozenset()) -> list[Upstream]:
+    """Ready replicas of `name` (other than those in `avoid`, which just failed) once it has loaded: the
+    request waits in the model's FIFO queue (bounded by its replicas' capacity) for at most `load_wait_s`;
+    otherwise, or when it cannot wait, today's 503. Only at the entry node: a forwarded request answers at
+    once, and its entry node tries elsewhere."""
     load_wait_s = node.settings.node.load_wait_s
     if forwarded or load_wait_s <= 0:
         node.raise_unavailable(name)
@@ -203,7 +216,7 @@ async def wait_for_replicas(request: web.Request, node: Node, name: str, forward
                 await asyncio.wait_for(asyncio.shield(me.token), loadwait.POLL_S)
             if me.token.done() or queue.first(name) is not me:
                 continue
-            ups = node.upstreams(name)
+            ups = [u for u in node.upstreams(name) if u.key not in avoid]
             try:
                 view = next((m for m in node.cluster_view()["models"] if m["name"] == name), None)
             except NodeStarting:
