@@ -93,6 +93,10 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
         placed_nodes = {r["node"] for r in placement.get(name, [])}
         moving = [t for t in transfers if t["model"] == name and t["node"] in placed_nodes]
         state, reason = _model_state(name, reps, bool(placement.get(name)), unplaced.get(name, ""), moving)
+        busy = any(r.get("outstanding") or r.get("queued") for r in reps)
+        if state == "unplaced" and now is not None and keepalive.idle(spec, uses.get(name), keep_alive_default,
+                                                                       now, busy):
+            reason = keepalive.idle_reason(spec, uses.get(name), keep_alive_default)  # also where no coordinator
         if name in conflicts:
             reason = (reason + "; " if reason else "") + conflicts[name]
         needs = [f.needs_mib[name] for f in live_facts if name in f.needs_mib]
@@ -103,8 +107,7 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                        "replicas": reps, "placed_on": placement.get(name, []),
                        "requests": sum(r.get("requests", 0) for r in reps),
                        "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2),
-                       **_cache_use(reps), **_keep_alive(spec, uses.get(name), keep_alive_default, now, state,
-                                                         any(r.get("outstanding") or r.get("queued") for r in reps))})
+                       **_cache_use(reps), **_keep_alive(spec, uses.get(name), keep_alive_default, now, state, busy)})
     return {"node_id": self_id, "leader": leader, "term": term, "version": version, "backend": backend,
             "nodes": nodes, "models": models, "transfers": transfers, "events": events[-50:]}
 

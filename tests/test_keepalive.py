@@ -135,3 +135,30 @@ def test_pinned_busy_and_request_keep_alive_keep_a_model():
     assert coord.decide(_facts(used, keep_alive=0.0, outstanding=1), placed, now=5000.0)[0] == placed
     forever = {"m": {"at": 1000.0, "keep_alive": FOREVER, "active": 0}}
     assert coord.decide(_facts(forever, keep_alive=0.0), placed, now=5000.0)[0] == placed
+
+
+def test_cluster_view_shows_keep_alive_time_to_unload_and_why_an_idle_model_is_unloaded():
+    from aivailable.clusterview import MemberInfo, build_view
+
+    def view(usage, replicas, placement, now, **spec):
+        model = {"name": "m", "path": "/m.gguf", **spec}
+        facts = coord.NodeFacts("a", "a:1", catalog=[model], replicas=replicas, usage=usage)
+        v = build_view(self_id="a", leader="a", term=1, version=1, backend="cpu", placement=placement,
+                       unplaced={}, events=[], members=[MemberInfo("a", "a:1", "alive", facts)],
+                       keep_alive_default=FOREVER, now=now)
+        return v["models"][0]
+
+    placed = {"m": [{"node": "a", "gpus": ["g0"], "split": None}]}
+    ready = [{"model": "m", "gpus": ["g0"], "state": "ready"}]
+    used = {"m": {"at": 100.0, "keep_alive": None, "active": 0}}
+    m = view(used, ready, placed, 130.0, keep_alive=60.0)
+    assert (m["keep_alive"], m["unload_in_s"]) == ("1m", 30.0)
+    m = view(used, ready, placed, 130.0)
+    assert (m["keep_alive"], m["unload_in_s"]) == ("forever", None)
+    m = view(used, ready, placed, 130.0, keep_alive=60.0, pinned=True)
+    assert (m["keep_alive"], m["unload_in_s"]) == ("1m (kept: pinned)", None)
+    m = view({"m": {**used["m"], "active": 1}}, ready, placed, 500.0, keep_alive=60.0)
+    assert m["unload_in_s"] is None  # in use: the keep-alive counts from the end of the request
+    m = view(used, [], {}, 500.0, keep_alive=60.0)  # unloaded: every node says why, coordinator or not
+    assert m["state"] == "unplaced" and m["unload_in_s"] is None
+    assert m["reason"] == f"idle: no request for 1m (keep_alive); {ka.LOADS_ON_REQUEST}"
