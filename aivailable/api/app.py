@@ -157,7 +157,9 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
     if kind == "chat" and req.images():
         raise InvalidRequest(f"model '{name}' does not accept images (no model here has a multimodal projector)",
                              param=req.images()[0])
-    upstreams = node.upstreams(name, local_only=forwarded) or await wait_for_replicas(request, node, name, forwarded)
+    upstreams = node.upstreams(name, local_only=forwarded)
+    if not upstreams or (not forwarded and request.app[LOAD_WAITS].waiting(name)):  # in line behind waiters
+        upstreams = await wait_for_replicas(request, node, name, forwarded)
     resume = None
     if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
