@@ -80,7 +80,7 @@ _VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_token
 def _shape(facts: dict) -> dict:
     """Facts without the counters that change with every request or transferred chunk (those go out at
     most once a second)."""
-    out = {k: v for k, v in facts.items() if k not in ("rates", "transfers")}
+    out = {k: v for k, v in facts.items() if k not in ("rates", "transfers", "usage")}
     out["transfers"] = [(t["model"], t["state"]) for t in facts.get("transfers", [])]
     out["replicas"] = [{k: v for k, v in r.items() if k not in _VOLATILE} for r in facts.get("replicas", [])]
     return out
@@ -268,7 +268,8 @@ class Cluster:
             return  # a live member's facts have not arrived yet: do not move its models
         facts = [m.facts for m in infos if m.facts is not None]
         current = self.node.placement
-        new, reasons = coord.decide(facts, current)
+        new, reasons = coord.decide(facts, current, now=time.time(),
+                                    keep_alive_default=self.node.settings.node.keep_alive)
         self.unplaced = reasons
         nodes = {f.node_id for f in facts}
         joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
@@ -283,6 +284,8 @@ class Cluster:
                 cause = f"node {', '.join(gone)} gone"
             elif joined:
                 cause = f"node {', '.join(joined)} joined"
+            elif idle := sorted(m for m in current if m not in new and reasons.get(m, "").startswith("idle")):
+                cause = f"{', '.join(idle)} idle past keep_alive"
             else:
                 cause = "demand or VRAM changed"
             term, version = t.publish_placement(new)
@@ -370,4 +373,5 @@ class Cluster:
         return build_view(self_id=self.node.node_id, leader=t.leader, term=t.term,
                           version=placed[1] if placed else 0, backend=self.node.backend.summary(),
                           members=self.member_infos(), placement=self.node.placement,
-                          unplaced={**self.node.unplaced, **self.unplaced}, events=events)
+                          unplaced={**self.node.unplaced, **self.unplaced}, events=events,
+                          keep_alive_default=self.node.settings.node.keep_alive, now=time.time())

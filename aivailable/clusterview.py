@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aivailable import keepalive
 from aivailable.coordinator import Assignments, NodeFacts, merged_catalog
 
 
@@ -49,8 +50,10 @@ def _model_state(name: str, replicas: list[dict], placed: bool, reason: str,
 
 def build_view(*, self_id: str, leader: str | None, term: int, version: int, backend: str,
                members: list[MemberInfo], placement: Assignments, unplaced: dict[str, str],
-               events: list[dict], extra_models: dict[str, dict] | None = None) -> dict:
-    """The /api/cluster document (fields in CONTRACTS.md, plus operator extras)."""
+               events: list[dict], extra_models: dict[str, dict] | None = None,
+               keep_alive_default: float = keepalive.FOREVER, now: float | None = None) -> dict:
+    """The /api/cluster document (fields in CONTRACTS.md, plus operator extras). With `now` (unix s), each
+    model says its keep-alive and when it unloads if unused (`_keep_alive`)."""
     nodes = []
     transfers: list[dict] = []
     replicas_by_model: dict[str, list[dict]] = {}
@@ -83,12 +86,17 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                       "leaving": bool(f is not None and f.leaving and m.state in ("alive", "suspect"))})
     catalog, conflicts = merged_catalog(live_facts)
     catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
+    uses = keepalive.merge(f.usage for f in live_facts)
     models = []
     for name, spec in sorted(catalog.items()):
         reps = replicas_by_model.get(name, [])
         placed_nodes = {r["node"] for r in placement.get(name, [])}
         moving = [t for t in transfers if t["model"] == name and t["node"] in placed_nodes]
         state, reason = _model_state(name, reps, bool(placement.get(name)), unplaced.get(name, ""), moving)
+        busy = any(r.get("outstanding") or r.get("queued") for r in reps)
+        if state == "unplaced" and now is not None and keepalive.idle(spec, uses.get(name), keep_alive_default,
+                                                                       now, busy):
+            reason = keepalive.idle_reason(spec, uses.get(name), keep_alive_default)  # also where no coordinator
         if name in conflicts:
             reason = (reason + "; " if reason else "") + conflicts[name]
         needs = [f.needs_mib[name] for f in live_facts if name in f.needs_mib]
@@ -100,7 +108,7 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                        "replicas": reps, "placed_on": placement.get(name, []),
                        "requests": sum(r.get("requests", 0) for r in reps),
                        "tokens_per_s": round(sum(r.get("tokens_per_s", 0.0) for r in reps), 2),
-                       **_cache_use(reps)})
+                       **_cache_use(reps), **_keep_alive(spec, uses.get(name), keep_alive_default, now, state, busy)})
     return {"node_id": self_id, "leader": leader, "term": term, "version": version, "backend": backend,
             "nodes": nodes, "models": models, "transfers": transfers, "events": events[-50:]}
 
@@ -111,3 +119,16 @@ def _cache_use(reps: list[dict]) -> dict:
     cached = sum(int(r.get("cached_tokens", 0)) for r in reps)
     return {"prompt_tokens": prompt, "cached_tokens": cached,
             "cache_hit_rate": round(cached / prompt, 3) if prompt else None}
+
+
+def _keep_alive(spec: dict, use: keepalive.Use | None, default: float, now: float | None, state: str,
+                busy: bool) -> dict:
+    """`keep_alive` (the one that applies, for people) and `unload_in_s`: seconds until a loaded model is
+    unloaded for idleness (0: being unloaded; None: not loaded, or nothing unloads it now)."""
+    out: dict = {"keep_alive": keepalive.describe(keepalive.effective(spec, use, default)), "unload_in_s": None}
+    if spec.get("pinned") or int(spec.get("min_replicas") or 0) > 0:
+        out["keep_alive"] += " (kept: pinned)" if spec.get("pinned") else " (kept: min_replicas)"
+    at = keepalive.unload_at(spec, use, default, busy)
+    if now is not None and at is not None and state in ("ready", "loading"):
+        out["unload_in_s"] = round(max(0.0, at - now), 1)
+    return out

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from aivailable.engine.spec import SamplingDefaults
 from aivailable.errors import ConfigError
+from aivailable.keepalive import FOREVER, parse_duration
 from aivailable.names import MODEL_NAME_RULE, is_model_name
 from aivailable.paths import default_state_dir
 
@@ -71,6 +72,14 @@ class ModelConfig(BaseModel):
     """The projector file's sha256 (lowercase hex): names a file some peer holds, or checks `mmproj`."""
     mmproj_source: str | None = None
     """`hf://OWNER/REPO/FILE.gguf`: the projector, downloaded at startup like `source`."""
+    keep_alive: float | None = None
+    """Seconds the model stays loaded after its last request ("5m", "1h", 300; -1 = forever, 0 = unload after
+    each use); None: the node's `keep_alive` (aivailable/keepalive.py)."""
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        return None if v is None else parse_duration(v)
 
     @field_validator("name")
     @classmethod
@@ -220,6 +229,12 @@ class NodeConfig(BaseSettings):
     autonomous_grace_s: float = Field(default=10.0, ge=0)
     """With no coordinator for this long (a minority after losing most nodes), a node loads models that clients
     ask it for and no reachable node serves onto its own free VRAM (aivailable/autonomy.py); 0 = never."""
+    load_wait_s: float = Field(default=120.0, ge=0)
+    """How long a request for a model that is loading (or being re-placed, or loading on demand) waits at
+    its entry node for a ready replica before it gets 503 + Retry-After (0 = answer 503 at once)."""
+    keep_alive: float = FOREVER
+    """Default keep-alive of models that set none: seconds a model stays loaded after its last request ("5m",
+    "1h", 300; -1 = forever, 0 = unload after each use). Every node of a cluster should use the same."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
     history_interval_s: float = Field(default=10.0, gt=0, le=600)
@@ -229,6 +244,11 @@ class NodeConfig(BaseSettings):
     join_token: str | None = None
     """A join token (`aivailable token` on a cluster's node prints it): the cluster's address(es) and
     secret in one string; sets join and the cluster secret."""
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        return parse_duration(v)
 
     @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aivailable import keepalive
 from aivailable.files import catalog as fcat
 from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, place, prune_previous
 from aivailable.placement.model import Affinity as PAffinity
@@ -63,12 +64,15 @@ class NodeFacts:
     leaving: bool = False
     """The node is shutting down gracefully: place nothing on it and move its models elsewhere; it
     keeps serving what it runs until they are ready on other nodes (see `aivailable.leave`)."""
+    usage: dict[str, dict] = field(default_factory=dict)
+    """model -> {at, keep_alive, active}: when this node's clients last used each model (`keepalive.Usage`)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
-                "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving}
+                "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving,
+                "usage": self.usage}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:
@@ -100,8 +104,19 @@ def free_vram(device: dict, claims: float, planned: float) -> float:
     return total - min(total, _reserved(device, claims)) - planned
 
 
-def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[str, float] | None = None) -> Problem:
-    """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies."""
+def idle_models(facts: list[NodeFacts], catalog: dict[str, dict], now: float, keep_alive_default: float
+                ) -> dict[str, str]:
+    """Models unused for longer than their keep-alive (`keepalive.idle`), with the reason: not placed."""
+    uses = keepalive.merge(f.usage for f in facts)
+    busy = {r["model"] for f in facts for r in f.replicas if r.get("outstanding") or r.get("queued")}
+    return {name: keepalive.idle_reason(m, uses.get(name), keep_alive_default) for name, m in catalog.items()
+            if keepalive.idle(m, uses.get(name), keep_alive_default, now, busy=name in busy)}
+
+
+def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[str, float] | None = None,
+                  idle: dict[str, str] | None = None) -> Problem:
+    """The placement problem for the live nodes' `facts`, keeping `previous` where it still applies. Models
+    in `idle` (past their keep-alive) get no demand and lose their previous replicas: they are unloaded."""
     gpus: list[Gpu] = []
     for f in facts:
         if f.leaving:
@@ -144,9 +159,11 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         # Offered (dropped-in) files load on demand only; configured models get the baseline.
         baseline = 0.0 if m.get("offered") else BASELINE_DEMAND
         want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + baseline
+        if idle and name in idle:
+            want[name] = 0.0
     prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
                         split=tuple(r["split"]) if r.get("split") else None) for r in reps]
-            for m, reps in previous.items()}
+            for m, reps in previous.items() if not (idle and m in idle)}
     names = {m.name for m in models}
     prev = prune_previous(prev, gpus, names)
     return Problem(gpus=gpus, models=models, demand=want, previous=prev)
@@ -175,12 +192,18 @@ def to_assignments(result: PlacementResult) -> Assignments:
     return out
 
 
-def decide(facts: list[NodeFacts], previous: Assignments) -> tuple[Assignments, dict[str, str]]:
-    """One coordinator round: (new assignments, unplaced model -> reason)."""
-    problem = build_problem(facts, previous)
+def decide(facts: list[NodeFacts], previous: Assignments, *, now: float | None = None,
+           keep_alive_default: float = keepalive.FOREVER) -> tuple[Assignments, dict[str, str]]:
+    """One coordinator round: (new assignments, unplaced model -> reason). With `now` (unix s), models idle
+    past their keep-alive are unloaded (`idle_models`)."""
+    catalog, conflicts = merged_catalog(facts)
+    idle = idle_models(facts, catalog, now, keep_alive_default) if now is not None else {}
+    problem = build_problem(facts, previous, idle=idle)
     result = place(problem, max_moves=SOLVE_MAX_MOVES)
     reasons = dict(result.unplaced_reasons)
-    catalog, conflicts = merged_catalog(facts)
+    for name, why in idle.items():
+        if name not in result.placement:  # pinned/min_replicas never count as idle
+            reasons[name] = why
     for name, m in catalog.items():
         if not fcat.holders(name, m, facts) and name not in reasons:
             reasons[name] = "no live node holds its model file"

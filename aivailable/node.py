@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from aivailable import coordinator as coord
-from aivailable import leave, statedir
+from aivailable import keepalive, leave, statedir
 from aivailable.api.app import build_app
 from aivailable.api.connections import GuardedSite, raise_open_file_limit
 from aivailable.api.image_input import accepts_images
@@ -65,6 +65,10 @@ class Node:
         """SIGTERM received: models are being handed over, requests drained (see aivailable.leave)."""
         self.events: list[dict] = []
         self.rate_limited: dict[str, int] = {}  # API key fingerprint -> requests refused with 429
+        self.usage = keepalive.Usage()
+        """When this node's clients last used each model (gossiped; the coordinator unloads idle models)."""
+        for name in self.catalog:  # configured: loaded at start, so the keep-alive counts from then
+            self.usage.touch(name, time.time())
         self.cache = statedir.open_disposable_cache(self.state_dir / "cache")
         self.metrics = NodeMetrics(self._metrics_snapshot)
         self.observe = Observer(self)
@@ -219,7 +223,7 @@ class Node:
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
                          backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
-                         bad_peers=self.files.bad_peers(), leaving=self.leaving)
+                         bad_peers=self.files.bad_peers(), leaving=self.leaving, usage=self.usage.view())
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""

@@ -27,12 +27,14 @@ def render_status(view: dict, console: Console | None = None) -> None:
                          f"{g['vram_used_mib']:.0f} / {g['vram_total_mib']:.0f}", models)
     console.print(gpus)
     models = Table(title="Models", title_justify="left")
-    for col in ("model", "state", "replicas", "requests", "tok/s", "reason"):
+    for col in ("model", "state", "replicas", "requests", "tok/s", "unload in", "reason"):
         models.add_column(col)
     for m in view["models"]:
         reps = ", ".join(f"{r['node']}:{'+'.join(r['gpus'])} {r['state']}" for r in m["replicas"]) or "-"
+        unload = f"{m['unload_in_s']:.0f} s" if m.get("unload_in_s") is not None else (
+            "never" if str(m.get("keep_alive", "forever")).startswith("forever") else "-")
         models.add_row(m["name"], m["state"], reps, str(m.get("requests", 0)), f"{m.get('tokens_per_s', 0):.1f}",
-                       m.get("reason", ""))
+                       unload, m.get("reason", ""))
     console.print(models)
     transfers = view.get("transfers") or []
     if transfers:

@@ -36,7 +36,9 @@ def wait_for(pred, timeout=60.0, what="condition"):
 def node(tmp_path, gemma_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[[models]]\nname = "{MODEL}"\npath = "{gemma_path}"\nctx = 1024\nmax_queue = 1\n')
-    n = start_node(tmp_path, "--config", str(cfg), "--simulate-gpu", "g0:4096")
+    # load_wait_s = 0: these tests are about the answers a client gets at once (503 while loading, 429 when
+    # the queue is full); tests/test_load_wait.py has the waiting.
+    n = start_node(tmp_path, "--config", str(cfg), "--simulate-gpu", "g0:4096", "--load-wait-s", "0")
     n.wait_healthy()
     yield n
     n.stop()

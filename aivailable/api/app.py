@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -10,20 +12,27 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from aivailable.api import hop
+from aivailable.api import hop, loadwait
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
-from aivailable.api.image_input import accepts_images, check_images, fetch_images, image_refs, inline
+from aivailable.api.image_input import ImageRef, accepts_images, check_images, fetch_images, image_refs, inline
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.responses_endpoint import add_responses_route
 from aivailable.api.resume import Continuation, resumable
-from aivailable.api.router import Proxy, body_bytes, check_hops
+from aivailable.api.router import Proxy, Upstream, body_bytes, check_hops
 from aivailable.api.schemas import parse_request
 from aivailable.config import token_budget
 from aivailable.engine.spec import generation_limit
-from aivailable.errors import AuthenticationError, InvalidRequest, ModelNotFound, RateLimited
+from aivailable.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NodeStarting,
+    RateLimited,
+)
 
 if TYPE_CHECKING:
     from aivailable.node import Node
@@ -34,6 +43,7 @@ NODE = web.AppKey("node", object)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", KeyLimiter)
 HOPS = web.AppKey("hops", hop.HopVerifier)
+LOAD_WAITS = web.AppKey("load_waits", loadwait.WaitQueue)
 
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
@@ -131,16 +141,29 @@ async def inference(request: web.Request) -> web.StreamResponse:
     refs = image_refs(req) if kind == "chat" else []
     to_fetch = check_images(refs, model=name, accepts=accepts_images(spec), allow_urls=node.settings.node.allow_image_urls,
                             max_bytes=node.settings.node.max_image_bytes)
-    if not forwarded:
-        node.cluster.rates.hit(name)  # demand, gossiped to the coordinator (also for models not loaded)
-    upstreams = node.upstreams(name, local_only=forwarded)
-    if not upstreams:
-        node.raise_unavailable(name)
+    if forwarded:
+        return await _route(request, node, kind, req, spec, forwarded, to_fetch)
+    node.cluster.rates.hit(name)  # demand, gossiped to the coordinator (also for models not loaded)
+    node.usage.begin(name, time.time(), req.keep_alive)  # type: ignore[attr-defined]  # keepalive.py
+    try:
+        return await _route(request, node, kind, req, spec, forwarded, to_fetch)
+    finally:
+        node.usage.end(name, time.time())
+
+
+async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, forwarded: bool,
+                 to_fetch: list[ImageRef]) -> web.StreamResponse:
+    """Wait for a replica if the model is loading (api/loadwait.py), then proxy to one."""
+    name = req.model
     t0 = time.perf_counter()
     sent = req.model_dump(exclude_unset=True, by_alias=True)
+    sent.pop("keep_alive", None)  # the entry node's business (keepalive.py), not the replica's
     if to_fetch:  # replicas get the bytes, never a URL to fetch
         sent = inline(sent, await fetch_images(to_fetch, node.settings.node.max_image_bytes))
     body = body_bytes(sent)
+    upstreams = node.upstreams(name, local_only=forwarded)
+    if not upstreams or (not forwarded and request.app[LOAD_WAITS].waiting(name)):  # in line behind waiters
+        upstreams = await wait_for_replicas(request, node, name, forwarded)
     resume = None
     if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
@@ -149,11 +172,22 @@ async def inference(request: web.Request) -> web.StreamResponse:
         resume = Continuation(kind, sent, limit)
     metrics = node.metrics
     ttfb = metrics.ttfb.labels(name, kind)
-    try:
+
+    async def forward(upstreams: list[Upstream]) -> web.StreamResponse:
         affinity = request_key(kind, req) if node.settings.node.routing == "prefix" and len(upstreams) > 1 else None
-        resp = await request.app[PROXY].forward(
+        return await request.app[PROXY].forward(
             request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
             authorization=request.headers.get("Authorization"), resume=resume, affinity=affinity)
+
+    try:
+        try:
+            resp = await forward(upstreams)
+        except ModelUnavailable:  # every replica failed before its first byte: nothing was sent yet
+            if forwarded or node.settings.node.load_wait_s <= 0 or any(u.local for u in upstreams):
+                raise  # a local worker that crashed on this request is not given it again
+            # Their nodes just died (membership has not said so yet): wait for the model's re-placement.
+            resp = await forward(await wait_for_replicas(request, node, name, forwarded,
+                                                         avoid=frozenset(u.key for u in upstreams)))
     except Exception as exc:
         status = getattr(exc, "http_status", 500)
         metrics.requests.labels(name, kind, str(status)).inc()
@@ -161,6 +195,51 @@ async def inference(request: web.Request) -> web.StreamResponse:
     metrics.requests.labels(name, kind, str(resp.status)).inc()
     metrics.latency.labels(name, kind).observe(time.perf_counter() - t0)
     return resp
+
+
+async def wait_for_replicas(request: web.Request, node: Node, name: str, forwarded: bool,
+                            avoid: frozenset[str] = frozenset()) -> list[Upstream]:
+    """Ready replicas of `name` (other than those in `avoid`, which just failed) once it has loaded: the
+    request waits in the model's FIFO queue (bounded by its replicas' capacity) for at most `load_wait_s`;
+    otherwise, or when it cannot wait, today's 503. Only at the entry node: a forwarded request answers at
+    once, and its entry node tries elsewhere."""
+    load_wait_s = node.settings.node.load_wait_s
+    if forwarded or load_wait_s <= 0:
+        node.raise_unavailable(name)
+    queue = request.app[LOAD_WAITS]
+    t0 = time.monotonic()
+    limit = loadwait.capacity(node.models().get(name, {}), len(node.placement.get(name, ())))
+    me = queue.join(name, t0, limit, asyncio.get_running_loop().create_future())
+    if me is None:  # as many wait as its replicas could queue: refuse as when nobody waited
+        state, _ = node.model_state(name)
+        raise ModelUnavailable(f"model '{name}' is {state} and {limit} requests already wait for it (its "
+                               "replicas' queue limit); retry shortly", retry_after=2)
+    waiting = node.metrics.load_waiting.labels(name)
+    waiting.inc()
+    try:
+        while not me.token.done():  # the oldest waiter polls and decides for all of the model's, in order
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(me.token), loadwait.POLL_S)
+            if me.token.done() or queue.first(name) is not me:
+                continue
+            ups = [u for u in node.upstreams(name) if u.key not in avoid]
+            try:
+                view = next((m for m in node.cluster_view()["models"] if m["name"] == name), None)
+            except NodeStarting:
+                view = None
+            status = loadwait.status_of(view, node.planned)
+            for w, verdict in queue.step(name, status, reachable=bool(ups), now=time.monotonic(),
+                                         load_wait_s=load_wait_s):
+                w.token.set_result(ups if verdict is loadwait.Verdict.SERVE else [])
+        upstreams = me.token.result()
+    finally:
+        queue.leave(me)  # a client that disconnected (handler cancelled) leaves the queue here
+        waiting.dec()
+        node.metrics.load_wait.labels(name).observe(time.monotonic() - t0)
+    if not upstreams:
+        node.raise_unavailable(name)
+    log.info("request for %s waited %.1f s for the model to load", name, time.monotonic() - t0)
+    return upstreams
 
 
 async def health(request: web.Request) -> web.Response:
@@ -219,6 +298,7 @@ def build_app(node: Node) -> web.Application:
     app[PROXY] = Proxy(hop_auth=lambda path: hop.sign(secret, node.node_id, path, time.time()))
     node.metrics.watch_routing(app[PROXY].choices)
     app[HOPS] = hop.HopVerifier(secret)
+    app[LOAD_WAITS] = loadwait.WaitQueue()
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)
     if cfg.rate_limit_rpm and not cfg.api_keys:
         log.warning("rate_limit_rpm = %d has no effect: limits are per API key and no --api-key is set",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -87,6 +87,10 @@ class NodeMetrics:
         self.autonomous_retired = Counter("aivailable_autonomous_retired", "Autonomous replicas retired (drained "
                                           "and unloaded) because a coordinator's placement took over",
                                           registry=self.registry)
+        self.load_waiting = Gauge("aivailable_load_waiting", "Requests waiting at this entry node for a model to "
+                                  "load (api/loadwait.py)", ["model"], registry=self.registry)
+        self.load_wait = Histogram("aivailable_load_wait_seconds", "Time requests waited for a model to load, "
+                                   "served or not", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_Live(snapshot))
 
     def watch_routing(self, choices: dict[str, int]) -> None:

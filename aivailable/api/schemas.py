@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -20,8 +21,13 @@ from pydantic import (
 
 from aivailable.errors import InvalidRequest
 from aivailable.jsonschema_check import check_schema
+from aivailable.keepalive import parse_duration
 
 MAX_STOP_SEQUENCES = 4
+
+KeepAlive = Annotated[float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v),
+                                                    json_schema_input_type=float | str | None)]
+"""Ollama's `keep_alive`: how long the model stays loaded after this request ("5m", 300, -1 = forever)."""
 
 
 class _Strict(BaseModel):
@@ -164,6 +170,7 @@ class _Sampling(_Strict):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    keep_alive: KeepAlive = None
     # llama.cpp extensions, accepted by llama.cpp's own server too.
     top_k: Annotated[int, Field(ge=0)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
@@ -300,6 +307,7 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    keep_alive: KeepAlive = None
 
     @field_validator("input")
     @classmethod
