@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--max-tokens-default", dest="max_tokens_default", type=int, metavar="N",
                     help="tokens generated when a request sets no max_tokens (default 512; per model: "
                          "max_tokens_default)")
+    up.add_argument("--kv-cache-type", dest="kv_cache_type", choices=("f16", "q8_0", "q4_0", "auto"),
+                    help="KV cache type of models that set none (default f16; auto: placement picks per replica)")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     up.add_argument("--models-dir", dest="models_dir", metavar="DIR",
@@ -93,6 +95,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
                                             "bandwidth_mib_s", "chunk_mib", "max_tokens_default")}
+    flags["kv_cache_type"] = getattr(args, "kv_cache_type", None)
     settings = load_settings(args.config, flags, args.model)
     _setup_logging(settings.node.log_level)
     from aivailable.statedir import check_writable

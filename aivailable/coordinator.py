@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aivailable.files import catalog as fcat
-from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, place, prune_previous
+from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, prune_previous
+from aivailable.placement.kvchoice import place_kv
 from aivailable.placement.model import Affinity as PAffinity
 
 BASELINE_DEMAND = 0.01
@@ -46,6 +47,8 @@ class NodeFacts:
     """ModelConfig dicts from this node's config (the cluster catalog is the union)."""
     needs_mib: dict[str, float] = field(default_factory=dict)
     """VRAM one replica of each model needs, for models whose file this node holds (estimate or measured)."""
+    kv_needs_mib: dict[str, dict[str, float]] = field(default_factory=dict)
+    """For models with kv_cache_type "auto": VRAM one replica needs with each KV cache type, best first."""
     replicas: list[dict] = field(default_factory=list)
     """[{model, gpus, state, vram_mib, outstanding, queued}] of this node's workers."""
     rates: dict[str, float] = field(default_factory=dict)
@@ -66,7 +69,7 @@ class NodeFacts:
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
-                "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
+                "needs_mib": self.needs_mib, "kv_needs_mib": self.kv_needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
                 "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving}
 
@@ -128,8 +131,11 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         nodes = [n for n in candidates if n not in leaving and (not aff.get("nodes") or n in aff["nodes"])]
         if not nodes:
             continue
+        kv_needs = _kv_needs(name, facts, need) if m.get("kv_cache_type") == "auto" else None
+        if kv_needs:
+            need = next(iter(kv_needs.values()))  # the best type's: what the model needs when it can choose
         models.append(ModelSpec(
-            name=name, vram_mib=max(1, int(round(need))), min_replicas=m.get("min_replicas", 0),
+            name=name, vram_mib=max(1, int(round(need))), kv_vram_mib=kv_needs, min_replicas=m.get("min_replicas", 0),
             max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False),
             files_on=[n for n in holders if n not in leaving],
             affinity=PAffinity(nodes=nodes, vendors=list(aff.get("vendors") or []) or None,
@@ -138,7 +144,8 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         baseline = 0.0 if m.get("offered") else BASELINE_DEMAND
         want[name] = (demand or {}).get(name, rates.get(name, 0.0)) + baseline
     prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
-                        split=tuple(r["split"]) if r.get("split") else None) for r in reps]
+                        split=tuple(r["split"]) if r.get("split") else None,
+                        kv_cache_type=r.get("kv_cache_type")) for r in reps]
             for m, reps in previous.items()}
     names = {m.name for m in models}
     prev = prune_previous(prev, gpus, names)
@@ -155,6 +162,33 @@ def _need(name: str, facts: list[NodeFacts]) -> float | None:
     return max(estimates) if estimates else None
 
 
+def _kv_needs(name: str, facts: list[NodeFacts], need: float) -> dict[str, int] | None:
+    """VRAM per KV cache type for an "auto" model: the largest estimate of each type, shifted so that the
+    type of a measured ready replica matches its measurement (the KV sizes are exact; the rest is not)."""
+    by_type: dict[str, float] = {}
+    for f in facts:
+        for kv, mib in (f.kv_needs_mib.get(name) or {}).items():
+            by_type[kv] = max(by_type.get(kv, 0.0), float(mib))
+    if len(by_type) < 2:
+        return None
+    measured = [(r["vram_mib"], r.get("kv_cache_type", "f16")) for f in facts for r in f.replicas
+                if r["model"] == name and r.get("state") == "ready" and r.get("vram_mib")]
+    ref = max(measured, default=None)
+    shift = need - by_type[ref[1]] if ref is not None and ref[1] in by_type else 0.0
+    return {kv: max(1, int(round(mib + shift))) for kv, mib in by_type.items()}
+
+
+def kv_cache_type_of(assignments: Assignments, node_id: str, model: str, device_ids: tuple[str, ...],
+                     entry: dict | None) -> str:
+    """The KV cache type this node's replica of `model` on `device_ids` loads with: placement's choice,
+    else the model's own type (f16 for "auto" when the coordinator chose none)."""
+    for r in assignments.get(model, ()):
+        if r["node"] == node_id and tuple(r["gpus"]) == tuple(device_ids) and r.get("kv_cache_type"):
+            return r["kv_cache_type"]
+    own = (entry or {}).get("kv_cache_type") or "f16"
+    return "f16" if own == "auto" else own
+
+
 def to_assignments(result: PlacementResult) -> Assignments:
     """Solver result -> wire form, GPU ids split back into (node, local device id)."""
     out: Assignments = {}
@@ -162,8 +196,11 @@ def to_assignments(result: PlacementResult) -> Assignments:
         rows = []
         for r in reps:
             node = r.gpus[0].split("/", 1)[0]
-            rows.append({"node": node, "gpus": [g.split("/", 1)[1] for g in r.gpus],
-                         "split": list(r.split) if r.split else None})
+            row = {"node": node, "gpus": [g.split("/", 1)[1] for g in r.gpus],
+                   "split": list(r.split) if r.split else None}
+            if r.kv_cache_type:
+                row["kv_cache_type"] = r.kv_cache_type
+            rows.append(row)
         out[model] = rows
     return out
 
@@ -171,7 +208,7 @@ def to_assignments(result: PlacementResult) -> Assignments:
 def decide(facts: list[NodeFacts], previous: Assignments) -> tuple[Assignments, dict[str, str]]:
     """One coordinator round: (new assignments, unplaced model -> reason)."""
     problem = build_problem(facts, previous)
-    result = place(problem, max_moves=SOLVE_MAX_MOVES)
+    result = place_kv(problem, max_moves=SOLVE_MAX_MOVES)
     reasons = dict(result.unplaced_reasons)
     catalog, conflicts = merged_catalog(facts)
     for name, m in catalog.items():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from aivailable.engine import prompt as safe_prompt
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
 from aivailable.engine.chatplan import ChatPlan
+from aivailable.engine.kvcache import kv_refusal
 from aivailable.engine.spec import WorkerSpec
 from aivailable.engine.tools import ToolFormat, detect_format
 from aivailable.errors import InvalidRequest, NodeError
@@ -162,9 +163,13 @@ class Runner:
         with capture_load_log(passthrough=False) as log:
             try:
                 self.engine = BatchEngine(self._llm._model, n_ctx=spec.n_ctx, parallel=spec.parallel,
-                                          n_batch=spec.n_batch, n_threads=spec.n_threads)
+                                          n_batch=spec.n_batch, n_threads=spec.n_threads,
+                                          kv_cache_type=spec.kv_cache_type)
             except Exception as exc:
                 self.close()
+                why = kv_refusal(spec.kv_cache_type, log.text())
+                if why:
+                    raise LoadError(why) from exc
                 raise LoadError(f"llama.cpp could not create a context of {spec.n_ctx} tokens for "
                                 f"{spec.parallel} parallel sequences: {exc}") from exc
         ctx = log.report()
