@@ -19,6 +19,7 @@ row(type, n) = ceil(n / block) * bytes_per_block (`row_bytes`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,3 +146,28 @@ def kv_refusal(name: str, load_log: str) -> str | None:
             f"this llama.cpp build refused it ({'; '.join(said[-2:])}). Use kv_cache_type = \"f16\" for this "
             f"model, or a llama.cpp build whose backend runs flash attention for {name} "
             f"(CUDA: GGML_CUDA_FA_ALL_QUANTS=ON covers every K/V type pair)")
+
+
+_SPLITS = re.compile(r"graph: nodes = \d+, splits = (\d+)")
+
+
+def graph_splits(load_log: str) -> int | None:
+    """Backend splits of the last graph llama.cpp reserved ("sched_reserve: graph: nodes = N, splits = S")."""
+    found = _SPLITS.findall(load_log)
+    return int(found[-1]) if found else None
+
+
+def attention_left_device(name: str, base_splits: int | None, splits: int | None, n_layers: int) -> str | None:
+    """Why a quantized cache's context runs attention off the GPU (None: it does not, or cannot tell).
+
+    With a quantized V cache llama.cpp forces flash attention on; an op the GPU backend cannot run goes
+    to the CPU backend, which adds about two graph splits per layer. `base_splits` is the same model's
+    context with f16 and no flash attention, fully offloaded."""
+    if not kv_type(name).quantized or base_splits is None or splits is None:
+        return None
+    if splits <= base_splits + max(2, n_layers // 2):
+        return None
+    return (f"kv_cache_type {name}: this llama.cpp build's GPU backend cannot run flash attention with {name} "
+            f"K and V for this model (the graph splits into {splits} parts instead of {base_splits}: attention "
+            f"would run on the CPU). Use kv_cache_type = \"f16\" for this model, or a llama.cpp build whose backend "
+            f"runs flash attention for {name} (CUDA: GGML_CUDA_FA_ALL_QUANTS=ON covers every K/V type pair)")

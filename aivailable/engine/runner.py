@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from aivailable.engine import prompt as safe_prompt
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
 from aivailable.engine.chatplan import ChatPlan
-from aivailable.engine.kvcache import kv_refusal
+from aivailable.engine.kvcache import attention_left_device, graph_splits, kv_refusal
 from aivailable.engine.spec import WorkerSpec
 from aivailable.engine.tools import ToolFormat, detect_format
 from aivailable.errors import InvalidRequest, NodeError
@@ -132,7 +132,7 @@ class Runner:
                 raise LoadError(f"llama.cpp could not load {spec.path}: {exc}") from exc
         self.load_report = log.report()
         if not spec.embedding:
-            self._start_engine()
+            self._start_engine(graph_splits(log.text))
         if not spec.simulated and not self.load_report.fully_offloaded:
             rep = self.load_report
             self.close()
@@ -153,8 +153,11 @@ class Runner:
         if self.template is not None and self.template.source == "gguf":
             self.tool_format = detect_format(self.template.template)
 
-    def _start_engine(self) -> None:
-        """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report."""
+    def _start_engine(self, base_splits: int | None = None) -> None:
+        """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report.
+
+        On a GPU, a quantized KV cache whose flash attention would run on the CPU is refused: its context
+        splits the graph into many more parts than the placeholder context's (`base_splits`)."""
         from aivailable.engine.batch import BatchEngine
         from aivailable.engine.loadlog import capture_load_log
 
@@ -167,12 +170,17 @@ class Runner:
                                           kv_cache_type=spec.kv_cache_type)
             except Exception as exc:
                 self.close()
-                why = kv_refusal(spec.kv_cache_type, log.text())
+                why = kv_refusal(spec.kv_cache_type, log.text)
                 if why:
                     raise LoadError(why) from exc
                 raise LoadError(f"llama.cpp could not create a context of {spec.n_ctx} tokens for "
                                 f"{spec.parallel} parallel sequences: {exc}") from exc
         ctx = log.report()
+        off = None if spec.simulated else attention_left_device(spec.kv_cache_type, base_splits,
+                                                                   graph_splits(log.text), self.load_report.total_layers or 0)
+        if off:
+            self.close()
+            raise LoadError(off)
         self.load_report = dataclasses.replace(self.load_report, kv_mib=ctx.kv_mib, compute_mib=ctx.compute_mib,
                                                output_mib=ctx.output_mib, kv_cells=ctx.kv_cells)
 

@@ -64,7 +64,8 @@ def level_problem(problem: Problem, level: int) -> Problem:
 
 
 def served(problem: Problem, result: PlacementResult) -> float:
-    """What a level is judged on: the objective's service terms less movement, without packing."""
+    """What a level is judged on: the objective's service terms less movement, without packing. Judge
+    every level on the original `problem`, so that a replica moved costs the same at every level."""
     t = objective_terms(problem, result)
     return (W_COVER * t.coverage + W_REPL * t.replicas - W_MIN * t.shortfall
             - W_MOVE * (t.moved_mib + t.transfer_mib) / t.usable_mib)
@@ -80,7 +81,7 @@ def place_kv(problem: Problem, *, max_moves: int | None = None) -> PlacementResu
     for level in range(levels):
         sub = level_problem(problem, level)
         result = place(sub, max_moves=max_moves)
-        score = served(sub, result)
+        score = served(problem, result)  # movement in the same MiB at every level
         if best is None or score > best[0] + EPS_GAIN:
             best = (score, level, result)
     _, level, result = best
