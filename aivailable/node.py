@@ -137,20 +137,20 @@ class Node:
                 log.error("model %s: %s", name, self.unplaced[name])
 
     def _estimates(self, path: Path, ctx: int, parallel: int, kv_setting: str | None) -> dict[str, float]:
-        """MiB one replica needs with each KV cache type its setting allows (and the model supports)."""
+        """MiB one replica needs with each KV cache type its setting allows, best first ("auto": only the types
+        the model supports; a type set outright is estimated anyway, and its worker says why it cannot load)."""
         from aivailable.engine import kvcache
 
         kinds = kvcache.candidates(kvcache.resolve(kv_setting))
         out = {}
         for kv in kinds:
             try:
-                out[kv] = self._estimate(path, ctx, parallel, kv)
+                out[kv] = self._estimate(path, ctx, parallel, kv, check=len(kinds) > 1)
             except kvcache.UnsupportedKvType:
-                if len(kinds) == 1:
-                    raise
+                continue
         return out
 
-    def _estimate(self, path: Path, ctx: int, parallel: int, kv: str = "f16") -> float:
+    def _estimate(self, path: Path, ctx: int, parallel: int, kv: str = "f16", *, check: bool = False) -> float:
         from aivailable.engine import kvcache
         from aivailable.engine.gguf_info import read_model_info
 
@@ -161,7 +161,7 @@ class Node:
         if cached is not None:
             return float(cached)
         info = read_model_info(path)
-        why = kvcache.unsupported(info, kv)
+        why = kvcache.unsupported(info, kv) if check else None
         if why:
             raise kvcache.UnsupportedKvType(why)
         need = kvcache.estimate_for(info, kv, n_ctx=ctx, n_parallel=parallel,

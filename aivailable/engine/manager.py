@@ -118,6 +118,7 @@ class WorkerHandle:
                 "vram_mib": round(self.vram_mib, 1), "simulated": self.assignment.simulated,
                 "outstanding": self.outstanding, "queued": self.health.get("queued", 0),
                 "slots": self.assignment.parallel, "kv_cache_type": self.assignment.kv_cache_type,
+                "kv_cache_mib": self.load_info.get("kv_mib"),
                 "requests": self.health.get("requests", 0),
                 "cancelled": self.health.get("cancelled", 0),
                 "completion_tokens": self.health.get("completion_tokens", 0),

@@ -316,6 +316,7 @@ async def _serve(worker: Worker) -> None:
                "gpu_mib": rep.gpu_mib if rep else None, "host_mib": rep.host_mib if rep else None,
                "offloaded_layers": rep.offloaded_layers if rep else None,
                "total_layers": rep.total_layers if rep else None,
+               "kv_mib": rep.kv_total_mib if rep else None,
                "chat_template": worker.runner.template.source if worker.runner.template else None})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
