@@ -49,6 +49,7 @@ def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):
             assert 0 < width < bar  # a real share of the card, not empty, not all of it
             row = page.locator(f'tr.model-row[data-model="{MODEL}"]')
             assert "ready" in row.inner_text()
+            assert "KV f16" in row.locator(".kv").inner_text()  # each replica's KV cache type
             assert page.locator("#node-id").inner_text() == node.cluster()["node_id"]
             rejected = page.locator('#security tr.rejected[data-reason="malformed"]')
             rejected.wait_for(timeout=10_000)  # the operator sees inter-node rejections by reason
