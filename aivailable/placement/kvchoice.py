@@ -8,10 +8,10 @@ quality first (f16, q8_0, q4_0). `place_kv(problem)` is pure and deterministic, 
 2. The level kept is the first one that no later level beats on `served` (min_replicas shortfall, demand
    coverage and replicas, less movement: the objective without the packing tie-break). So a model is
    quantized only where that fits another model or replica, never just to pack tighter.
-3. Upgrade: the GPUs hold the kept level's needs; then each replica of a choosing model takes the best
-   type whose extra MiB still fit on its GPUs. Replicas kept from `previous` go first and keep their
-   previous type while it fits (changing the type reloads the replica); the others follow by demand
-   share, name and GPUs. A replica therefore gets f16 wherever the room is there.
+3. Upgrade: the GPUs hold the kept level's needs. Replicas kept from `previous` keep their previous type
+   while it fits (changing the type reloads the replica). The others move one type better per round
+   (q4_0 -> q8_0 -> f16) while the extra MiB fit on their GPUs, in the order demand share, name, GPUs:
+   q8_0 wherever it fits before f16 anywhere, since q4_0 costs far more quality than q8_0.
 """
 
 from __future__ import annotations
@@ -130,17 +130,25 @@ def upgrade(problem: Problem, result: PlacementResult, level: int) -> PlacementR
 
     kept = [(name, j, rep, previous_type(name, rep)) for name, j, rep in todo]
     order = sorted(kept, key=lambda x: (x[3] is None, -shares.get(x[0], 0.0), x[0], x[2].gpus, x[1]))
-    for name, j, rep, was in order:
-        m = models[name]
-        current = chosen[(name, j)]
-        wishes = ([was] if was is not None else []) + list(kv_options(m))
-        for kv in wishes:
-            extra = _extra(problem, m, rep, current, kv)
-            if all(free[g] + EPS_MIB >= x for g, x in extra.items()):
-                for g, x in extra.items():
-                    free[g] -= x
-                chosen[(name, j)] = kv
-                break
+
+    def try_type(name: str, j: int, rep: Replica, kv: str) -> bool:
+        extra = _extra(problem, models[name], rep, chosen[(name, j)], kv)
+        if not all(free[g] + EPS_MIB >= x for g, x in extra.items()):
+            return False
+        for g, x in extra.items():
+            free[g] -= x
+        chosen[(name, j)] = kv
+        return True
+
+    settled = {(name, j) for name, j, rep, was in order if was is not None and try_type(name, j, rep, was)}
+    changed = True
+    while changed:  # one step better per round: q8_0 everywhere it fits before f16 anywhere
+        changed = False
+        for name, j, rep, _ in order:
+            opts = kv_options(models[name])
+            at = opts.index(chosen[(name, j)])
+            if (name, j) not in settled and at > 0 and try_type(name, j, rep, opts[at - 1]):
+                changed = True
     placement = {
         name: tuple(Replica(r.gpus, r.split, chosen.get((name, j), r.kv_cache_type)) for j, r in enumerate(reps))
         for name, reps in result.placement.items()
