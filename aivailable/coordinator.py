@@ -223,12 +223,13 @@ def decide(facts: list[NodeFacts], previous: Assignments) -> tuple[Assignments, 
 
 def describe_changes(old: Assignments, new: Assignments, cause: str) -> list[str]:
     """Human-readable placement changes for the status page and the log."""
-    def keyset(a: Assignments) -> set[tuple[str, str, tuple[str, ...]]]:
-        return {(m, r["node"], tuple(r["gpus"])) for m, reps in a.items() for r in reps}
+    def keyset(a: Assignments) -> set[tuple[str, str, tuple[str, ...], str]]:
+        return {(m, r["node"], tuple(r["gpus"]), f" KV {r['kv_cache_type']}" if r.get("kv_cache_type") else "")
+                for m, reps in a.items() for r in reps}
 
     before, after = keyset(old), keyset(new)
-    lines = [f"{m}: + {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(after - before)]
-    lines += [f"{m}: - {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(before - after)]
+    lines = [f"{m}: + {node}:{'+'.join(g)}{kv} ({cause})" for m, node, g, kv in sorted(after - before)]
+    lines += [f"{m}: - {node}:{'+'.join(g)}{kv} ({cause})" for m, node, g, kv in sorted(before - after)]
     return lines
 
 

@@ -280,3 +280,11 @@ def test_node_default_applies_to_models_that_set_none(tmp_path):
         load_settings(str(cfg), {}, [])
     with pytest.raises(ConfigError, match=r"node.kv_cache_type"):
         load_settings(None, {"kv_cache_type": "int8"}, [])
+
+
+def test_a_kv_type_change_is_a_placement_event():
+    old = {"a": [{"node": "n1", "gpus": ["0"], "split": None, "kv_cache_type": "q4_0"}]}
+    new = {"a": [{"node": "n1", "gpus": ["0"], "split": None, "kv_cache_type": "q8_0"}]}
+    assert coord.describe_changes(old, new, "why") == ["a: + n1:0 KV q8_0 (why)", "a: - n1:0 KV q4_0 (why)"]
+    plain = {"a": [{"node": "n1", "gpus": ["0"], "split": None}]}
+    assert coord.describe_changes({}, plain, "why") == ["a: + n1:0 (why)"]
