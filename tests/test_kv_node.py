@@ -38,6 +38,7 @@ def test_quantized_replicas_serve_and_auto_quantizes_to_fit(tmp_path, gemma_path
         assert f8["kv_cache_type"] == "q8_0"
         assert lc["kv_cache_type"] == "q8_0", lc  # auto: f16 would not fit beside fixed8
         assert models["longctx"]["placed_on"][0]["kv_cache_type"] == "q8_0"
+        assert (models["longctx"]["kv_cache_type"], models["fixed8"]["kv_cache_type"]) == ("auto", "q8_0")  # settings
         # llama.cpp's own KV buffer of each worker is the q8_0 size (the type reached the engine)
         assert abs(f8["kv_cache_mib"] - kvcache.estimate_for(info, "q8_0", n_ctx=1024, on_cpu=True).kv_cache_mib) < 0.1
         assert abs(lc["kv_cache_mib"] - kvcache.estimate_for(info, "q8_0", n_ctx=16384, on_cpu=True).kv_cache_mib) < 0.1

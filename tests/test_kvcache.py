@@ -288,3 +288,27 @@ def test_a_kv_type_change_is_a_placement_event():
     assert coord.describe_changes(old, new, "why") == ["a: + n1:0 KV q8_0 (why)", "a: - n1:0 KV q4_0 (why)"]
     plain = {"a": [{"node": "n1", "gpus": ["0"], "split": None}]}
     assert coord.describe_changes({}, plain, "why") == ["a: + n1:0 (why)"]
+
+
+def test_cli_flag_and_place_command(tmp_path):
+    """`up --kv-cache-type` refuses a bad value naming the flag (exit 2); `place` answers with the chosen types."""
+    import json
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "aivailable", "up", "--kv-cache-type", "int8"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--kv-cache-type" in bad.stderr and "auto" in bad.stderr
+    scenario = tmp_path / "s.json"
+    scenario.write_text(json.dumps({
+        "gpus": [{"id": "n1/0", "node": "n1", "vendor": "nvidia", "name": "GTX 1080", "vram_mib": 8192,
+                  "reserved_mib": 300}],
+        "models": [{"name": "chat-32k", "vram_mib": 9300, "kv_vram_mib": {"f16": 9300, "q8_0": 7380, "q4_0": 6330}},
+                   {"name": "embed", "vram_mib": 500}],
+        "demand": {"chat-32k": 3.0, "embed": 1.0}}))
+    out = subprocess.run([sys.executable, "-m", "aivailable", "place", "--scenario", str(scenario)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    placement = json.loads(out.stdout)["placement"]
+    # f16 (9300) fits nowhere; q8_0 (7380) fits beside embed in 7892 usable MiB, so q4_0 is not needed
+    assert placement == {"chat-32k": [{"gpus": ["n1/0"], "kv_cache_type": "q8_0"}], "embed": [{"gpus": ["n1/0"]}]}
