@@ -56,3 +56,22 @@ def test_quantized_replicas_serve_and_auto_quantizes_to_fit(tmp_path, gemma_path
 
         bad = node.wait_model("oddhead", "failed", timeout=120)
         assert "kv_cache_type q4_0" in bad["reason"] and 'kv_cache_type = "f16"' in bad["reason"], bad
+
+
+def test_embedding_model_runs_its_own_context_quantized(gemma_path):
+    """An embedding model serves from the Llama object's context, which gets the type (and flash attention) too."""
+    from aivailable.engine.runner import Runner
+    from aivailable.engine.spec import WorkerSpec
+
+    sizes = {}
+    for kv in ("f16", "q8_0"):
+        runner = Runner(WorkerSpec(model="emb", path=str(gemma_path), n_ctx=512, n_threads=2, embedding=True,
+                                   socket="/tmp/unused.sock", kv_cache_type=kv))
+        runner.load()
+        try:
+            vectors, tokens = runner.embed(["hello world", "the sky is blue"])
+            assert len(vectors) == 2 and len(vectors[0]) == 640 and tokens > 4
+            sizes[kv] = runner.load_report.kv_total_mib
+        finally:
+            runner.close()
+    assert abs(sizes["q8_0"] - sizes["f16"] * 34 / 64) < 0.05

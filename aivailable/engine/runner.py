@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from aivailable.engine import prompt as safe_prompt
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
 from aivailable.engine.chatplan import ChatPlan
-from aivailable.engine.kvcache import attention_left_device, graph_splits, kv_refusal
+from aivailable.engine.kvcache import (
+    attention_left_device,
+    ggml_id,
+    graph_splits,
+    kv_refusal,
+    needs_flash_attn,
+)
 from aivailable.engine.spec import WorkerSpec
 from aivailable.engine.tools import ToolFormat, detect_format
 from aivailable.errors import InvalidRequest, NodeError
@@ -120,6 +126,8 @@ class Runner:
         )
         if spec.tensor_split and not spec.simulated:
             kwargs["tensor_split"] = list(spec.tensor_split)
+        if spec.embedding and needs_flash_attn(spec.kv_cache_type):  # its own context is the one that serves
+            kwargs.update(type_k=ggml_id(spec.kv_cache_type), type_v=ggml_id(spec.kv_cache_type), flash_attn=True)
         with capture_load_log(passthrough=False) as log:
             try:
                 self._llm = llama_cpp.Llama(**kwargs)
@@ -129,7 +137,8 @@ class Runner:
                     self._llm.close()
                     self._llm = llama_cpp.Llama(**kwargs, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
             except Exception as exc:
-                raise LoadError(f"llama.cpp could not load {spec.path}: {exc}") from exc
+                why = kv_refusal(spec.kv_cache_type, log.text) if spec.embedding else None
+                raise LoadError(why or f"llama.cpp could not load {spec.path}: {exc}") from exc
         self.load_report = log.report()
         if not spec.embedding:
             self._start_engine(graph_splits(log.text))
