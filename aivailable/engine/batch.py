@@ -147,10 +147,11 @@ class BatchEngine:
                  prompt_chunk: int = PROMPT_CHUNK, kv_cache_type: str = "f16"):
         """`model` is llama-cpp-python's internals.LlamaModel (`Llama._model`); the context is ours.
 
-        `kv_cache_type` (engine/kvcache.py) sets type_k and type_v. A quantized type asks llama.cpp for
-        flash attention in "auto" mode: llama.cpp turns it on after checking that the backend runs it
-        on the model's device with these K/V types, and refuses the context otherwise (never a
-        silent fallback to the CPU)."""
+        `kv_cache_type` (engine/kvcache.py) sets type_k and type_v. A quantized type asks for flash
+        attention ("auto"): llama.cpp turns it on, as a quantized V cache requires, without checking that
+        the GPU backend runs it with these types; Runner checks that afterwards (kvcache.attention_left_device)
+        and refuses rather than let attention run on the CPU. A model llama.cpp cannot give the type (head
+        size not a block multiple) fails here; Runner explains it (kvcache.kv_refusal)."""
         import llama_cpp
         from llama_cpp import _internals
 
