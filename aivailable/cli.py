@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--keep-alive", dest="keep_alive", metavar="DURATION",
                     help="default time a model stays loaded after its last request, e.g. 5m, 1h, 300 "
                          "(default -1: forever; 0: unload after each use; per model: keep_alive)")
+    up.add_argument("--kv-cache-type", dest="kv_cache_type", choices=("f16", "q8_0", "q4_0", "auto"),
+                    help="KV cache type of models that set none (default f16; auto: placement picks per replica)")
     up.add_argument("--node-id", dest="node_id", help="node id (default: persisted in the state directory)")
     up.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING or ERROR")
     up.add_argument("--models-dir", dest="models_dir", metavar="DIR",
@@ -158,7 +160,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                             "cluster_secret", "cluster_secret_file", "api_keys", "rate_limit_rpm",
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
                                             "bandwidth_mib_s", "chunk_mib", "max_tokens_default",
-                                            "allow_image_urls", "max_image_bytes", "load_wait_s", "keep_alive")}
+                                            "allow_image_urls", "max_image_bytes", "load_wait_s", "keep_alive",
+                                            "kv_cache_type")}
     flags.update(join_token=args.join_token, log_format=args.log_format)
     from aivailable import jointoken
     from aivailable.cli_flags import generated_values

@@ -25,6 +25,8 @@ DEFAULT_PORT = 8000
 DEFAULT_STATE_DIR = "~/.local/state/aivailable"
 DEFAULT_MAX_TOKENS = 512
 """Node-wide default of generated tokens when a request sets no max_tokens (README, "Token budget")."""
+KvCacheSetting = Literal["f16", "q8_0", "q4_0", "auto"]
+"""engine.kvcache.SETTINGS: the KV cache types a model may ask for."""
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HF_RE = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+/.+\.gguf$")
 
@@ -80,6 +82,10 @@ class ModelConfig(BaseModel):
     @classmethod
     def _keep_alive(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
+    kv_cache_type: KvCacheSetting | None = None
+    """How K and V are stored (engine/kvcache.py): f16, q8_0 (about half the KV memory), q4_0 (about a
+    quarter), or auto (placement picks per replica: f16 where it fits, quantized to fit more). None: the
+    node's `kv_cache_type`."""
 
     @field_validator("name")
     @classmethod
@@ -235,6 +241,8 @@ class NodeConfig(BaseSettings):
     keep_alive: float = FOREVER
     """Default keep-alive of models that set none: seconds a model stays loaded after its last request ("5m",
     "1h", 300; -1 = forever, 0 = unload after each use). Every node of a cluster should use the same."""
+    kv_cache_type: KvCacheSetting = "f16"
+    """KV cache type of this node's models that set none (see ModelConfig.kv_cache_type)."""
     profile: Literal["lan", "local"] = "lan"
     """Gossip/election timings: "lan" for machines on a network, "local" for nodes on one host (tests)."""
     history_interval_s: float = Field(default=10.0, gt=0, le=600)
@@ -365,6 +373,9 @@ def load_settings(config_file: str | None, flags: dict[str, Any], flag_models: l
         except ValidationError as exc:
             raise ConfigError(_describe(exc, f"models[{i}]"), param=f"models[{i}]") from None
     models.extend(ModelConfig.from_flag(s) for s in flag_models)
+    if node.kv_cache_type != "f16":  # the node default applies to its own models (gossiped with them)
+        models = [m if m.kv_cache_type else m.model_copy(update={"kv_cache_type": node.kv_cache_type})
+                  for m in models]
     names = [m.name for m in models]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -14,7 +14,8 @@ from typing import Any
 
 from aivailable import keepalive
 from aivailable.files import catalog as fcat
-from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, place, prune_previous
+from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, prune_previous
+from aivailable.placement.kvchoice import place_kv
 from aivailable.placement.model import Affinity as PAffinity
 
 BASELINE_DEMAND = 0.01
@@ -47,6 +48,8 @@ class NodeFacts:
     """ModelConfig dicts from this node's config (the cluster catalog is the union)."""
     needs_mib: dict[str, float] = field(default_factory=dict)
     """VRAM one replica of each model needs, for models whose file this node holds (estimate or measured)."""
+    kv_needs_mib: dict[str, dict[str, float]] = field(default_factory=dict)
+    """For models with kv_cache_type "auto": VRAM one replica needs with each KV cache type, best first."""
     replicas: list[dict] = field(default_factory=list)
     """[{model, gpus, state, vram_mib, outstanding, queued}] of this node's workers."""
     rates: dict[str, float] = field(default_factory=dict)
@@ -69,7 +72,7 @@ class NodeFacts:
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
-                "needs_mib": self.needs_mib, "replicas": self.replicas, "rates": self.rates,
+                "needs_mib": self.needs_mib, "kv_needs_mib": self.kv_needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
                 "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving,
                 "usage": self.usage}
@@ -150,8 +153,11 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         nodes = [n for n in candidates if n not in leaving and (not aff.get("nodes") or n in aff["nodes"])]
         if not nodes:
             continue
+        kv_needs = _kv_needs(name, facts, need) if m.get("kv_cache_type") == "auto" else None
+        if kv_needs:
+            need = next(iter(kv_needs.values()))  # the best type's: what the model needs when it can choose
         models.append(ModelSpec(
-            name=name, vram_mib=max(1, int(round(need))), min_replicas=m.get("min_replicas", 0),
+            name=name, vram_mib=max(1, int(round(need))), kv_vram_mib=kv_needs, min_replicas=m.get("min_replicas", 0),
             max_replicas=m.get("max_replicas", 4), pinned=m.get("pinned", False),
             files_on=[n for n in holders if n not in leaving],
             affinity=PAffinity(nodes=nodes, vendors=list(aff.get("vendors") or []) or None,
@@ -162,7 +168,8 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
         if idle and name in idle:
             want[name] = 0.0
     prev = {m: [Replica(gpus=tuple(gpu_id(r["node"], g) for g in r["gpus"]),
-                        split=tuple(r["split"]) if r.get("split") else None) for r in reps]
+                        split=tuple(r["split"]) if r.get("split") else None,
+                        kv_cache_type=r.get("kv_cache_type")) for r in reps]
             for m, reps in previous.items() if not (idle and m in idle)}
     names = {m.name for m in models}
     prev = prune_previous(prev, gpus, names)
@@ -179,6 +186,33 @@ def _need(name: str, facts: list[NodeFacts]) -> float | None:
     return max(estimates) if estimates else None
 
 
+def _kv_needs(name: str, facts: list[NodeFacts], need: float) -> dict[str, int] | None:
+    """VRAM per KV cache type for an "auto" model: the largest estimate of each type, shifted so that the
+    type of a measured ready replica matches its measurement (the KV sizes are exact; the rest is not)."""
+    by_type: dict[str, float] = {}
+    for f in facts:
+        for kv, mib in (f.kv_needs_mib.get(name) or {}).items():
+            by_type[kv] = max(by_type.get(kv, 0.0), float(mib))
+    if len(by_type) < 2:
+        return None
+    measured = [(r["vram_mib"], r.get("kv_cache_type", "f16")) for f in facts for r in f.replicas
+                if r["model"] == name and r.get("state") == "ready" and r.get("vram_mib")]
+    ref = max(measured, default=None)
+    shift = need - by_type[ref[1]] if ref is not None and ref[1] in by_type else 0.0
+    return {kv: max(1, int(round(mib + shift))) for kv, mib in by_type.items()}
+
+
+def kv_cache_type_of(assignments: Assignments, node_id: str, model: str, device_ids: tuple[str, ...],
+                     entry: dict | None) -> str:
+    """The KV cache type this node's replica of `model` on `device_ids` loads with: placement's choice,
+    else the model's own type (f16 for "auto" when the coordinator chose none)."""
+    for r in assignments.get(model, ()):
+        if r["node"] == node_id and tuple(r["gpus"]) == tuple(device_ids) and r.get("kv_cache_type"):
+            return r["kv_cache_type"]
+    own = (entry or {}).get("kv_cache_type") or "f16"
+    return "f16" if own == "auto" else own
+
+
 def to_assignments(result: PlacementResult) -> Assignments:
     """Solver result -> wire form, GPU ids split back into (node, local device id)."""
     out: Assignments = {}
@@ -186,8 +220,11 @@ def to_assignments(result: PlacementResult) -> Assignments:
         rows = []
         for r in reps:
             node = r.gpus[0].split("/", 1)[0]
-            rows.append({"node": node, "gpus": [g.split("/", 1)[1] for g in r.gpus],
-                         "split": list(r.split) if r.split else None})
+            row = {"node": node, "gpus": [g.split("/", 1)[1] for g in r.gpus],
+                   "split": list(r.split) if r.split else None}
+            if r.kv_cache_type:
+                row["kv_cache_type"] = r.kv_cache_type
+            rows.append(row)
         out[model] = rows
     return out
 
@@ -199,7 +236,7 @@ def decide(facts: list[NodeFacts], previous: Assignments, *, now: float | None =
     catalog, conflicts = merged_catalog(facts)
     idle = idle_models(facts, catalog, now, keep_alive_default) if now is not None else {}
     problem = build_problem(facts, previous, idle=idle)
-    result = place(problem, max_moves=SOLVE_MAX_MOVES)
+    result = place_kv(problem, max_moves=SOLVE_MAX_MOVES)
     reasons = dict(result.unplaced_reasons)
     for name, why in idle.items():
         if name not in result.placement:  # pinned/min_replicas never count as idle
@@ -216,12 +253,13 @@ def decide(facts: list[NodeFacts], previous: Assignments, *, now: float | None =
 
 def describe_changes(old: Assignments, new: Assignments, cause: str) -> list[str]:
     """Human-readable placement changes for the status page and the log."""
-    def keyset(a: Assignments) -> set[tuple[str, str, tuple[str, ...]]]:
-        return {(m, r["node"], tuple(r["gpus"])) for m, reps in a.items() for r in reps}
+    def keyset(a: Assignments) -> set[tuple[str, str, tuple[str, ...], str]]:
+        return {(m, r["node"], tuple(r["gpus"]), f" KV {r['kv_cache_type']}" if r.get("kv_cache_type") else "")
+                for m, reps in a.items() for r in reps}
 
     before, after = keyset(old), keyset(new)
-    lines = [f"{m}: + {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(after - before)]
-    lines += [f"{m}: - {node}:{'+'.join(g)} ({cause})" for m, node, g in sorted(before - after)]
+    lines = [f"{m}: + {node}:{'+'.join(g)}{kv} ({cause})" for m, node, g, kv in sorted(after - before)]
+    lines += [f"{m}: - {node}:{'+'.join(g)}{kv} ({cause})" for m, node, g, kv in sorted(before - after)]
     return lines
 
 

@@ -55,6 +55,7 @@ class Node:
         StateStore(self.state_dir / "cluster").close()  # unreadable term/vote: refuse before serving anything
         self.unplaced: dict[str, str] = {}
         self.estimates: dict[str, float] = {}
+        self.kv_estimates: dict[str, dict[str, float]] = {}  # kv_cache_type "auto": MiB per type, best first
         self.placement: Assignments = {}
         self.planned = False
         self.autonomous: dict[str, tuple[str, str]] = {}
@@ -139,25 +140,48 @@ class Node:
             if path is None:
                 continue
             try:
-                self.estimates[name] = await asyncio.to_thread(self._estimate, path, int(m.get("ctx", 4096)),
-                                                               int(m.get("parallel", 1)))
-                self.estimates[name] += await asyncio.to_thread(projector_mib, m, self.files.projector_path_for(name, m))
+                by_type = await asyncio.to_thread(self._estimates, path, int(m.get("ctx", 4096)),
+                                                  int(m.get("parallel", 1)), m.get("kv_cache_type"))
+                projector = await asyncio.to_thread(projector_mib, m, self.files.projector_path_for(name, m))
+                by_type = {kv: mib + projector for kv, mib in by_type.items()}
+                self.estimates[name] = next(iter(by_type.values()))
+                if len(by_type) > 1:
+                    self.kv_estimates[name] = by_type
                 self.unplaced.pop(name, None)
             except Exception as exc:  # unreadable or not a GGUF: say so on the status page
                 self.unplaced[name] = f"cannot read {path}: {exc}"
                 log.error("model %s: %s", name, self.unplaced[name])
 
-    def _estimate(self, path: Path, ctx: int, parallel: int) -> float:
-        from aivailable.engine.estimate import estimate_vram
+    def _estimates(self, path: Path, ctx: int, parallel: int, kv_setting: str | None) -> dict[str, float]:
+        """MiB one replica needs with each KV cache type its setting allows, best first ("auto": only the types
+        the model supports; a type set outright is estimated anyway, and its worker says why it cannot load)."""
+        from aivailable.engine import kvcache
+
+        kinds = kvcache.candidates(kvcache.resolve(kv_setting))
+        out = {}
+        for kv in kinds:
+            try:
+                out[kv] = self._estimate(path, ctx, parallel, kv, check=len(kinds) > 1)
+            except kvcache.UnsupportedKvType:
+                continue
+        return out
+
+    def _estimate(self, path: Path, ctx: int, parallel: int, kv: str = "f16", *, check: bool = False) -> float:
+        from aivailable.engine import kvcache
         from aivailable.engine.gguf_info import read_model_info
 
         st = path.stat()
         key = ("estimate", str(path.resolve()), st.st_size, st.st_mtime_ns, ctx, parallel, self.inventory.simulated)
+        key += (kv,) if kv != "f16" else ()
         cached = self.cache.get(key)
         if cached is not None:
             return float(cached)
-        need = estimate_vram(read_model_info(path), n_ctx=ctx, n_parallel=parallel,
-                             on_cpu=self.inventory.simulated).total_mib
+        info = read_model_info(path)
+        why = kvcache.unsupported(info, kv) if check else None
+        if why:
+            raise kvcache.UnsupportedKvType(why)
+        need = kvcache.estimate_for(info, kv, n_ctx=ctx, n_parallel=parallel,
+                                    on_cpu=self.inventory.simulated).total_mib
         try:
             self.cache.set(key, need)
         except Exception as exc:  # only a cache: serve on, but tell the operator
@@ -221,6 +245,7 @@ class Node:
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=self.files.catalog_entries(),
                          needs_mib={k: round(v, 1) for k, v in self.estimates.items()},
+                         kv_needs_mib={k: {t: round(v, 1) for t, v in by.items()} for k, by in self.kv_estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
                          backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
                          bad_peers=self.files.bad_peers(), leaving=self.leaving, usage=self.usage.view())
@@ -232,6 +257,7 @@ class Node:
         out = []
         waiting: dict[str, str] = {}
         for model, device_ids, split in coord.share(assignments, self.node_id):
+            kv = coord.kv_cache_type_of(assignments, self.node_id, model, device_ids, catalog.get(model))
             m = catalog.get(model)
             devs = [devices[d] for d in device_ids if d in devices]
             if m is None or len(devs) != len(device_ids):
@@ -256,7 +282,8 @@ class Node:
                 max_tokens_default=max_default, max_tokens_ceiling=ceiling,
                 sampling=tuple(sorted((m.get("sampling") or {}).items())), mmproj=str(mmproj) if mmproj else None,
                 simulated=all(d.simulated for d in devs), tensor_split=split,
-                vram_estimate_mib=self.estimates.get(model, 0.0),
+                vram_estimate_mib=self.kv_estimates.get(model, {}).get(kv, self.estimates.get(model, 0.0)),
+                kv_cache_type=kv,
                 visible_env=tuple(devmod.device_env(self.backend.primary, devs).items())))
         self._waiting = waiting
         return out

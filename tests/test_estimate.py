@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aivailable.engine import kvcache
 from aivailable.engine.estimate import (
     GPU_CONTEXT_MIB,
     SAFETY_MARGIN,
@@ -56,6 +57,13 @@ CASES = [
     ("gemma", 2048, {}),
     ("gemma", 8192, {"swa_full": False}),
     ("gemma", 2048, {"n_ubatch": 128}),
+    # kv_cache_type: K and V quantized alike, flash attention on (engine/kvcache.py)
+    ("gemma", 2048, {"kv": "q8_0"}),
+    ("gemma", 2048, {"kv": "q4_0"}),
+    ("gemma", 8192, {"kv": "q8_0", "swa_full": False}),
+    ("gemma", 4096, {"kv": "q4_0", "n_ubatch": 128}),
+    ("llama_gqa", 2048, {"kv": "q4_0"}),
+    ("qwen2", 1024, {"kv": "q8_0"}),
 ]
 
 LOADER = textwrap.dedent("""
@@ -63,12 +71,16 @@ LOADER = textwrap.dedent("""
     import llama_cpp
     from aivailable.engine.loadlog import capture_load_log
 
-    GGML_TYPES = {"f16": 1, "q8_0": 8}
+    from aivailable.engine import kvcache
+
     for case in json.loads(sys.argv[1]):
         kw = dict(case["kw"])
         for key in ("type_k", "type_v"):
             if key in kw:
-                kw[key] = GGML_TYPES[kw[key]]
+                kw[key] = kvcache.ggml_id(kw[key])
+        kv = kw.pop("kv", None)
+        if kv is not None:  # what the worker's BatchEngine asks for
+            kw.update(type_k=kvcache.ggml_id(kv), type_v=kvcache.ggml_id(kv), flash_attn=kvcache.needs_flash_attn(kv))
         with capture_load_log(passthrough=False) as cap:
             llm = llama_cpp.Llama(case["path"], n_ctx=case["n_ctx"], n_threads=1, verbose=False, **kw)
         r = cap.report()
@@ -112,6 +124,9 @@ def reported(model_paths) -> dict[str, dict]:
 
 
 def _estimate(info, n_ctx: int, kw: dict, **extra):
+    if "kv" in kw:
+        return kvcache.estimate_for(info, kw["kv"], n_ctx=n_ctx, n_batch=kw.get("n_batch", 512),
+                                    n_ubatch=kw.get("n_ubatch", 512), swa_full=kw.get("swa_full", True), **extra)
     return estimate_vram(
         info, n_ctx=n_ctx, n_batch=kw.get("n_batch", 512), n_ubatch=kw.get("n_ubatch", 512),
         swa_full=kw.get("swa_full", True), cache_type_k=kw.get("type_k", "f16"),
@@ -239,3 +254,14 @@ def test_cpu_and_gpu_views_and_explain(model_paths):
     line = gpu.explain()
     assert "\n" not in line and f"{gpu.total_mib:.0f} MiB" in line and "n_ctx 4096" in line
     assert "host RAM" in line and "host RAM" not in cpu.explain()
+
+
+@pytest.mark.parametrize(("kv", "ratio"), [("q8_0", 34 / 64), ("q4_0", 18 / 64)])
+def test_quantized_kv_buffer_is_exact_and_scales_by_block_size(model_paths, reported, kv, ratio):
+    """llama.cpp's KV buffer of the real Gemma with q8_0/q4_0 is the f16 one times bytes per element, and the
+    estimate gives it to 0.05 MiB (the KV formula is exact; only the compute buffer is approximate)."""
+    f16 = reported[_case_id("gemma", 2048, {})]["kv"]
+    got = reported[_case_id("gemma", 2048, {"kv": kv})]["kv"]
+    assert got == pytest.approx(f16 * ratio, rel=0.01)
+    est = _estimate(read_model_info(model_paths["gemma"]), 2048, {"kv": kv}, on_cpu=True)
+    assert est.kv_cache_mib == pytest.approx(got, abs=0.05)

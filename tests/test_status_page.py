@@ -50,6 +50,7 @@ def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):
             row = page.locator(f'tr.model-row[data-model="{MODEL}"]')
             assert "ready" in row.inner_text()
             assert row.locator("td.unload").inner_text() == "never"  # keep_alive forever (the default)
+            assert "KV f16" in row.locator(".kv").inner_text()  # each replica's KV cache type
             assert page.locator("#node-id").inner_text() == node.cluster()["node_id"]
             rejected = page.locator('#security tr.rejected[data-reason="malformed"]')
             rejected.wait_for(timeout=10_000)  # the operator sees inter-node rejections by reason

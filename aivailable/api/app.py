@@ -16,7 +16,14 @@ from aivailable.api import hop, loadwait
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
-from aivailable.api.image_input import ImageRef, accepts_images, check_images, fetch_images, image_refs, inline
+from aivailable.api.image_input import (
+    ImageRef,
+    accepts_images,
+    check_images,
+    fetch_images,
+    image_refs,
+    inline,
+)
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.responses_endpoint import add_responses_route

@@ -157,10 +157,18 @@ class BatchEngine:
     """Generation for one loaded model, `parallel` sequences at a time, on one scheduler thread."""
 
     def __init__(self, model, *, n_ctx: int, parallel: int, n_batch: int, n_threads: int,
-                 prompt_chunk: int = PROMPT_CHUNK):
-        """`model` is llama-cpp-python's internals.LlamaModel (`Llama._model`); the context is ours."""
+                 prompt_chunk: int = PROMPT_CHUNK, kv_cache_type: str = "f16"):
+        """`model` is llama-cpp-python's internals.LlamaModel (`Llama._model`); the context is ours.
+
+        `kv_cache_type` (engine/kvcache.py) sets type_k and type_v. A quantized type asks for flash
+        attention ("auto"): llama.cpp turns it on, as a quantized V cache requires, without checking that
+        the GPU backend runs it with these types; Runner checks that afterwards (kvcache.attention_left_device)
+        and refuses rather than let attention run on the CPU. A model llama.cpp cannot give the type (head
+        size not a block multiple) fails here; Runner explains it (kvcache.kv_refusal)."""
         import llama_cpp
         from llama_cpp import _internals
+
+        from aivailable.engine import kvcache
 
         self._lc = llama_cpp
         self.parallel = parallel
@@ -173,6 +181,10 @@ class BatchEngine:
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.embeddings = False
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(flash_attn=False)
+        cp.type_k = cp.type_v = kvcache.ggml_id(kv_cache_type)
+        if kvcache.needs_flash_attn(kv_cache_type):
+            cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        self.kv_cache_type = kv_cache_type
         self._model = model
         self._context = _internals.LlamaContext(model=model, params=cp, verbose=False)
         self._ctx = self._context.ctx

@@ -76,6 +76,8 @@ class Assignment:
     """The model's sampling defaults (engine.spec.SamplingDefaults fields), as hashable pairs."""
     mmproj: str | None = None
     """The multimodal projector file (engine/media.py), or None."""
+    kv_cache_type: str = "f16"
+    """How the worker stores K and V (a change restarts the worker: the context is rebuilt)."""
     vram_estimate_mib: float = field(default=0.0, compare=False)
     """Not part of identity: a better estimate must not restart a running worker."""
 
@@ -119,7 +121,8 @@ class WorkerHandle:
                 "state": self.state, "reason": self.reason, "pid": self.pid, "restarts": self.restarts,
                 "vram_mib": round(self.vram_mib, 1), "simulated": self.assignment.simulated,
                 "outstanding": self.outstanding, "queued": self.health.get("queued", 0),
-                "slots": self.assignment.parallel,
+                "slots": self.assignment.parallel, "kv_cache_type": self.assignment.kv_cache_type,
+                "kv_cache_mib": self.load_info.get("kv_mib"),
                 "requests": self.health.get("requests", 0),
                 "cancelled": self.health.get("cancelled", 0),
                 "completion_tokens": self.health.get("completion_tokens", 0),
@@ -267,10 +270,10 @@ class WorkerManager:
                           simulated=a.simulated, tensor_split=a.tensor_split, chat_format=a.chat_format,
                           max_queue=a.max_queue, max_tokens_default=a.max_tokens_default,
                           max_tokens_ceiling=a.max_tokens_ceiling, sampling=SamplingDefaults(**dict(a.sampling)),
-                          mmproj=a.mmproj, socket=h.socket)
+                          mmproj=a.mmproj, socket=h.socket, kv_cache_type=a.kv_cache_type)
         env = {**os.environ, **dict(a.visible_env)}
         h.state, h.started_at, h.reason = "loading", time.monotonic(), ""
-        log.info("model %s: starting worker (ctx %d, %s)", a.key, a.n_ctx,
+        log.info("model %s: starting worker (ctx %d, KV %s, %s)", a.key, a.n_ctx, a.kv_cache_type,
                  "simulated GPU, runs on CPU" if a.simulated else f"GPU {','.join(a.device_ids)}")
         h.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", self.config.worker_module, spec.model_dump_json(),

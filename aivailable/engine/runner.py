@@ -18,6 +18,13 @@ from dataclasses import dataclass, field
 from aivailable.engine import prompt as safe_prompt
 from aivailable.engine.chat_templates import ChatTemplate, render, resolve_template
 from aivailable.engine.chatplan import ChatPlan
+from aivailable.engine.kvcache import (
+    attention_left_device,
+    ggml_id,
+    graph_splits,
+    kv_refusal,
+    needs_flash_attn,
+)
 from aivailable.engine.spec import WorkerSpec
 from aivailable.engine.tools import ToolFormat, detect_format
 from aivailable.errors import InvalidRequest, NodeError
@@ -128,6 +135,8 @@ class Runner:
         )
         if spec.tensor_split and not spec.simulated:
             kwargs["tensor_split"] = list(spec.tensor_split)
+        if spec.embedding and needs_flash_attn(spec.kv_cache_type):  # its own context is the one that serves
+            kwargs.update(type_k=ggml_id(spec.kv_cache_type), type_v=ggml_id(spec.kv_cache_type), flash_attn=True)
         with capture_load_log(passthrough=False) as log:
             try:
                 self._llm = llama_cpp.Llama(**kwargs)
@@ -137,10 +146,11 @@ class Runner:
                     self._llm.close()
                     self._llm = llama_cpp.Llama(**kwargs, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
             except Exception as exc:
-                raise LoadError(f"llama.cpp could not load {spec.path}: {exc}") from exc
+                why = kv_refusal(spec.kv_cache_type, log.text) if spec.embedding else None
+                raise LoadError(why or f"llama.cpp could not load {spec.path}: {exc}") from exc
         self.load_report = log.report()
         if not spec.embedding:
-            self._start_engine()
+            self._start_engine(graph_splits(log.text))
         if spec.mmproj:
             self._load_projector()
         if not spec.simulated and not self.load_report.fully_offloaded:
@@ -163,8 +173,11 @@ class Runner:
         if self.template is not None and self.template.source == "gguf":
             self.tool_format = detect_format(self.template.template)
 
-    def _start_engine(self) -> None:
-        """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report."""
+    def _start_engine(self, base_splits: int | None = None) -> None:
+        """Swap the placeholder context for the BatchEngine's; its buffers replace the placeholder's in the report.
+
+        On a GPU, a quantized KV cache whose flash attention would run on the CPU is refused: its context
+        splits the graph into many more parts than the placeholder context's (`base_splits`)."""
         from aivailable.engine.batch import BatchEngine
         from aivailable.engine.loadlog import capture_load_log
 
@@ -173,12 +186,21 @@ class Runner:
         with capture_load_log(passthrough=False) as log:
             try:
                 self.engine = BatchEngine(self._llm._model, n_ctx=spec.n_ctx, parallel=spec.parallel,
-                                          n_batch=spec.n_batch, n_threads=spec.n_threads)
+                                          n_batch=spec.n_batch, n_threads=spec.n_threads,
+                                          kv_cache_type=spec.kv_cache_type)
             except Exception as exc:
                 self.close()
+                why = kv_refusal(spec.kv_cache_type, log.text)
+                if why:
+                    raise LoadError(why) from exc
                 raise LoadError(f"llama.cpp could not create a context of {spec.n_ctx} tokens for "
                                 f"{spec.parallel} parallel sequences: {exc}") from exc
         ctx = log.report()
+        off = None if spec.simulated else attention_left_device(spec.kv_cache_type, base_splits,
+                                                                   graph_splits(log.text), self.load_report.total_layers or 0)
+        if off:
+            self.close()
+            raise LoadError(off)
         self.load_report = dataclasses.replace(self.load_report, kv_mib=ctx.kv_mib, compute_mib=ctx.compute_mib,
                                                output_mib=ctx.output_mib, kv_cells=ctx.kv_cells)
 

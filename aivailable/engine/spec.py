@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,6 +54,8 @@ class WorkerSpec(BaseModel):
     mmproj: str | None = None
     """The multimodal projector GGUF (engine/media.py); None: the model takes no images."""
     socket: str
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"
+    """How the context stores K and V (engine/kvcache.py); quantized types run with flash attention."""
 
     def token_limit(self, asked: int | None) -> int | None:
         """The generation limit for a request that asked for `asked` tokens (None: it set none).

@@ -336,6 +336,7 @@ async def _serve(worker: Worker) -> None:
                "gpu_mib": gpu_mib, "host_mib": host_mib,
                "offloaded_layers": rep.offloaded_layers if rep else None,
                "total_layers": rep.total_layers if rep else None,
+               "kv_mib": rep.kv_total_mib if rep else None,
                "chat_template": worker.runner.template.source if worker.runner.template else None})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

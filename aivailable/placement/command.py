@@ -12,8 +12,8 @@ import sys
 import time
 from typing import TextIO
 
+from aivailable.placement.kvchoice import place_kv
 from aivailable.placement.model import ScenarioError, load_problem
-from aivailable.placement.solver import place
 
 
 def read_scenario(path: str):
@@ -45,7 +45,7 @@ def place_command(
         print(f"aivailable place: {e.message}", file=err)
         return 2
     start = time.perf_counter()
-    result = place(problem, max_moves=max_moves)
+    result = place_kv(problem, max_moves=max_moves)
     result = dataclasses.replace(result, solve_ms=(time.perf_counter() - start) * 1000.0)
     print(result.to_json(indent=2), file=out)
     return 0

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aivailable.errors import ConfigError
 
+KV_TYPES = ("f16", "q8_0", "q4_0")  # engine.kvcache.PREFERENCE (placement imports nothing with I/O)
 SPLIT_SUM_TOLERANCE = 1e-6  # |sum(split) - 1| allowed in a given split (floating point from JSON)
 
 
@@ -35,14 +36,19 @@ class Replica:
 
     gpus: tuple[str, ...]
     split: tuple[float, ...] | None = None
+    kv_cache_type: str | None = None
+    """The KV cache type placement chose for this replica (models with `kv_vram_mib`); None: the model's own."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON shape of CONTRACTS "Placement output": split only for multi-GPU replicas."""
+        """JSON shape of CONTRACTS "Placement output": split only for multi-GPU replicas, kv_cache_type
+        only where placement chose one."""
         out: dict[str, Any] = {"gpus": list(self.gpus)}
         if self.split is not None and len(self.gpus) > 1:
             out["split"] = list(self.split)
+        if self.kv_cache_type is not None:
+            out["kv_cache_type"] = self.kv_cache_type
         return out
 
 
@@ -83,6 +89,15 @@ class ModelSpec(BaseModel):
     pinned: bool = False
     affinity: Affinity | None = None
     files_on: list[str] | None = None
+    kv_vram_mib: dict[str, int] | None = None
+    """What one replica needs with each KV cache type placement may choose ("f16", "q8_0", "q4_0"; a model
+    with kv_cache_type = "auto"). None: only `vram_mib`, with the model's own type."""
+
+    def need_mib(self, kv_cache_type: str | None = None) -> float:
+        """MiB one replica needs with this KV cache type (None, or a type without a figure: `vram_mib`)."""
+        if kv_cache_type is not None and self.kv_vram_mib and kv_cache_type in self.kv_vram_mib:
+            return float(self.kv_vram_mib[kv_cache_type])
+        return float(self.vram_mib)
 
     @property
     def want_min(self) -> int:
@@ -130,6 +145,12 @@ class Problem(BaseModel):
                 )
             if m.pinned and m.max_replicas == 0:
                 raise ScenarioError(f"scenario.models[{i}].pinned: a pinned model needs max_replicas >= 1")
+            for kv, mib in (m.kv_vram_mib or {}).items():
+                if kv not in KV_TYPES:
+                    raise ScenarioError(f"scenario.models[{i}].kv_vram_mib: unknown KV cache type {kv!r} "
+                                        f"(use {', '.join(KV_TYPES)})")
+                if mib <= 0:
+                    raise ScenarioError(f"scenario.models[{i}].kv_vram_mib.{kv}: must be > 0 (got {mib})")
         for name, rate in self.demand.items():
             where = f"scenario.demand{_key(name)}"
             if name not in names:
@@ -141,6 +162,9 @@ class Problem(BaseModel):
                 raise ScenarioError(f"scenario.previous{_key(name)}: unknown model {name!r}")
             for j, rep in enumerate(replicas):
                 _check_replica(rep, gpu_by_id, f"scenario.previous{_key(name)}[{j}]")
+                if rep.kv_cache_type is not None and rep.kv_cache_type not in KV_TYPES:
+                    raise ScenarioError(f"scenario.previous{_key(name)}[{j}].kv_cache_type: unknown KV cache "
+                                        f"type {rep.kv_cache_type!r} (use {', '.join(KV_TYPES)})")
         return self
 
     def gpu(self, gpu_id: str) -> Gpu:
@@ -197,11 +221,13 @@ def default_split(gpus: Iterable[Gpu]) -> tuple[float, ...]:
 
 
 def replica_needs(problem: Problem, model: ModelSpec, rep: Replica) -> dict[str, float]:
-    """MiB a replica takes on each of its GPUs: its share of `vram_mib`, plus split overhead if split."""
+    """MiB a replica takes on each of its GPUs: its share of its need (`ModelSpec.need_mib` of its KV cache
+    type), plus split overhead if split."""
+    need = model.need_mib(rep.kv_cache_type)
     if len(rep.gpus) == 1:
-        return {rep.gpus[0]: float(model.vram_mib)}
+        return {rep.gpus[0]: need}
     split = rep.split or default_split(problem.gpu(g) for g in rep.gpus)
-    return {g: f * model.vram_mib + problem.split_overhead_mib for g, f in zip(rep.gpus, split, strict=True)}
+    return {g: f * need + problem.split_overhead_mib for g, f in zip(rep.gpus, split, strict=True)}
 
 
 def prune_previous(

@@ -98,10 +98,11 @@ def needs_per_gpu(
     problem: Problem, model: ModelSpec, rep: Replica, gpus: Mapping[str, Gpu]
 ) -> dict[str, float]:
     """MiB the replica takes on each GPU (same rule as `model.replica_needs`, with a prebuilt index)."""
+    need = model.need_mib(rep.kv_cache_type)
     if len(rep.gpus) == 1:
-        return {rep.gpus[0]: float(model.vram_mib)}
+        return {rep.gpus[0]: need}
     split = rep.split or default_split(gpus[g] for g in rep.gpus)
-    return {g: f * model.vram_mib + problem.split_overhead_mib for g, f in zip(rep.gpus, split, strict=True)}
+    return {g: f * need + problem.split_overhead_mib for g, f in zip(rep.gpus, split, strict=True)}
 
 
 def objective_terms(problem: Problem, result: PlacementResult) -> ObjectiveTerms:
