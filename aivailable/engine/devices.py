@@ -448,6 +448,8 @@ def usable(device: Device, backend: BackendInfo) -> tuple[bool, str]:
         return False, ("VRAM unknown without NVML (found through /proc/driver/nvidia): install the driver's "
                        "NVML library (libnvidia-ml.so.1) so VRAM can be measured")
     runs_on = backend_for(device, backend)
+    if runs_on is None and device.vendor == "nvidia" and Backend.CUDA in backend.compiled:
+        runs_on = Backend.CUDA  # below the CUDA minimum: said below, in words about its compute capability
     if runs_on is None:
         built = "CPU only" if not backend.compiled else f"{backend.summary()} only"
         return False, (

@@ -132,9 +132,9 @@ AMD_APUS: dict[int, tuple[Family, str]] = {
     0x9874: (_amd("Carrizo APU", "gfx801", _V, igpu=True), "Radeon R7 (integrated)"),
 }
 
-_GFX_FAMILIES = {f.arch: f for f, _ in AMD_DEVICES.values()} | {
-    f.arch: f for f, _ in AMD_APUS.values() if f.arch not in {g.arch for g, _ in AMD_DEVICES.values()}
-}
+_GFX_FAMILIES: dict[str, Family] = {}
+for _family, _ in (*AMD_DEVICES.values(), *AMD_APUS.values()):
+    _GFX_FAMILIES.setdefault(_family.arch, _family)  # the first card listed names a shared target (gfx803: Polaris)
 
 
 def amd_family(device_id: int) -> tuple[Family, str] | None:
