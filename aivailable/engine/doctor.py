@@ -105,7 +105,7 @@ class DoctorReport:
 def _advice_dict(a: install_advice.Advice) -> dict[str, Any]:
     return {
         "gpus": [{"id": g.device_id, "family": g.family, "backend": g.backend.value, "packages": list(g.packages),
-                  "notes": list(g.notes)} for g in a.gpus],
+                  "notes": list(g.notes), "drivable_by": [b.value for b in g.drivers]} for g in a.gpus],
         "cmake_args": a.cmake_args,
         "command": a.command,
         "apt": list(a.apt),
@@ -140,7 +140,7 @@ def _device_line(d: Device) -> str:
         f"{label} {value}"
         for label, value in (
             ("generation", _family(d)),
-            ("compute capability", d.compute_capability),
+            ("compute capability", None if (d.compute_capability or "").startswith("gfx") else d.compute_capability),
             ("driver", d.driver),
             ("PCI", d.pci_bus_id),
             ("Vulkan index", d.vulkan_index),

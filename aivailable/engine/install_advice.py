@@ -71,6 +71,8 @@ class GpuAdvice:
     backend: Backend
     packages: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    drivers: tuple[Backend, ...] = ()
+    """Every llama.cpp backend that can drive this generation; `backend` is the one advised."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,8 @@ def _gpu_advice(gpu: Device, env: InstallEnv) -> GpuAdvice:
         notes.append(f"ROCm support for {family.arch}: {family.rocm_note}")
     if gpu.vendor == "nvidia" and backend is Backend.VULKAN:
         notes.append("below llama.cpp's CUDA minimum (sm_50): Vulkan with NVIDIA's driver")
-    return GpuAdvice(gpu.id, gpu.name, label, backend, PACKAGES[backend], tuple(notes))
+    drivers = family.backends if family else (Backend.VULKAN,)
+    return GpuAdvice(gpu.id, gpu.name, label, backend, PACKAGES[backend], tuple(notes), drivers)
 
 
 def cmake_args(gpus: Sequence[GpuAdvice], gpu_archs: Sequence[str]) -> str:
@@ -177,7 +180,8 @@ def format_advice(advice: Advice) -> list[str]:
     """The doctor's "What to install" section, one block per GPU then the command."""
     lines: list[str] = []
     for g in advice.gpus:
-        lines.append(f"  {g.device_id:<10} {g.name}: {g.family} -> llama.cpp {BACKEND_LABEL[g.backend]}")
+        can = ", ".join(BACKEND_LABEL[b] for b in g.drivers)
+        lines.append(f"  {g.device_id:<10} {g.name}: {g.family}; driven by {can}; use {BACKEND_LABEL[g.backend]}")
         lines.append(f"             needs: {', '.join(g.packages)}")
         lines += [f"             note: {n}" for n in g.notes]
     lines.append(f"  packages (Debian/Ubuntu names): {' ; '.join(advice.apt)}")
