@@ -121,6 +121,29 @@ def split_secrets(up_args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return kept, {k: ",".join(v) for k, v in env.items()}
 
 
+_PATH_FLAGS = ("--config", "--cluster-secret-file", "--models-dir")
+
+
+def absolute_paths(up_args: Sequence[str], cwd: Path) -> list[str]:
+    """`up_args` with relative file paths made absolute (the unit runs in /): --config, --cluster-secret-file,
+    --models-dir, and the PATH of --model NAME=PATH[:CTX]."""
+    out: list[str] = []
+    args = list(up_args)
+    for i, arg in enumerate(args):
+        prev = args[i - 1] if i else ""
+        flag, eq, value = arg.partition("=")
+        if prev in _PATH_FLAGS:
+            arg = str(cwd / Path(arg).expanduser())
+        elif eq and flag in _PATH_FLAGS:
+            arg = f"{flag}={cwd / Path(value).expanduser()}"
+        elif prev == "--model" and "=" in arg:
+            name, _, path = arg.partition("=")
+            if not path.startswith(("/", "~", "hf://")):
+                arg = f"{name}={cwd / path}"
+        out.append(arg)
+    return out
+
+
 def _paths(user_unit: bool) -> tuple[Path, str, str]:
     """(unit file, state dir, environment file) for a user or system unit."""
     if user_unit:
@@ -133,7 +156,11 @@ def _paths(user_unit: bool) -> tuple[Path, str, str]:
 def install_command(up_args: Sequence[str], *, user_unit: bool, print_only: bool) -> int:
     """Write (or print) the unit and its environment file; say what to run next. Returns the exit code."""
     unit_path, state_dir, env_file = _paths(user_unit)
-    kept, secrets = split_secrets(up_args)
+    kept, secrets = split_secrets(absolute_paths(up_args, Path.cwd()))
+    if any(a == "--state-dir" or a.startswith("--state-dir=") for a in kept):
+        print(f"aivailable service install: --state-dir: the unit sets it ({state_dir}); leave it out",
+              file=sys.stderr)
+        return 2
     run_as = None
     if not user_unit and os.geteuid() != 0:
         print("aivailable service install: a system unit needs root (sudo), or use --user", file=sys.stderr)
