@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,7 @@ from aivailable.engine import gpu_families
 if TYPE_CHECKING:
     from aivailable.engine.devices import Device, ProbeResult
 
-Run = Callable[[Sequence[str]], "str | None"]
+Run = Callable[[Sequence[str]], str | None]
 """Runs a command; its stdout, or None when it is missing, fails or times out."""
 
 MIN_DISCRETE_VRAM_MIB = 1024
@@ -164,8 +165,6 @@ def probe_amd_sysfs(root: Path = Path("/")) -> ProbeResult:
             driver=f"amdgpu {driver}" if driver else "amdgpu (in-kernel)",
             compute_capability=gfx, source="sysfs",
         )))
-    from dataclasses import replace
-
     devices = tuple(replace(d, id=f"amd:{i}", index=i) for i, (_, d) in enumerate(sorted(found, key=lambda x: x[0])))
     status = f"sysfs: {len(devices)} AMD GPU(s) (amdsmi/ROCm not used: VRAM from amdgpu's mem_info files)"
     return ProbeResult("amd", library, True, "; ".join([status, *notes]), devices)
