@@ -17,7 +17,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== wheel smoke: building aivailable's sdist and wheel"
-"$PY" -m build -q --sdist --wheel --outdir "$WORK/dist" "$SRC" >/dev/null
+"$PY" -m build -q --sdist --wheel --outdir "$WORK/dist" "$SRC" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; exit 1; }
 ls "$WORK/dist"
 WHEEL=$(ls "$WORK"/dist/aivailable-*.whl)
 test -f "$(ls "$WORK"/dist/aivailable-*.tar.gz)"
