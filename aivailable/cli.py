@@ -121,6 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("completion", help="print a shell completion script")
     cp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
+    svc = sub.add_parser("service", help="run the node as a systemd service")
+    svc_sub = svc.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    si = svc_sub.add_parser("install", help="write a systemd unit running `aivailable up` with the flags that follow",
+                            description="Any further flags are `aivailable up` flags for the unit's ExecStart.")
+    si.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead of a system one")
+    si.add_argument("--print", dest="print_only", action="store_true", help="print the unit instead of writing it")
+
     pl = sub.add_parser("place", help="run the placement solver on a scenario file and print placement JSON")
     pl.add_argument("--scenario", required=True, metavar="FILE.json")
     from aivailable.cli_flags import add_generated_flags
@@ -231,7 +238,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aivailable` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "service":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "up":
             return _cmd_up(args)
@@ -250,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(script(args.shell, _parser()))
             return 0
+        if args.command == "service":
+            parser.parse_args(["up", *extra])  # the unit's `up` flags: argparse names a bad one (exit 2)
+            from aivailable.service import install_command
+
+            return install_command(extra, user_unit=args.user, print_only=args.print_only)
         if args.command == "place":
             from aivailable.placement.command import place_command
 

@@ -106,12 +106,21 @@ async def api_keys(request: web.Request, handler):
     return await handler(request)
 
 
+def context_fields(m: dict) -> dict:
+    """A model card's context: `context_length` is what one request can use (the replica's ctx split over
+    its `parallel` slots), `context_length_total` the replica's whole context."""
+    ctx, parallel = m.get("ctx"), int(m.get("parallel") or 1)
+    if ctx is None:
+        return {"context_length": None, "context_length_total": None, "parallel": parallel}
+    return {"context_length": int(ctx) // parallel, "context_length_total": int(ctx), "parallel": parallel}
+
+
 async def list_models(request: web.Request) -> web.Response:
     node = _node(request)
     states = {m["name"]: m["state"] for m in node.cluster_view()["models"]}
     data = [{"id": name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
              "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False), "vision": accepts_images(m),
-             "context_length": m.get("ctx")}
+             **context_fields(m)}
             for name, m in sorted(node.models().items())]
     return web.json_response({"object": "list", "data": data})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from aivailable import __version__
@@ -42,7 +42,12 @@ class ModelCard(BaseModel):
     embedding: bool | None = None
     vision: bool | None = None
     """The model has a multimodal projector: chat messages may carry image_url parts."""
-    context_length: int | None = None
+    context_length: int | None = Field(
+        None, description="Tokens one request can use (prompt and answer): the replica's context divided among "
+                          "its parallel slots, ctx / parallel.")
+    context_length_total: int | None = Field(
+        None, description="The replica's whole context (ctx), shared by its `parallel` slots.")
+    parallel: int | None = Field(None, description="Requests one replica serves at once, each in its own slot.")
 
 
 class ModelList(BaseModel):

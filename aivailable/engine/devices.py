@@ -1,5 +1,9 @@
 """GPU inventory: NVIDIA through NVML, AMD through amdsmi, or simulated GPUs; one `Device` type for all.
 
+Without the vendor library, engine/sysfs_probe.py finds AMD GPUs through amdgpu's sysfs files and NVIDIA
+GPUs through nvidia-smi or /proc/driver/nvidia (degraded); engine/vulkan_map.py gives each GPU its
+Vulkan index when the llama.cpp build has the Vulkan backend.
+
 Both vendor libraries are optional at run time. Every probe returns a `ProbeResult` with the devices
 it found and a status in plain words; none of them raises, and none writes to the node's stdout.
 
@@ -26,8 +30,10 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
+from aivailable.engine import gpu_families, sysfs_probe, vulkan_map
 from aivailable.engine.backends import (  # noqa: F401  (re-exported: callers use devices.X)
     BACKEND_LABEL,
     GPU_ENV_VARS,
@@ -67,6 +73,10 @@ class Device:
     compute_capability: str | None = None  # NVIDIA "6.1"; AMD gfx target such as "gfx1030"
     processes: tuple[tuple[int, int], ...] = ()
     """(pid, MiB) of each compute process the driver reports on this GPU (NVIDIA; empty where unknown)."""
+    source: str = ""
+    """Which probe found it: "nvml", "amdsmi", "sysfs", "nvidia-smi", "procfs" ("" when simulated)."""
+    vulkan_index: int | None = None
+    """Its index in the Vulkan enumeration (GGML_VK_VISIBLE_DEVICES), where engine/vulkan_map.py matched it."""
 
     def __post_init__(self) -> None:
         if min(self.vram_total_mib, self.vram_used_mib, self.vram_free_mib) < 0:
@@ -76,6 +86,11 @@ class Device:
     def simulated(self) -> bool:
         """A simulated GPU runs its workers on the CPU and is marked simulated everywhere."""
         return self.vendor == "simulated"
+
+    @property
+    def degraded(self) -> bool:
+        """Found without the vendor library (NVIDIA without NVML): figures may be missing or stale."""
+        return self.source in ("nvidia-smi", "procfs")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +106,9 @@ class Device:
             "pci_bus_id": self.pci_bus_id,
             "driver": self.driver,
             "compute_capability": self.compute_capability,
+            "source": self.source,
+            "degraded": self.degraded,
+            "vulkan_index": self.vulkan_index,
         }
 
 
@@ -237,6 +255,7 @@ def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
         driver=driver,
         compute_capability=cc,
         processes=processes,
+        source="nvml",
     )
 
 
@@ -368,6 +387,7 @@ def _amd_device(amdsmi: Any, i: int, handle: Any) -> Device:
         pci_bus_id=opt("amdsmi_get_gpu_device_bdf"),
         driver=opt("amdsmi_get_gpu_driver_info", "driver_version"),
         compute_capability=str(target) if target else None,
+        source="amdsmi",
     )
 
 
@@ -389,6 +409,8 @@ def device_env(backend: BackendInfo | Backend, devices: Sequence[Device]) -> dic
     chosen = runs_on.pop() if len(runs_on) == 1 else None
     if chosen is None:
         raise ValueError(f"no single llama.cpp backend serves GPUs {[d.id for d in devices]}")
+    if chosen is Backend.VULKAN:  # Vulkan's own numbering where engine/vulkan_map.py matched the GPU
+        return visible_devices_env(chosen, [d.index if d.vulkan_index is None else d.vulkan_index for d in devices])
     return visible_devices_env(chosen, [d.index for d in devices])
 
 
@@ -397,9 +419,21 @@ _REBUILD = {"nvidia": "-DGGML_CUDA=on", "amd": "-DGGML_HIP=on"}
 _SERVES = {"nvidia": (Backend.CUDA, Backend.VULKAN), "amd": (Backend.ROCM, Backend.VULKAN)}
 
 
+def _rebuild_flag(device: Device) -> str:
+    family = gpu_families.family_of(device.vendor, device.compute_capability, device.name)
+    if family is not None and family.backends == (Backend.VULKAN,):
+        return "CMAKE_ARGS=-DGGML_VULKAN=on (its generation has no CUDA/ROCm support)"
+    return f"CMAKE_ARGS={_REBUILD[device.vendor]} (or -DGGML_VULKAN=on)"
+
+
 def backend_for(device: Device, backend: BackendInfo) -> Backend | None:
-    """The compiled llama.cpp backend that drives this real GPU (vendor's own first), or None."""
-    return next((b for b in _SERVES.get(device.vendor, ()) if b in backend.compiled), None)
+    """The compiled llama.cpp backend that drives this real GPU (vendor's own first, where its generation
+    supports it: Polaris has no ROCm, Kepler no CUDA; gpu_families.py), or None."""
+    family = gpu_families.family_of(device.vendor, device.compute_capability, device.name)
+    serves = _SERVES.get(device.vendor, ())
+    if family is not None:
+        serves = tuple(b for b in serves if b in family.backends)
+    return next((b for b in serves if b in backend.compiled), None)
 
 
 def usable(device: Device, backend: BackendInfo) -> tuple[bool, str]:
@@ -410,12 +444,17 @@ def usable(device: Device, backend: BackendInfo) -> tuple[bool, str]:
         return False, backend.problem or "llama-cpp-python fails to load"
     if device.simulated:
         return True, "simulated GPU: its workers run on the CPU"
+    if device.vram_total_mib == 0 and device.degraded:
+        return False, ("VRAM unknown without NVML (found through /proc/driver/nvidia): install the driver's "
+                       "NVML library (libnvidia-ml.so.1) so VRAM can be measured")
     runs_on = backend_for(device, backend)
+    if runs_on is None and device.vendor == "nvidia" and Backend.CUDA in backend.compiled:
+        runs_on = Backend.CUDA  # below the CUDA minimum: said below, in words about its compute capability
     if runs_on is None:
         built = "CPU only" if not backend.compiled else f"{backend.summary()} only"
         return False, (
             f"llama.cpp here was built for {built}; rebuild llama-cpp-python with "
-            f"CMAKE_ARGS={_REBUILD[device.vendor]} (or -DGGML_VULKAN=on) to use this {device.name}"
+            f"{_rebuild_flag(device)} to use this {device.name} (`aivailable doctor` prints the command)"
         )
     if runs_on is Backend.CUDA and device.compute_capability:
         major, _, minor = device.compute_capability.partition(".")
@@ -442,6 +481,8 @@ class Inventory:
     devices: tuple[Device, ...]
     backend: BackendInfo
     probes: tuple[ProbeResult, ...] = ()  # empty when the GPUs are simulated
+    root: Path = Path("/")
+    """Where the sysfs/procfs fallbacks read (tests: a recorded tree)."""
 
     @property
     def simulated(self) -> bool:
@@ -475,11 +516,8 @@ class Inventory:
     def refresh(self, claims: Mapping[str, int]) -> Inventory:
         """Re-measure real GPUs' used/free VRAM through their vendor library; apply `claims` to
         simulated ones. A real GPU that no longer answers (or changed its index) keeps its last figures."""
-        vendors = {d.vendor for d in self.devices}
-        fresh: dict[str, Device] = {}
-        for vendor, probe in (("nvidia", probe_nvidia), ("amd", probe_amd)):
-            if vendor in vendors:
-                fresh.update({d.id: d for d in probe().devices})
+        vendors = tuple(v for v in ("nvidia", "amd") if any(d.vendor == v for d in self.devices))
+        fresh = {d.id: d for p in (probe_all(vendors, root=self.root) if vendors else ()) for d in p.devices}
         devices = tuple(
             replace(d, vram_used_mib=f.vram_used_mib, vram_free_mib=f.vram_free_mib, processes=f.processes)
             if (f := fresh.get(d.id)) is not None and (f.uuid, f.pci_bus_id) == (d.uuid, d.pci_bus_id)
@@ -500,15 +538,49 @@ class Inventory:
         }
 
 
-def probe_all() -> tuple[ProbeResult, ...]:
-    """Every vendor probe, NVIDIA first."""
-    return probe_nvidia(), probe_amd()
+def probe_all(
+    vendors: Sequence[str] = ("nvidia", "amd"), *, root: Path = Path("/"), run: sysfs_probe.Run | None = None
+) -> tuple[ProbeResult, ...]:
+    """Every vendor probe, NVIDIA first; where the vendor library is not available, its fallback in
+    engine/sysfs_probe.py too (reading below `root`, running commands through `run`)."""
+    results: list[ProbeResult] = []
+    if "nvidia" in vendors:
+        nvml = probe_nvidia()
+        results.append(nvml)
+        if not nvml.available and (fallback := sysfs_probe.probe_nvidia_driver(root, run, nvml.status)) is not None:
+            results.append(fallback)
+    if "amd" in vendors:
+        amd = probe_amd()
+        results.append(amd)
+        if not amd.available:
+            results.append(sysfs_probe.probe_amd_sysfs(root))
+    return tuple(results)
+
+
+def vulkaninfo(run: sysfs_probe.Run | None = None) -> list[vulkan_map.VulkanDevice] | None:
+    """The Vulkan enumeration as `vulkaninfo` (package vulkan-tools) prints it; None without it."""
+    out = (run or sysfs_probe.run_command)(["vulkaninfo"])
+    return vulkan_map.parse_vulkaninfo(out) if out else None
+
+
+def with_vulkan_indices(devices: Sequence[Device], enumeration: Sequence[vulkan_map.VulkanDevice] | None
+                        ) -> tuple[Device, ...]:
+    """`devices` with `vulkan_index` set where the enumeration matches them (engine/vulkan_map.py)."""
+    found = vulkan_map.vulkan_indices([d for d in devices if not d.simulated], enumeration or ())
+    return tuple(replace(d, vulkan_index=found.get(d.id)) for d in devices)
 
 
 def discover(
-    simulate: Sequence[str] = (), *, backend: BackendInfo | None = None, param: str = SIMULATE_FLAG
+    simulate: Sequence[str] = (),
+    *,
+    backend: BackendInfo | None = None,
+    param: str = SIMULATE_FLAG,
+    root: Path = Path("/"),
+    run: sysfs_probe.Run | None = None,
 ) -> Inventory:
-    """This node's inventory: only the simulated GPUs when any are given, else the real ones.
+    """This node's inventory: only the simulated GPUs when any are given, else the real ones. `root` and
+    `run` are the fallback probes' file-system root and command runner (tests inject recorded ones);
+    with a Vulkan build, `vulkaninfo` run through `run` numbers the GPUs for GGML_VK_VISIBLE_DEVICES.
 
     Raises ConfigError naming `param` (--simulate-gpu, or the config key the specs came from) for a
     bad spec; anything else is reported in the inventory, not raised.
@@ -517,5 +589,8 @@ def discover(
     backend = backend if backend is not None else detect_backend()
     if simulated:
         return Inventory(simulated, backend)
-    probes = probe_all()
-    return Inventory(tuple(d for p in probes for d in p.devices), backend, probes)
+    probes = probe_all(root=root, run=run)
+    devices = tuple(d for p in probes for d in p.devices)
+    if devices and Backend.VULKAN in backend.compiled:
+        devices = with_vulkan_indices(devices, vulkaninfo(run))
+    return Inventory(devices, backend, probes, root)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aivailable.engine import gpu_families, install_advice
 from aivailable.engine.devices import (
     BACKEND_LABEL,
     SIMULATE_FLAG,
@@ -29,7 +30,6 @@ from aivailable.engine.devices import (
 )
 from aivailable.errors import ConfigError
 
-_REINSTALL = 'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir llama-cpp-python'
 _PINNING = {
     Backend.CUDA: "CUDA_VISIBLE_DEVICES, with CUDA_DEVICE_ORDER=PCI_BUS_ID so the numbers match nvidia-smi",
     Backend.ROCM: "ROCR_VISIBLE_DEVICES picks the GPUs (amd-smi numbers); HIP_VISIBLE_DEVICES then counts from 0",
@@ -46,6 +46,11 @@ class DoctorReport:
     simulated: tuple[Device, ...]
     backend: BackendInfo
     platform: str
+    env: install_advice.InstallEnv = install_advice.InstallEnv()
+
+    def advice(self) -> install_advice.Advice:
+        """What to install per GPU, and the build command for this machine's cards."""
+        return install_advice.advise(self.devices, self.env)
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -65,10 +70,11 @@ class DoctorReport:
     def verdict(self) -> str:
         """The last line: what the operator can do now."""
         backend, real = self.backend, [d for d in self.devices if not d.simulated]
+        hint = self.advice().command
         if not backend.installed:
-            return f"llama-cpp-python is not installed, so no model can run here. Install it: {_rebuild_hint(real)}"
+            return f"llama-cpp-python is not installed, so no model can run here. Install it: {hint}"
         if backend.loadable is False:
-            return f"{backend.problem}. Reinstall it: {_rebuild_hint(real)}"
+            return f"{backend.problem}. Reinstall it: {hint}"
         if self.usable:
             ids = ", ".join(d.id for d in self.usable)
             note = " The node uses only the simulated GPUs." if self.simulated else ""
@@ -80,7 +86,7 @@ class DoctorReport:
             )
         return (
             f"{len(real)} GPU(s) found, none usable with this llama.cpp build. "
-            f"Rebuild llama-cpp-python: {_rebuild_hint(real)}"
+            f"Rebuild llama-cpp-python: {hint}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,22 +96,21 @@ class DoctorReport:
             "backend": self.backend.to_dict(),
             "devices": [d.to_dict() | {"usable": ok, "reason": why} for d, ok, why in self.verdicts()],
             "usable": [d.id for d in self.usable],
+            "install": _advice_dict(self.advice()),
             "verdict": self.verdict(),
             "exit_code": self.exit_code,
         }
 
 
-def _rebuild_hint(real: Sequence[Device]) -> str:
-    vendors = {d.vendor for d in real}
-    if vendors == {"nvidia"}:
-        flag = "-DGGML_CUDA=on"
-    elif vendors == {"amd"}:
-        flag = "-DGGML_HIP=on"
-    elif vendors:
-        flag = "-DGGML_VULKAN=on"
-    else:
-        return "pip install llama-cpp-python"
-    return _REINSTALL.format(flag=flag)
+def _advice_dict(a: install_advice.Advice) -> dict[str, Any]:
+    return {
+        "gpus": [{"id": g.device_id, "family": g.family, "backend": g.backend.value, "packages": list(g.packages),
+                  "notes": list(g.notes), "drivable_by": [b.value for b in g.drivers]} for g in a.gpus],
+        "cmake_args": a.cmake_args,
+        "command": a.command,
+        "apt": list(a.apt),
+        "notes": list(a.notes),
+    }
 
 
 def doctor_report(
@@ -116,11 +121,13 @@ def doctor_report(
 ) -> DoctorReport:
     """Probe every vendor library and llama.cpp; ConfigError (naming --simulate-gpu) for a bad spec."""
     simulated = parse_simulated_gpus(simulate)
+    backend = detect_backend() if backend is None else backend
     return DoctorReport(
         probes=probe_all() if probes is None else probes,
         simulated=simulated,
-        backend=detect_backend() if backend is None else backend,
+        backend=backend,
         platform=f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",
+        env=install_advice.current_env(backend.version),
     )
 
 
@@ -132,14 +139,24 @@ def _device_line(d: Device) -> str:
     extra = [
         f"{label} {value}"
         for label, value in (
-            ("compute capability", d.compute_capability),
+            ("generation", _family(d)),
+            ("compute capability", None if (d.compute_capability or "").startswith("gfx") else d.compute_capability),
             ("driver", d.driver),
             ("PCI", d.pci_bus_id),
+            ("Vulkan index", d.vulkan_index),
+            ("found through", d.source if d.source not in ("", "nvml", "amdsmi") else None),
         )
-        if value
+        if value is not None and value != ""
     ]
+    if d.degraded:
+        extra.append("degraded: no NVML")
     kind = " (simulated)" if d.simulated else ""
     return f"  {d.id:<10} {d.name}{kind}: {_mib(d)}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _family(d: Device) -> str | None:
+    family = gpu_families.family_of(d.vendor, d.compute_capability, d.name)
+    return f"{family.name}, {family.arch}" if family else None
 
 
 def _backend_lines(b: BackendInfo) -> list[str]:
@@ -170,7 +187,7 @@ def _backend_lines(b: BackendInfo) -> list[str]:
 
 def format_doctor(report: DoctorReport) -> str:
     """The report in plain words for an operator."""
-    names = {"nvidia": "NVIDIA", "amd": "AMD"}
+    names = {"nvidia": "NVIDIA", "amd": "AMD"}  # a fallback probe (sysfs, nvidia-smi) follows its vendor's
     lines = ["AIvailable doctor", f"  {report.platform}", "", "Vendor libraries"]
     lines += [f"  {names.get(p.vendor, p.vendor)} via {p.library}: {p.status}" for p in report.probes]
     lines += ["", "GPUs"]
@@ -179,6 +196,7 @@ def format_doctor(report: DoctorReport) -> str:
     lines += [f"  {d.id:<10} {'yes' if ok else 'no '}  {why}" for d, ok, why in report.verdicts()] or [
         "  nothing to use"
     ]
+    lines += ["", "What to install", *install_advice.format_advice(report.advice())]
     lines += ["", f"Verdict: {report.verdict()}"]
     return "\n".join(lines)
 
