@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 import openai  # noqa: E402
 
-from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
+from tests.nodeproc import NodeProc, start_cluster  # noqa: E402
 
 MODEL = "gemma-3-270m"
 SECRET = "prefix-routing-bench-secret-0123456789"
@@ -65,35 +65,14 @@ class Cluster:
         self.cfg = cfg
         self.nodes: list[NodeProc] = []
 
-    def start(self, timeout: float = 300.0) -> None:
-        hosts = [f"127.0.0.{i + 1}" for i in range(self.n)]
-        ports = [free_port(h) for h in hosts]
-        for i, (h, p) in enumerate(zip(hosts, ports, strict=True)):
-            args = ["--config", str(self.cfg), "--simulate-gpu", f"g{i}:2048", "--cluster-secret", SECRET,
-                    "--node-id", f"n{i + 1}", "--log-level", "WARNING"]
-            if i:
-                args += ["--join", f"{hosts[0]}:{ports[0]}"]
-            self.nodes.append(start_node(self.tmp, *args, host=h, port=p, name=f"n{i + 1}"))
-        for node in self.nodes:
-            node.wait_healthy(120)
-        want = {f"n{i + 1}" for i in range(self.n)}
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(Exception):
-                if all(ready(node) == want for node in self.nodes):
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.n} ready replicas: {self.nodes[0].cluster()['models']}")
-            time.sleep(0.5)
+    def start(self) -> None:
+        self.nodes = start_cluster(self.tmp, self.cfg, SECRET, count=self.n, extra=("--log-level", "WARNING"),
+                                   timeout=300)
 
     def stop(self) -> None:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop(timeout=20)
-
-
-def ready(node: NodeProc) -> set[str]:
-    return {r["node"] for m in node.cluster()["models"] for r in m["replicas"] if r["state"] == "ready"}
 
 
 def one_request(client: openai.OpenAI, messages: list[dict], max_tokens: int) -> dict:

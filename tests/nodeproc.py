@@ -129,3 +129,39 @@ def serving(tmp: Path, *args: str, models: tuple[str, ...] = (), **kw) -> Iterat
         yield n
     finally:
         n.stop()
+
+
+def ready_nodes(n: NodeProc) -> set[str]:
+    """Node ids that hold a ready replica of any model, as `n` sees the cluster."""
+    return {r["node"] for m in n.cluster()["models"] for r in m["replicas"] if r["state"] == "ready"}
+
+
+def start_cluster(tmp: Path, config: Path, secret: str, count: int = 3, gpu_mib: int = 2048,
+                  extra: tuple[str, ...] = (), timeout: float = 180.0) -> list[NodeProc]:
+    """`count` nodes n1..nN on 127.0.0.1..N, each with one simulated GPU, joined through n1, healthy, and a
+    ready replica on every node as every node sees it. The caller stops them (on error they are killed)."""
+    ports = {i: free_port(f"127.0.0.{i}") for i in range(1, count + 1)}
+    nodes: list[NodeProc] = []
+    want = {f"n{i}" for i in ports}
+    try:
+        for i in ports:
+            args = ["--config", str(config), "--simulate-gpu", f"g{i}:{gpu_mib}", "--cluster-secret", secret,
+                    "--node-id", f"n{i}", *extra]
+            if i > 1:
+                args += ["--join", f"127.0.0.1:{ports[1]}"]
+            nodes.append(start_node(tmp, *args, host=f"127.0.0.{i}", port=ports[i], name=f"n{i}"))
+        for n in nodes:
+            n.wait_healthy(120)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
+                if all(ready_nodes(n) == want for n in nodes):
+                    return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} ready replicas: {nodes[0].cluster()['models']}")
+            time.sleep(0.5)
+    except BaseException:
+        for n in nodes:
+            with contextlib.suppress(Exception):
+                n.kill_group()
+        raise

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from aivailable.engine.batch import PROMPT_CHUNK
-from tests.nodeproc import NodeProc, free_port, start_node
+from tests.nodeproc import NodeProc, start_cluster
 
 MODEL = "gemma-3-270m"
 SECRET = "prefix-routing-test-secret-0123456789"
@@ -27,31 +27,13 @@ def cluster(tmp_path_factory, gemma_path):
     cfg = tmp / "models.toml"
     cfg.write_text(f'[[models]]\nname = "{MODEL}"\npath = "{gemma_path}"\nctx = 2048\nparallel = 2\n'
                    "min_replicas = 3\nmax_replicas = 3\n")
-    ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2, 3)}
-    nodes: list[NodeProc] = []
+    nodes = start_cluster(tmp, cfg, SECRET)
     try:
-        for i in (1, 2, 3):
-            args = ["--config", str(cfg), "--simulate-gpu", f"g{i}:2048", "--cluster-secret", SECRET,
-                    "--node-id", f"n{i}"]
-            if i > 1:
-                args += ["--join", f"127.0.0.1:{ports[1]}"]
-            nodes.append(start_node(tmp, *args, host=f"127.0.0.{i}", port=ports[i], name=f"n{i}"))
-        for n in nodes:
-            n.wait_healthy(120)
-        deadline = time.monotonic() + 180
-        while not all(ready_everywhere(n) == {"n1", "n2", "n3"} for n in nodes):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"three ready replicas: {nodes[0].cluster()['models']}")
-            time.sleep(0.5)
         yield nodes
     finally:
         for n in nodes:
             with contextlib.suppress(Exception):
                 n.kill_group()
-
-
-def ready_everywhere(n: NodeProc) -> set[str]:
-    return {r["node"] for m in n.cluster()["models"] for r in m["replicas"] if r["state"] == "ready"}
 
 
 def client(n: NodeProc) -> openai.OpenAI:
