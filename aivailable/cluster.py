@@ -335,7 +335,7 @@ class Cluster:
                     self._upstreams[key] = up
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
-                up.draining = bool(m.facts.get("leaving"))
+                up.draining = bool(m.facts.get("leaving")) or bool(r.get("drained"))
                 up.alive_fn = lambda nid=m.node_id: self._alive(nid)
                 out.append(up)
         return out
