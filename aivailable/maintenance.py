@@ -75,8 +75,13 @@ def load(path: Path) -> Drain:
     except OSError as exc:
         raise StateDirError(f"cannot read the drain state {explain(path, exc)}") from None
     try:
-        return parse(json.loads(text))
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        data = json.loads(text)
+    except ValueError as exc:
+        raise StateDirError(f"{path}: unreadable drain state (not JSON: {exc}); fix or delete it (deleting it "
+                            "undrains this node)") from None
+    try:
+        return parse(data)
+    except ValueError as exc:
         raise StateDirError(f"{path}: unreadable drain state ({exc}); fix or delete it (deleting it undrains "
                             "this node)") from None
 
