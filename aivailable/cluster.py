@@ -115,6 +115,7 @@ class Cluster:
         self._leader_since: float | None = None
         self._last_facts: dict | None = None
         self._last_nodes: set[str] = set()
+        self._last_drains: list[str] = []
         self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
         self._conflicts: dict[str, str] = {}
@@ -275,11 +276,16 @@ class Cluster:
         joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
         self._last_nodes = nodes
         leaving = sorted(f.node_id for f in facts if f.leaving)
+        drains = sorted(f.node_id + ("" if f.drained else ":" + "+".join(f.drained_gpus))
+                        for f in facts if f.drained or f.drained_gpus)
+        drains_changed, self._last_drains = drains != self._last_drains, drains
         if new != current:
             if not current:
                 cause = "first placement"
             elif leaving:
                 cause = f"node {', '.join(leaving)} leaving (graceful shutdown)"
+            elif drains_changed:
+                cause = f"drain of {', '.join(drains)}" if drains else "undrain"
             elif gone:
                 cause = f"node {', '.join(gone)} gone"
             elif joined:

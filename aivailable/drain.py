@@ -52,8 +52,9 @@ class Drainer:
         maintenance.save(self.path, new)
         if new != self.state:
             what = f"GPU {gpu}" if gpu is not None else "node"
-            self.node.record_event(f"{self.node.node_id}: {what} {'drained' if drained else 'undrained'} by the "
-                                   "operator", logged=False)
+            text = f"{self.node.node_id}: {what} {'drained' if drained else 'undrained'} by the operator"
+            log.info("%s", text)
+            self.node.record_event(text, logged=True)
         self.state = new
         if not new.active:
             self.released.clear()

@@ -232,14 +232,17 @@ def test_drain_moves_the_model_without_a_failed_request_and_survives_a_restart(p
     (holder,) = holders(nodes["n1"].cluster(), MODEL)
     other = "n2" if holder == "n1" else "n1"
     h, o = nodes[holder], nodes[other]
+    secret, key_file = tmp / "secret", tmp / "admin_key"
+    secret.write_text(SECRET + "\n")
+    key_file.write_text(cli("admin-key", "--cluster-secret-file", str(secret)).stdout)
     with Loop(h) as loop:  # through the drained node itself: it keeps serving while the model moves
-        done = cli("drain", "--url", h.url, "--state-dir", str(h.state_dir), "--timeout", "300")
+        done = cli("drain", "--url", h.url, "--cluster-secret-file", str(secret), "--timeout", "300")
     assert done.returncode == 0, done.stdout + done.stderr + h.log()[-3000:]
     assert "nothing runs there any more" in done.stdout, done.stdout
     assert loop.failed == [], loop.failed[:3]
     assert loop.replicas[0].startswith(f"{holder}/") and loop.replicas[-1].startswith(f"{other}/")
     assert holders(o.cluster(), MODEL) == {other}
-    assert "handed over and stopped" in h.log()
+    assert "is ready elsewhere; stopping its replica" in h.log(), h.log()[-3000:]
 
     # The drain survives a restart of the drained node: it gets nothing back.
     assert h.stop(timeout=120) == 0
@@ -260,7 +263,7 @@ def test_drain_moves_the_model_without_a_failed_request_and_survives_a_restart(p
     wait_for(lambda: holders(h.cluster(), MODEL), 120, f"{holder} sees {MODEL} ready")
     gpu = next(n for n in o.cluster()["nodes"] if n["id"] == other)["gpus"][0]["id"]
     with Loop(h) as loop:
-        done = cli("drain", "--url", o.url, "--gpu", gpu, "--state-dir", str(o.state_dir), "--timeout", "300")
+        done = cli("drain", "--url", o.url, "--gpu", gpu, "--admin-key-file", str(key_file), "--timeout", "300")
     assert done.returncode == 0, done.stdout + done.stderr + o.log()[-3000:]
     assert loop.failed == [], loop.failed[:3]
     assert holders(h.cluster(), MODEL) == {holder}
