@@ -40,6 +40,8 @@ class Drainer:
         self.node = node
         self.path = node.state_dir / maintenance.DRAIN_FILE
         self.state: Drain = maintenance.load(self.path)
+        self.carried: set[str] = set()
+        """Keys of replicas whose hand-over began before an undrain: they finish it (the placement moved them)."""
         self.released: set[str] = set()
         """Keys of kept workers whose hand-over is done: the next reconcile stops them."""
         self._handed_over_at: dict[str, float] = {}
@@ -55,34 +57,38 @@ class Drainer:
             text = f"{self.node.node_id}: {what} {'drained' if drained else 'undrained'} by the operator"
             log.info("%s", text)
             self.node.record_event(text, logged=True)
+        self.carried |= {h.assignment.key for h in self._kept()}  # an undrain does not break a hand-over
         self.state = new
-        if not new.active:
-            self.released.clear()
-            self._handed_over_at.clear()
         return new
 
     def covers(self, device_ids: tuple[str, ...] | list[str]) -> bool:
         return self.state.covers(device_ids)
+
+    def draining(self, h: WorkerHandle) -> bool:
+        """The replica is on drained hardware, or finishes a hand-over: routers avoid it."""
+        return self.covers(h.assignment.device_ids) or h.assignment.key in self.carried
 
     # -- kept replicas -------------------------------------------------------------------------
     def _placed(self) -> set[tuple[str, tuple[str, ...]]]:
         return {(m, g) for m, g, _s in coord.share(self.node.placement, self.node.node_id)}
 
     def holding(self) -> list[WorkerHandle]:
-        """Workers on drained GPUs that still run (placed or kept for their hand-over)."""
+        """Workers on drained GPUs, or finishing a hand-over, that still run (placed or kept)."""
         return [h for h in self.node.manager.workers.values()
-                if h.state not in ("stopped", "stopping") and self.covers(h.assignment.device_ids)]
+                if h.state not in ("stopped", "stopping") and self.draining(h)]
+
+    def _kept(self) -> list[WorkerHandle]:
+        if not self.state.active and not self.carried:
+            return []
+        placed = self._placed()
+        return [h for h in self.holding()
+                if (h.model, h.assignment.device_ids) not in placed and h.assignment.key not in self.released]
 
     def kept(self) -> list[tuple[str, dict]]:
         """(model, placement row) of the drained replicas the placement dropped but that still serve."""
-        if not self.state.active:
-            return []
-        placed = self._placed()
         out = []
-        for h in self.holding():
+        for h in self._kept():
             a = h.assignment
-            if (h.model, a.device_ids) in placed or a.key in self.released:
-                continue
             row: dict = {"node": self.node.node_id, "gpus": list(a.device_ids),
                          "split": list(a.tensor_split) if a.tensor_split else None}
             if a.kv_cache_type:
@@ -91,40 +97,43 @@ class Drainer:
         return out
 
     def replicas(self) -> list[dict]:
-        """{model, state, drained, leaving} of every replica on live nodes (this one's included)."""
+        """{model, state, drained, leaving, key} of every replica on live nodes (this one's included)."""
         node = self.node
-        rows = [{"model": h.model, "state": h.state, "drained": self.covers(h.assignment.device_ids),
-                 "leaving": node.leaving} for h in node.manager.workers.values()]
+        rows = [{"model": h.model, "state": h.state, "drained": self.draining(h), "leaving": node.leaving,
+                 "key": h.assignment.key} for h in node.manager.workers.values()]
         t = node.cluster.transport
         if t is not None:
             for m in t.members():
                 if m.node_id == node.node_id or m.status != "alive":
                     continue
                 for r in m.facts.get("replicas", []):
-                    rows.append({**r, "leaving": bool(m.facts.get("leaving"))})
+                    rows.append({**r, "leaving": bool(m.facts.get("leaving")), "key": None})
         return rows
 
     # -- driver --------------------------------------------------------------------------------
     async def round(self, now: float) -> None:
         """Release kept replicas whose model is served elsewhere and whose requests have finished."""
-        kept = self.kept()
+        kept = self._kept()
+        live = {h.assignment.key for h in self.node.manager.workers.values() if h.state != "stopped"}
+        placed = {h.assignment.key for h in self.holding()} - {h.assignment.key for h in kept}
+        self.carried -= placed  # placed here again: an ordinary replica
+        self.carried &= live
+        self.released &= live
         if not kept:
             self._handed_over_at.clear()
             return
         replicas = self.replicas()
-        placed = self._placed()
         changed = False
-        for h in self.holding():
+        for h in kept:
             key = h.assignment.key
-            if (h.model, h.assignment.device_ids) in placed or key in self.released:
-                continue
-            if not maintenance.handed_over(h.model, replicas):
+            if not maintenance.handed_over(h.model, [r for r in replicas if r["key"] != key]):
                 self._handed_over_at.pop(key, None)
                 continue
             since = self._handed_over_at.setdefault(key, now)
             if maintenance.may_stop(handed_over_for_s=now - since, outstanding=self.node.upstream_of(h).outstanding,
                                     settle_s=SETTLE_S, grace_s=GRACE_S):
                 self.released.add(key)
+                self.carried.discard(key)
                 self._handed_over_at.pop(key, None)
                 log.info("drain: %s is ready elsewhere; stopping its replica on %s", h.model,
                          "+".join(h.assignment.device_ids))
@@ -133,8 +142,6 @@ class Drainer:
                 changed = True
         if changed:
             await self.node.reconcile()
-        live = {h.assignment.key for h in self.node.manager.workers.values()}
-        self.released &= live
 
     async def run(self) -> None:
         while True:

@@ -247,7 +247,7 @@ class Node:
             devices.append({"id": d.id, "vendor": d.vendor, "name": d.name, "vram_total_mib": d.vram_total_mib,
                             "vram_used_mib": d.vram_used_mib, "simulated": d.simulated, "usable": usable})
         replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding, **self._autonomy_of(h),
-                     **({"drained": True} if self.drainer.covers(h.assignment.device_ids) else {})}
+                     **({"drained": True} if self.drainer.draining(h) else {})}
                     for h in self.manager.workers.values() if h.state != "stopped"]
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=self.files.catalog_entries(),
@@ -324,7 +324,7 @@ class Node:
         ups = [self._upstream(h) for h in ready]
         for h, u in zip(ready, ups, strict=True):
             u.draining = self.leaving or (model in self.retiring and self.retiring[model] in h.assignment.device_ids) \
-                or self.drainer.covers(h.assignment.device_ids)
+                or self.drainer.draining(h)
         if not local_only:
             ups += self.cluster.remote_upstreams(model)
         return [u for u in ups if not u.draining] or ups  # a leaving node's replicas only as a last resort
