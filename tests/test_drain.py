@@ -135,6 +135,22 @@ def test_cluster_view_and_cli_show_what_is_drained():
     assert remaining(view, "a", "g1") == [] and remaining(view, "b", None) == []
 
 
+def test_a_node_with_a_bad_drain_file_refuses_to_start_naming_it(tmp_path):
+    (tmp_path / maintenance.DRAIN_FILE).write_text('{"node": "yes"}')
+    r = cli("up", "--state-dir", str(tmp_path), "--simulate-gpu", "a:1000", "--port", str(free_port()), "--no-mdns")
+    assert r.returncode != 0 and "drain.json" in r.stderr and "'node'" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_names_what_is_wrong(tmp_path):
+    r = cli("drain", "--url", f"http://127.0.0.1:{free_port()}", "--admin-key", "k")
+    assert r.returncode == 1 and "--url: cannot reach" in r.stderr, r.stderr
+    r = cli("drain", "--state-dir", str(tmp_path))
+    assert r.returncode == 2 and "--state-dir: no cluster secret" in r.stderr, r.stderr
+    r = cli("undrain", "--admin-key", "k", "--admin-key-file", str(tmp_path / "f"))
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr
+
+
 # ---- real nodes -------------------------------------------------------------------------------------
 
 
