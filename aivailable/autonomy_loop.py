@@ -79,7 +79,8 @@ class AutonomyLoop:
             for g in gpus:
                 planned[g] = planned.get(g, 0.0) + node.estimates.get(model, 0.0) / max(1, len(gpus))
         free = {d["id"]: coord.free_vram(d, claims.get(d["id"], 0.0), planned.get(d["id"], 0.0))
-                for d in node.facts().devices if d.get("usable", True)}
+                for d in node.facts().devices
+                if d.get("usable", True) and not node.drainer.covers((d["id"],))}  # drained: none there
         demanded = {m for m, r in self.cluster.rates.rates(now).items() if r >= DEMANDED_RATE}
         return autonomy.Situation(
             now=now, coordinator=leader, changed_at=self.changed_at, rank=alive.index(node.node_id),

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 from aivailable import __version__
+from aivailable.admin_cli import add_parsers as add_admin_parsers
 from aivailable.errors import ConfigError, NodeError
 
 EXIT_USAGE = 2
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="read the secret from this file instead")
     tk.add_argument("--token-only", action="store_true", help="print only the token, not the command")
 
+    add_admin_parsers(sub)  # drain, undrain, admin-key
     cp = sub.add_parser("completion", help="print a shell completion script")
     cp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
@@ -255,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             from aivailable.token_command import token_command
 
             return token_command(args)
+        if args.command in ("drain", "undrain", "admin-key"):
+            from aivailable.admin_cli import drain_command
+
+            return drain_command(args)
         if args.command == "completion":
             from aivailable.completion import script
 

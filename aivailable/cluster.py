@@ -115,6 +115,7 @@ class Cluster:
         self._leader_since: float | None = None
         self._last_facts: dict | None = None
         self._last_nodes: set[str] = set()
+        self._last_drains: list[str] = []
         self._wake = asyncio.Event()
         self.unplaced: dict[str, str] = {}
         self._conflicts: dict[str, str] = {}
@@ -275,11 +276,16 @@ class Cluster:
         joined, gone = sorted(nodes - self._last_nodes), sorted(self._last_nodes - nodes)
         self._last_nodes = nodes
         leaving = sorted(f.node_id for f in facts if f.leaving)
+        drains = sorted(f.node_id + ("" if f.drained else ":" + "+".join(f.drained_gpus))
+                        for f in facts if f.drained or f.drained_gpus)
+        drains_changed, self._last_drains = drains != self._last_drains, drains
         if new != current:
             if not current:
                 cause = "first placement"
             elif leaving:
                 cause = f"node {', '.join(leaving)} leaving (graceful shutdown)"
+            elif drains_changed:
+                cause = f"drain of {', '.join(drains)}" if drains else "undrain"
             elif gone:
                 cause = f"node {', '.join(gone)} gone"
             elif joined:
@@ -335,7 +341,7 @@ class Cluster:
                     self._upstreams[key] = up
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))
-                up.draining = bool(m.facts.get("leaving"))
+                up.draining = bool(m.facts.get("leaving")) or bool(r.get("drained"))
                 up.alive_fn = lambda nid=m.node_id: self._alive(nid)
                 out.append(up)
         return out

@@ -76,14 +76,17 @@ def build_view(*, self_id: str, leader: str | None, term: int, version: int, bac
                                                                        1)})
             for d in f.devices:
                 used = f.claims_mib.get(d["id"], 0.0) if d.get("simulated") else d.get("vram_used_mib", 0)
-                gpus.append({**d, "vram_used_mib": round(float(used), 1), "models": by_dev.get(d["id"], [])})
+                gpus.append({**d, "vram_used_mib": round(float(used), 1), "models": by_dev.get(d["id"], []),
+                             "drained": f.drained or d["id"] in f.drained_gpus})
         if f is not None and m.state in ("alive", "suspect"):
             transfers += [{"node": m.node_id, **t} for t in f.transfers]
         nodes.append({"id": m.node_id, "address": m.address, "state": m.state, "gpus": gpus,
                       "backend": f.backend if f is not None else "", "self": m.node_id == self_id,
                       "files": len(f.files) if f is not None else 0,
                       "bad_peers": dict(f.bad_peers) if f is not None else {},
-                      "leaving": bool(f is not None and f.leaving and m.state in ("alive", "suspect"))})
+                      "leaving": bool(f is not None and f.leaving and m.state in ("alive", "suspect")),
+                      "drained": bool(f is not None and f.drained),
+                      "drained_gpus": list(f.drained_gpus) if f is not None else []})
     catalog, conflicts = merged_catalog(live_facts)
     catalog.update({k: v for k, v in (extra_models or {}).items() if k not in catalog})
     uses = keepalive.merge(f.usage for f in live_facts)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aivailable import keepalive
+from aivailable import keepalive, maintenance
 from aivailable.files import catalog as fcat
 from aivailable.placement import Gpu, ModelSpec, PlacementResult, Problem, Replica, prune_previous
 from aivailable.placement.kvchoice import place_kv
@@ -69,13 +69,20 @@ class NodeFacts:
     keeps serving what it runs until they are ready on other nodes (see `aivailable.leave`)."""
     usage: dict[str, dict] = field(default_factory=dict)
     """model -> {at, keep_alive, active}: when this node's clients last used each model (`keepalive.Usage`)."""
+    drained: bool = False
+    """The operator drained the whole node (`aivailable drain`): place nothing on its GPUs; it keeps serving
+    its replicas until they are ready elsewhere (`aivailable.maintenance`)."""
+    drained_gpus: list[str] = field(default_factory=list)
+    """Local device ids drained one by one: placement gives them nothing."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "kv_needs_mib": self.kv_needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
                 "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving,
-                "usage": self.usage}
+                "usage": self.usage,
+                **({"drained": self.drained, "drained_gpus": self.drained_gpus}
+                   if self.drained or self.drained_gpus else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> NodeFacts:
@@ -124,8 +131,9 @@ def build_problem(facts: list[NodeFacts], previous: Assignments, demand: dict[st
     for f in facts:
         if f.leaving:
             continue  # shutting down: its GPUs take nothing, its replicas are re-placed elsewhere
+        drained = maintenance.excluded_devices(f)  # the operator's drain: nothing new there
         for d in f.devices:
-            if not d.get("usable", True):
+            if not d.get("usable", True) or d["id"] in drained:
                 continue
             gpus.append(Gpu(id=gpu_id(f.node_id, d["id"]), node=f.node_id,
                             vendor=d["vendor"], name=d.get("name", ""),

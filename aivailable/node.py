@@ -23,6 +23,7 @@ from aivailable.api.router import Upstream
 from aivailable.cluster import Cluster
 from aivailable.config import ModelConfig, Settings, token_budget
 from aivailable.coordinator import Assignments, NodeFacts
+from aivailable.drain import Drainer
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.engine.mmproj_info import projector_mib
@@ -62,6 +63,8 @@ class Node:
         """Replicas this node runs without a coordinator (aivailable/autonomy.py): model -> (own GPU id, why)."""
         self.retiring: dict[str, str] = {}
         """Autonomous replicas being drained before they are unloaded: model -> GPU id."""
+        self.drainer = Drainer(self)
+        """The operator's maintenance drain (STATE_DIR/drain.json; aivailable/drain.py)."""
         self.leaving = False
         """SIGTERM received: models are being handed over, requests drained (see aivailable.leave)."""
         self.events: list[dict] = []
@@ -214,9 +217,12 @@ class Node:
     def serving(self) -> Assignments:
         """The placement plus this node's autonomous and retiring replicas (each on one own GPU)."""
         extra = {**{m: g for m, (g, _why) in self.autonomous.items()}, **self.retiring}
-        if not extra:
+        kept = self.drainer.kept()  # drained replicas serving until their model is ready elsewhere
+        if not extra and not kept:
             return self.placement
         out = {m: list(reps) for m, reps in self.placement.items()}
+        for model, row in kept:
+            out.setdefault(model, []).append(row)
         for model, gpu in extra.items():
             mine = [r for r in out.get(model, []) if r["node"] == self.node_id and gpu in r["gpus"]]
             if not mine:
@@ -240,7 +246,8 @@ class Node:
             usable, _why = devmod.usable(d, self.backend)
             devices.append({"id": d.id, "vendor": d.vendor, "name": d.name, "vram_total_mib": d.vram_total_mib,
                             "vram_used_mib": d.vram_used_mib, "simulated": d.simulated, "usable": usable})
-        replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding, **self._autonomy_of(h)}
+        replicas = [{**h.view(), "outstanding": self._upstream(h).outstanding, **self._autonomy_of(h),
+                     **({"drained": True} if self.drainer.draining(h) else {})}
                     for h in self.manager.workers.values() if h.state != "stopped"]
         return NodeFacts(node_id=self.node_id, address=self.address, devices=devices,
                          catalog=self.files.catalog_entries(),
@@ -248,7 +255,8 @@ class Node:
                          kv_needs_mib={k: {t: round(v, 1) for t, v in by.items()} for k, by in self.kv_estimates.items()},
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
                          backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
-                         bad_peers=self.files.bad_peers(), leaving=self.leaving, usage=self.usage.view())
+                         bad_peers=self.files.bad_peers(), leaving=self.leaving, usage=self.usage.view(),
+                         drained=self.drainer.state.node, drained_gpus=sorted(self.drainer.state.gpus))
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
@@ -315,7 +323,8 @@ class Node:
         ready = self.manager.ready(model)
         ups = [self._upstream(h) for h in ready]
         for h, u in zip(ready, ups, strict=True):
-            u.draining = self.leaving or (model in self.retiring and self.retiring[model] in h.assignment.device_ids)
+            u.draining = self.leaving or (model in self.retiring and self.retiring[model] in h.assignment.device_ids) \
+                or self.drainer.draining(h)
         if not local_only:
             ups += self.cluster.remote_upstreams(model)
         return [u for u in ups if not u.draining] or ups  # a leaving node's replicas only as a last resort
@@ -442,6 +451,8 @@ class Node:
         await self.cluster.start(self.address)
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
         self._tasks.append(asyncio.create_task(self.observe.run(), name="history"))
+        self.drainer.announce()
+        self._tasks.append(asyncio.create_task(self.drainer.run(), name="drain"))
         from aivailable.files import progress
 
         if progress.enabled():

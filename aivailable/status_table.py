@@ -23,6 +23,7 @@ def render_status(view: dict, console: Console | None = None) -> None:
                                 "models": [], "simulated": False}]:
             name = g["name"] + (" [yellow](simulated)[/]" if g.get("simulated") else "")
             models = ", ".join(f"{m['name']} {m['vram_mib']:.0f}" for m in g.get("models", []))
+            name += " [yellow](drained)[/]" if g.get("drained") else ""
             gpus.add_row(n["id"], n["state"] + (" (leaving)" if n.get("leaving") else ""), g["id"], name,
                          f"{g['vram_used_mib']:.0f} / {g['vram_total_mib']:.0f}", models)
     console.print(gpus)

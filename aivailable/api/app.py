@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from aivailable.api import hop, loadwait
+from aivailable.api.admin import add_admin_routes
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
 from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
@@ -325,6 +326,7 @@ def build_app(node: Node) -> web.Application:
     for path in _ENDPOINTS:
         r.add_post(path, inference)
     add_responses_route(app, node, app[PROXY].hop_auth)
+    add_admin_routes(app, node)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
