@@ -2,7 +2,7 @@
 point of failure.
 
 Any node answers for every model, and a node whose replica dies continues the stream from another one
-(``api/resume.py``). But a client's TCP connection lives on one node: when *that* node dies (``kill -9``,
+(``wire/resume.py``). But a client's TCP connection lives on one node: when *that* node dies (``kill -9``,
 a power cut) the connection drops and the plain client loses the answer in flight. Give the client the
 node list instead of one URL::
 
@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aivailable.api.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
+from aivailable.wire.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 
 try:  # the openai client of 2026 runs on httpx2; older ones on httpx
     import httpx2 as httpx

@@ -27,12 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aivailable.api.schemas import parse_request  # noqa: E402
 from aivailable.demo import demo_model_path  # noqa: E402
 from aivailable.engine.chatplan import plan_chat  # noqa: E402
 from aivailable.engine.manager import default_threads  # noqa: E402
 from aivailable.engine.runner import GenParams, Runner  # noqa: E402
 from aivailable.engine.spec import WorkerSpec  # noqa: E402
+from aivailable.wire.schemas import parse_request  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "summary", "facts"],
           "properties": {"title": {"type": "string"}, "summary": {"type": "string"},

@@ -107,8 +107,8 @@ def install(mode: str) -> None:
     worker's event loop (sse); the record is written
     when the worker builds the "[DONE]" event, i.e. before the client can see the end of the stream.
     """
-    from aivailable.api import errors, responses
     from aivailable.engine import runner as rmod
+    from aivailable.wire import errors, responses
 
     trace_file = os.environ[TRACE_ENV]
     cur: dict = {"sse": []}

@@ -4,7 +4,7 @@ Run by the node's manager as ``python -m bench.stub_worker SPEC_JSON`` (cwd = th
 ``AIVAILABLE_WORKER_MODULE=bench.stub_worker`` is set. It never opens the GGUF: it prints the same
 ``{"event": "ready", ...}`` line on stdout, serves ``/health``, ``/v1/chat/completions``,
 ``/v1/completions`` and ``/v1/embeddings`` on the spec's unix socket, answering at once with a fixed
-small OpenAI-shaped body (built by aivailable.api.responses, as the real worker's are), or, with
+small OpenAI-shaped body (built by aivailable.wire.responses, as the real worker's are), or, with
 ``"stream": true``, a few SSE chunks and ``data: [DONE]``. It exits on stdin EOF (the node died) or
 SIGTERM/SIGINT, like the real worker. So benchmarks measure the node (routing, proxying, gossip,
 failover) without model time.
@@ -25,10 +25,10 @@ import sys
 
 from aiohttp import web
 
-from aivailable.api.errors import openai_errors, read_json
-from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse, usage
 from aivailable.engine.spec import WorkerSpec
 from aivailable.errors import InvalidRequest
+from aivailable.wire.errors import openai_errors, read_json
+from aivailable.wire.responses import ChatShape, CompletionShape, embeddings_body, sse, usage
 
 log = logging.getLogger("aivailable.stub_worker")
 

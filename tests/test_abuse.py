@@ -297,8 +297,8 @@ def test_trickled_headers_and_idle_keepalive_connections_are_closed(small_node):
 def test_an_infinite_repeat_penalty_is_refused_by_the_schema_too():
     """The JSON parser refuses Infinity and 1e999 (above); the schema refuses a non-finite penalty from any
     other source (e.g. a decoded body built in Python)."""
-    from aivailable.api.schemas import parse_request
     from aivailable.errors import InvalidRequest
+    from aivailable.wire.schemas import parse_request
 
     for bad in (float("inf"), float("nan")):
         with pytest.raises(InvalidRequest) as e:

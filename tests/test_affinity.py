@@ -12,7 +12,7 @@ import pytest
 from aivailable.api import affinity
 from aivailable.api.affinity import PREFIX_CHARS, affine, chat_key, completion_key, order
 from aivailable.api.router import Upstream, pick
-from aivailable.api.schemas import parse_request
+from aivailable.wire.schemas import parse_request
 
 SYSTEM = {"role": "system", "content": "You are a careful assistant. " * 20}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.",

@@ -8,7 +8,6 @@ import base64
 import pytest
 
 from aivailable.api.image_input import ImageRef, accepts_images, check_images, image_refs, inline
-from aivailable.api.schemas import parse_request
 from aivailable.config import ModelConfig, load_settings
 from aivailable.engine.chatplan import plan_chat
 from aivailable.engine.media import MediaChunk, MediaPrompt, image_mark, pseudo_token, split_marks
@@ -16,6 +15,7 @@ from aivailable.engine.tools import ToolFormat
 from aivailable.errors import ConfigError, InvalidRequest
 from aivailable.files.catalog import merge
 from aivailable.images import ImageError, base64_size, decode_data_url, sniff, url_kind
+from aivailable.wire.schemas import parse_request
 from tests.mmprojgen import image_tokens, png, write_mmproj
 
 PNG = png(8, 6)

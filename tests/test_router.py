@@ -137,7 +137,7 @@ def _chunk(kind: str, cid: str, text: str | None, finish: str | None = None, rol
 async def _resume_through_proxy(kind: str, request: dict, limit: int | None, break_after: list[str],
                                 second_dies: bool = False, peer_error: bool = False):
     """`first` sends `break_after` as text events then dies; `second` records what it was asked and finishes."""
-    from aivailable.api.resume import Continuation
+    from aivailable.wire.resume import Continuation
 
     asked: list[dict] = []
 
@@ -245,7 +245,7 @@ def test_stream_that_breaks_again_with_no_replica_left_ends_with_an_error_event(
 def test_stream_log_reads_back_what_was_sent_across_folds_and_chunk_splits():
     """Upstream bytes cut anywhere; only whole events are passed on, and the log's progress equals what
     the client got, also for a stream long enough to be folded several times."""
-    from aivailable.api.resume import StreamLog
+    from aivailable.wire.resume import StreamLog
 
     events = [_chunk("completions", "first", f" w{i}") for i in range(3000)]
     raw = _events(*events, _chunk("completions", "first", None, "length"), b"[DONE]")

@@ -10,13 +10,13 @@ import json
 
 import pytest
 
-from aivailable.api.resume import resumable
-from aivailable.api.schemas import parse_request
 from aivailable.engine import prompt as sp
 from aivailable.engine.grammar import schema_grammar
 from aivailable.engine.tools import ToolDef, ToolFormat, ToolStream, detect_format, parse_calls, tool_grammar
 from aivailable.errors import InvalidRequest
 from aivailable.jsonschema_check import check_schema
+from aivailable.wire.resume import resumable
+from aivailable.wire.schemas import parse_request
 
 NAMES = {"get_weather", "get_time"}
 

@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-from aivailable.api.schemas import parse_request
 from aivailable.engine.batch import PROMPT_CHUNK
 from aivailable.engine.chatplan import plan_chat
 from aivailable.engine.runner import GenParams, Runner
 from aivailable.engine.spec import WorkerSpec
 from aivailable.errors import InvalidRequest
+from aivailable.wire.schemas import parse_request
 from tests.mmprojgen import image_tokens, png, write_mmproj
 
 LONG = " ".join(f"word{i}" for i in range(150))  # > PROMPT_CHUNK tokens before the image

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest
+    from aivailable.wire.schemas import ChatCompletionRequest, CompletionRequest
 
 PREFIX_CHARS = 1024
 """Characters of a completions prompt in its key: about 256 tokens, the engine's reuse granularity."""

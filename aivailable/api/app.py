@@ -16,7 +16,6 @@ from aivailable.api import hop, loadwait
 from aivailable.api.admin import add_admin_routes
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
-from aivailable.api.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.api.image_input import (
     ImageRef,
     accepts_images,
@@ -28,9 +27,7 @@ from aivailable.api.image_input import (
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.responses_endpoint import add_responses_route
-from aivailable.api.resume import Continuation, resumable
 from aivailable.api.router import Proxy, Upstream, body_bytes, check_hops
-from aivailable.api.schemas import parse_request
 from aivailable.config import token_budget
 from aivailable.engine.spec import generation_limit
 from aivailable.errors import (
@@ -41,6 +38,9 @@ from aivailable.errors import (
     NodeStarting,
     RateLimited,
 )
+from aivailable.wire.errors import install_protocol_error_bodies, openai_errors, read_json
+from aivailable.wire.resume import Continuation, resumable
+from aivailable.wire.schemas import parse_request
 
 if TYPE_CHECKING:
     from aivailable.node import Node

@@ -6,7 +6,7 @@ therefore:
   only for an origin in `cors_origins` (none by default), and with 403 otherwise;
 - refuses (403) a request other than GET/HEAD whose `Origin` is neither its own nor allowed, so a form
   or `fetch(..., {mode: "no-cors"})` from another site does nothing (bodies must also be
-  `application/json`: api/errors.py `check_json_content_type`);
+  `application/json`: wire/errors.py `check_json_content_type`);
 - with `allowed_hosts` set, refuses (403) a `Host` not in it, which stops DNS rebinding (a rebinding page
   always sends its own host name; IP literals and the node's own advertised host are always accepted);
 - sends `X-Content-Type-Options`, `X-Frame-Options`, `Referrer-Policy` and a Content-Security-Policy with

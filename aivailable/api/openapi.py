@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of the public HTTP API, generated from the pydantic models.
 
-Request bodies come from `api/schemas.py` (the models that validate them); responses from the small
-models below, which describe what `api/responses.py` builds. Served at `GET /openapi.json`; the tests
+Request bodies come from `wire/schemas.py` (the models that validate them); responses from the small
+models below, which describe what `wire/responses.py` builds. Served at `GET /openapi.json`; the tests
 validate it and fuzz a live node with it (schemathesis).
 """
 
@@ -15,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from aivailable import __version__
 from aivailable.api.responses_schema import ResponseObject, ResponsesRequest
-from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from aivailable.wire.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 OPENAPI_PATH = "/openapi.json"
 

@@ -20,7 +20,6 @@ import aiohttp
 from aiohttp import web
 
 from aivailable.api import hop
-from aivailable.api.errors import error_body, read_json
 from aivailable.api.responses_api import (
     SSEDecoder,
     StreamConverter,
@@ -33,6 +32,7 @@ from aivailable.api.responses_api import (
 )
 from aivailable.api.responses_schema import ResponsesRequest, parse_responses_request
 from aivailable.errors import NodeError
+from aivailable.wire.errors import error_body, read_json
 
 log = logging.getLogger("aivailable.api")
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
-from aivailable.api.schemas import invalid_request
 from aivailable.errors import InvalidRequest
+from aivailable.wire.schemas import invalid_request
 
 
 class _Strict(BaseModel):
@@ -41,7 +41,7 @@ class Refusal(_Strict):
 
 
 class InputImage(_Strict):
-    model_config = ConfigDict(extra="forbid", str_max_length=64 << 20)  # a data: URL (api/schemas.ImageUrl)
+    model_config = ConfigDict(extra="forbid", str_max_length=64 << 20)  # a data: URL (wire/schemas.ImageUrl)
     type: Literal["input_image"]
     image_url: str | None = None
     file_id: str | None = None

@@ -6,7 +6,7 @@ cares which. Streams pass through unbuffered. Nothing reaches the client before 
 first body byte (for a stream, its first event), so a replica that fails before then, or whose node
 membership declares dead while we wait (a hung machine), costs only a retry on another replica.
 A stream that breaks after that goes on from another replica where the request can be continued
-(api/resume.py); otherwise the client gets an OpenAI error event and a clean end.
+(wire/resume.py); otherwise the client gets an OpenAI error event and a clean end.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from aiohttp import web
 
 from aivailable.api import hop
 from aivailable.api.affinity import affine
-from aivailable.api.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 from aivailable.errors import ModelUnavailable, UpstreamError
+from aivailable.wire.resume import Continuation, Splice, StreamLog, cut_at_failure, failure_event
 
 log = logging.getLogger("aivailable.router")
 
@@ -135,7 +135,7 @@ class Proxy:
                       authorization: str | None = None,
                       resume: Continuation | None = None, affinity: bytes | None = None) -> web.StreamResponse:
         """Proxy to the best replica; raise ModelUnavailable if none could take it. With `resume`, a
-        stream whose replica breaks after its first token goes on from another replica (api/resume.py).
+        stream whose replica breaks after its first token goes on from another replica (wire/resume.py).
         `affinity` (api/affinity.py) keeps a conversation on the replica that holds its prefix; a resumed
         stream goes to the next replica in the same order, where the conversation's next turns will go."""
         tried: set[str] = set()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aivailable.api.responses import ChatShape, usage
 from aivailable.engine import logprobs as lp
 from aivailable.engine.tools import ParsedCall, ToolFormat, ToolStream, new_call_id, parse_calls
+from aivailable.wire.responses import ChatShape, usage
 
 ARGUMENT_PIECE = 24
 """Characters of tool-call arguments per streamed delta."""

@@ -63,7 +63,7 @@ def _choice(req) -> str:
 
 
 def plan_chat(req, native: ToolFormat) -> ChatPlan:
-    """`req` is an api.schemas.ChatCompletionRequest; `native` the model template's tool format."""
+    """`req` is a wire.schemas.ChatCompletionRequest; `native` the model template's tool format."""
     tools = [ToolDef(t.function.name, t.function.description or "",
                      t.function.parameters or {"type": "object", "properties": {}}) for t in req.active_tools()]
     generic = native is ToolFormat.GENERIC

@@ -45,7 +45,7 @@ class LoadError(NodeError):
 
 @dataclass
 class GenParams:
-    """Sampling and stopping for one request (already validated by api.schemas)."""
+    """Sampling and stopping for one request (already validated by wire.schemas)."""
 
     max_tokens: int | None = None
     temperature: float | None = None

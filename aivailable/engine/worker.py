@@ -34,15 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from aivailable.api.errors import openai_errors, read_json
-from aivailable.api.responses import ChatShape, CompletionShape, embeddings_body, sse
-from aivailable.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 from aivailable.engine.answer import Answer
 from aivailable.engine.chatplan import plan_chat
 from aivailable.engine.latency import LatencyRecorder
 from aivailable.engine.runner import GenParams, LoadError, Runner
 from aivailable.engine.spec import WorkerSpec
 from aivailable.errors import InvalidRequest, QueueFullError
+from aivailable.wire.errors import openai_errors, read_json
+from aivailable.wire.responses import ChatShape, CompletionShape, embeddings_body, sse
+from aivailable.wire.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_request
 
 log = logging.getLogger("aivailable.worker")
 EXIT_LOAD_FAILED = 3

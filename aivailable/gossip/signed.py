@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from aivailable.api.errors import abandon_body
 from aivailable.gossip import envelope
+from aivailable.wire.errors import abandon_body
 
 __all__ = ["Refused", "open_signed"]
 

@@ -1,4 +1,9 @@
-"""OpenAI-shaped error responses, and the middleware that makes every failure one."""
+"""OpenAI-shaped error responses, and the middleware that makes every failure one.
+
+Every aiohttp server that answers OpenAI clients uses these: the node's API (`api/app.py`), each worker
+(`engine/worker.py`) and the signed gossip endpoints (`gossip/signed.py`); `read_json` is the one reader
+of a request's JSON body (time, size, Content-Type and nesting limits).
+"""
 
 from __future__ import annotations
 

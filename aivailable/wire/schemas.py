@@ -1,7 +1,8 @@
 """OpenAI request bodies as pydantic models: one source of truth for validation and defaults.
 
-The node validates every body with these before routing (a 400 names the bad field); the worker
-re-parses the same normalized body, so defaults live in one place.
+The node validates every body with these before routing (`api/app.py`: a 400 names the bad field); the
+worker re-parses the same normalized body (`engine/worker.py`), so defaults live in one place. The
+Responses API's own request body is HTTP-front-end only (`api/responses_schema.py`).
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ class ChatCompletionRequest(_Sampling):
     modalities: list[Literal["text"]] | None = None
     continue_final_message: bool = False
     """vLLM's extension: continue the final (assistant) message instead of starting a new turn. The
-    router uses it to resume a stream on another replica (api/resume.py); clients may use it to prefill."""
+    router uses it to resume a stream on another replica (wire/resume.py); clients may use it to prefill."""
 
     @field_validator("continue_final_message")
     @classmethod

@@ -1,4 +1,8 @@
-"""Builders for OpenAI response bodies and server-sent-event chunks."""
+"""Builders for OpenAI response bodies and server-sent-event chunks.
+
+The workers build every answer with them (`engine/worker.py`, `engine/answer.py`); the router builds its
+own events (a resumed stream's, `wire/resume.py`) with the same `sse`.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ Our workers send one text event per token, except where a stop-string check held
 resumed stream, usage and `max_tokens` are exact to within the events that carried several tokens. The
 continuation is sampled with the same settings; at temperature 0 it is the answer one replica would have
 given, up to the batching limit noted in engine/batch.py.
+
+Two sides resume streams this way: a node's router among its peers' replicas (`api/router.py`), and the
+failover client (`client.py`) among nodes, when the node it talked to is gone.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from aivailable.api.responses import sse
+from aivailable.wire.responses import sse
 
 DONE = b"[DONE]"
 UPSTREAM_FAILED = "upstream_failed"
