@@ -29,7 +29,7 @@ from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, W
 from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
-from aivailable.gossip.transport import StateStore
+from aivailable.gossip.state_store import StateStore
 from aivailable.observe import Observer
 
 log = logging.getLogger("aivailable.node")
