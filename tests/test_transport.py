@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from aivailable.errors import ConfigError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig
-from aivailable.gossip.membership import MembershipConfig
+from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.messages import Gossip
 from aivailable.gossip.secret import load_or_create_secret
 from aivailable.gossip.state_store import ClusterStateError

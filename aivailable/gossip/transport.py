@@ -45,7 +45,8 @@ from prometheus_client import CollectorRegistry, Counter
 from aivailable.errors import ConfigError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig, ElectionCore
-from aivailable.gossip.membership import MembershipConfig, MembershipCore
+from aivailable.gossip.membership import MembershipCore
+from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish
 from aivailable.gossip.node_core import CLUSTER_KEY, NodeCore, Note, Outbound
 from aivailable.gossip.signed import Refused, open_signed

@@ -8,7 +8,7 @@ from typing import Any
 from aivailable.errors import ConfigError, NodeError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig
-from aivailable.gossip.membership import MembershipConfig
+from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.node_types import NodeCoreConfig
 
 __all__ = ["MemberView", "NotLeaderError", "TransportConfig"]
