@@ -26,13 +26,11 @@ from aivailable.clusterview import MemberInfo, build_view
 from aivailable.coordinator import NodeFacts
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig
-from aivailable.gossip.membership import MembershipConfig
-from aivailable.gossip.transport import (
-    ClusterStateError,
-    ClusterTransport,
-    TransportConfig,
-    load_or_create_secret,
-)
+from aivailable.gossip.membership_types import MembershipConfig
+from aivailable.gossip.secret import load_or_create_secret
+from aivailable.gossip.state_store import ClusterStateError
+from aivailable.gossip.transport import ClusterTransport
+from aivailable.gossip.transport_types import TransportConfig
 
 if TYPE_CHECKING:
     from aivailable.node import Node

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 import time
-import uuid
 from pathlib import Path
 
 from aiohttp import web
@@ -25,11 +22,12 @@ from aivailable.config import ModelConfig, Settings, token_budget
 from aivailable.coordinator import Assignments, NodeFacts
 from aivailable.drain import Drainer
 from aivailable.engine import devices as devmod
+from aivailable.engine import replica_estimate
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
-from aivailable.gossip.transport import StateStore
+from aivailable.gossip.state_store import StateStore
 from aivailable.observe import Observer
 
 log = logging.getLogger("aivailable.node")
@@ -52,7 +50,7 @@ class Node:
         self.inventory = devmod.discover(list(settings.node.simulate_gpus))
         self.backend = self.inventory.backend
         self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir())
-        self.node_id = self._load_node_id()
+        self.node_id = statedir.load_node_id(self.state_dir, settings.node.node_id)
         StateStore(self.state_dir / "cluster").close()  # unreadable term/vote: refuse before serving anything
         self.unplaced: dict[str, str] = {}
         self.estimates: dict[str, float] = {}
@@ -98,30 +96,6 @@ class Node:
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
-    def _load_node_id(self) -> str:
-        if self.settings.node.node_id:
-            return self.settings.node.node_id
-        path = self.state_dir / "node_id"
-        nid = statedir.read_node_id(path)
-        if nid is not None:
-            return nid
-        if (self.state_dir / "cluster").exists():
-            raise statedir.StateDirError(
-                f"{path} is missing but {self.state_dir / 'cluster'} holds an election vote cast under the old "
-                "id; start with --node-id ID (the old id, as peers show it in `aivailable status`), or move "
-                "the cluster directory aside to join as a new member")
-        nid = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
-        tmp = path.with_name(path.name + ".tmp")
-        try:  # written whole or not at all
-            with tmp.open("w") as f:
-                f.write(nid + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        except OSError as exc:
-            raise statedir.StateDirError(f"cannot write the node id {statedir.explain(path, exc)}") from None
-        return nid
-
     @property
     def address(self) -> str:
         """host:port that peers and the status page use to reach this node."""
@@ -143,8 +117,9 @@ class Node:
             if path is None:
                 continue
             try:
-                by_type = await asyncio.to_thread(self._estimates, path, int(m.get("ctx", 4096)),
-                                                  int(m.get("parallel", 1)), m.get("kv_cache_type"))
+                by_type = await asyncio.to_thread(
+                    replica_estimate.needs_by_kv_type, self.cache, path, int(m.get("ctx", 4096)),
+                    int(m.get("parallel", 1)), m.get("kv_cache_type"), on_cpu=self.inventory.simulated)
                 projector = await asyncio.to_thread(projector_mib, m, self.files.projector_path_for(name, m))
                 by_type = {kv: mib + projector for kv, mib in by_type.items()}
                 self.estimates[name] = next(iter(by_type.values()))
@@ -154,43 +129,6 @@ class Node:
             except Exception as exc:  # unreadable or not a GGUF: say so on the status page
                 self.unplaced[name] = f"cannot read {path}: {exc}"
                 log.error("model %s: %s", name, self.unplaced[name])
-
-    def _estimates(self, path: Path, ctx: int, parallel: int, kv_setting: str | None) -> dict[str, float]:
-        """MiB one replica needs with each KV cache type its setting allows, best first ("auto": only the types
-        the model supports; a type set outright is estimated anyway, and its worker says why it cannot load)."""
-        from aivailable.engine import kvcache
-
-        kinds = kvcache.candidates(kvcache.resolve(kv_setting))
-        out = {}
-        for kv in kinds:
-            try:
-                out[kv] = self._estimate(path, ctx, parallel, kv, check=len(kinds) > 1)
-            except kvcache.UnsupportedKvType:
-                continue
-        return out
-
-    def _estimate(self, path: Path, ctx: int, parallel: int, kv: str = "f16", *, check: bool = False) -> float:
-        from aivailable.engine import kvcache
-        from aivailable.engine.gguf_info import read_model_info
-
-        st = path.stat()
-        key = ("estimate", str(path.resolve()), st.st_size, st.st_mtime_ns, ctx, parallel, self.inventory.simulated)
-        key += (kv,) if kv != "f16" else ()
-        cached = self.cache.get(key)
-        if cached is not None:
-            return float(cached)
-        info = read_model_info(path)
-        why = kvcache.unsupported(info, kv) if check else None
-        if why:
-            raise kvcache.UnsupportedKvType(why)
-        need = kvcache.estimate_for(info, kv, n_ctx=ctx, n_parallel=parallel,
-                                    on_cpu=self.inventory.simulated).total_mib
-        try:
-            self.cache.set(key, need)
-        except Exception as exc:  # only a cache: serve on, but tell the operator
-            log.warning("cannot write the node cache %s (%s); estimates are recomputed on restart",
-                        self.state_dir / "cache", exc)
-        return need
 
     def _files_in_use(self) -> set[str]:
         paths = {str(Path(p).resolve()) for h in self.manager.workers.values() if h.state != "stopped"

@@ -1,4 +1,5 @@
-"""The node's state directory: checked before use, and its disposable cache recovered when damaged.
+"""The node's state directory: checked before use, its node id read or created, and its disposable cache
+recovered when damaged.
 
 What lives there and what a fault does to it:
 
@@ -16,8 +17,10 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 
 import diskcache
@@ -113,4 +116,32 @@ def read_node_id(path: Path) -> str | None:
             f"the node id file {path} is damaged (content {text[:40]!r}). The node's election vote is stored "
             f"under that id, so it will not invent a new one: write the old id back into the file, or start "
             f"with --node-id ID (the old id as peers show it in `aivailable status`)")
+    return nid
+
+
+def load_node_id(state_dir: Path, configured: str | None = None) -> str:
+    """This node's id: `configured` (--node-id) if given, else the persisted one, else a new one
+    (hostname-xxxxxx), written whole before it is used. StateDirError where the file is unusable, or
+    missing while ``cluster/`` holds a vote cast under the old id."""
+    if configured:
+        return configured
+    path = state_dir / "node_id"
+    nid = read_node_id(path)
+    if nid is not None:
+        return nid
+    if (state_dir / "cluster").exists():
+        raise StateDirError(
+            f"{path} is missing but {state_dir / 'cluster'} holds an election vote cast under the old "
+            "id; start with --node-id ID (the old id, as peers show it in `aivailable status`), or move "
+            "the cluster directory aside to join as a new member")
+    nid = f"{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # written whole or not at all
+        with tmp.open("w") as f:
+            f.write(nid + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        raise StateDirError(f"cannot write the node id {explain(path, exc)}") from None
     return nid

@@ -454,7 +454,7 @@ class Harness:
 
     def check_state(self, node: str) -> dict:
         """The node's state directory after the run: node id and persisted term intact."""
-        from aivailable.gossip.transport import StateStore
+        from aivailable.gossip.state_store import StateStore
 
         state = self.tmp / f"{node}-state"
         out: dict[str, Any] = {"dir": state.is_dir(), "node_id": None, "persisted_term": None,

@@ -75,9 +75,10 @@ import asyncio, sys, time
 sys.path.insert(0, sys.argv[2])
 from aivailable.engine import devices as devmod
 from aivailable.engine.manager import Assignment, WorkerManager
+from aivailable.engine.probe_nvml import probe_nvidia
 async def main():
     m = WorkerManager()
-    env = devmod.device_env(devmod.Backend.CUDA, list(devmod.probe_nvidia().devices)[:1])
+    env = devmod.device_env(devmod.Backend.CUDA, list(probe_nvidia().devices)[:1])
     a = Assignment(model="gen", path=sys.argv[1], device_ids=("nvidia:0",), n_ctx=16384, parallel=4,
                    simulated=False, visible_env=tuple(env.items()))
     await m.reconcile([a])
@@ -99,10 +100,11 @@ sys.exit(asyncio.run(main()))
 def worker_env() -> dict[str, str]:
     sys.path.insert(0, str(REPO))
     from aivailable.engine import devices as devmod
+    from aivailable.engine.probe_nvml import probe_nvidia
 
     env = dict(os.environ)
     try:
-        devs = list(devmod.probe_nvidia().devices)
+        devs = list(probe_nvidia().devices)
         env.update(devmod.device_env(devmod.Backend.CUDA, devs[:1]))
     except Exception as exc:  # noqa: BLE001 - diagnostics: say it and go on with the plain environment
         print("device_env unavailable:", type(exc).__name__, exc)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aivailable.gossip.membership import MemberChanged, MembershipConfig  # noqa: E402
+from aivailable.gossip.membership import MemberChanged  # noqa: E402
+from aivailable.gossip.membership_types import MembershipConfig  # noqa: E402
 from aivailable.gossip.messages import Status  # noqa: E402
 from aivailable.gossip.sim import Sim, SimConfig  # noqa: E402
 

@@ -15,24 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from aivailable.engine import backends, devices
+from aivailable.engine import backends, devices, probe_amdsmi, probe_nvml
 from aivailable.engine.devices import (
     Backend,
     BackendInfo,
     Device,
     GgmlDevice,
-    captured_stdout,
+    ProbeResult,
     detect_backend,
     device_env,
     discover,
     parse_simulated_gpu,
     parse_simulated_gpus,
-    probe_amd,
-    probe_nvidia,
     usable,
     visible_devices_env,
 )
 from aivailable.engine.doctor import DoctorReport, doctor_report, format_doctor
+from aivailable.engine.probe_amdsmi import captured_stdout, probe_amd
+from aivailable.engine.probe_nvml import probe_nvidia
 from aivailable.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_nvml_devices_and_worker_processes_are_read(monkeypatch: pytest.MonkeyPa
     """Figures as NVML gave them on the H100 of bench/results/gpu_h100.json; a process whose memory the
     driver hides (None) is left out rather than counted as 0."""
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([(4939, 4384), (77, None)]))
-    monkeypatch.setattr(devices, "_nvml_ready", False)
+    monkeypatch.setattr(probe_nvml, "_nvml_ready", False)
     result = probe_nvidia()
     assert result.available and result.status == "NVML driver 580.159.04: 1 NVIDIA GPU(s)"
     (dev,) = result.devices
@@ -198,7 +198,7 @@ def test_nvml_devices_and_worker_processes_are_read(monkeypatch: pytest.MonkeyPa
 
 
 def test_amdsmi_absent_is_clean(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(devices, "_amdsmi_session", None)
+    monkeypatch.setattr(probe_amdsmi, "_amdsmi_session", None)
     monkeypatch.setitem(sys.modules, "amdsmi", None)
     result = probe_amd()
     assert (result.vendor, result.available, result.devices) == ("amd", False, ())
@@ -226,7 +226,7 @@ def fake_package(tmp_path: Path, source: str) -> Path:
 def test_broken_amdsmi_keeps_stdout_clean(tmp_path: Path) -> None:
     site = fake_package(tmp_path, BROKEN_AMDSMI)
     code = (
-        "import json, sys\nfrom aivailable.engine.devices import probe_amd\n"
+        "import json, sys\nfrom aivailable.engine.probe_amdsmi import probe_amd\n"
         "r = probe_amd(); r2 = probe_amd()\nsys.stderr.write(json.dumps([r.to_dict(), r2 == r]))"
     )
     proc = run_py(["-c", code], extra_path=site)
@@ -262,7 +262,7 @@ def amdsmi_get_gpu_driver_info(h): return {"driver_version": "6.8.5"}
 
 def test_amdsmi_devices_are_read(tmp_path: Path) -> None:
     code = (
-        "import json, sys\nfrom aivailable.engine.devices import probe_amd\n"
+        "import json, sys\nfrom aivailable.engine.probe_amdsmi import probe_amd\n"
         "sys.stderr.write(json.dumps(probe_amd().to_dict()))"
     )
     proc = run_py(["-c", code], extra_path=fake_package(tmp_path, WORKING_AMDSMI))
@@ -443,6 +443,32 @@ def test_discover_real_on_this_machine_is_clean(capfd: pytest.CaptureFixture[str
     assert capfd.readouterr().out == ""
     if not any(p.available for p in inv.probes):
         assert inv.devices == () and inv.usable_devices() == () and not inv.simulated
+
+
+def test_discover_runs_the_given_probes_in_order_and_refreshes_with_them() -> None:
+    """Injected vendor probes replace NVML and amdsmi: run in the given order, their fallbacks only where
+    a probe is unavailable, and the inventory's `refresh` re-measures through the same probes."""
+    calls: list[str] = []
+    used = iter([200, 3000])
+
+    def amd() -> ProbeResult:
+        calls.append("amd")
+        d = replace(gpu("amd", 0, "Radeon RX 6800", "gfx1030"), vram_used_mib=(u := next(used)),
+                    vram_free_mib=8192 - u, uuid="u0", source="amdsmi")
+        return ProbeResult("amd", "fake amdsmi", True, "fake: 1 AMD GPU(s)", (d,))
+
+    def nvidia() -> ProbeResult:
+        calls.append("nvidia")
+        return ProbeResult("nvidia", "fake pynvml", False, "NVML not available: fake")
+
+    inv = discover([], backend=ROCM_BUILD, root=Path("/nonexistent"), run=lambda argv: None,
+                   probes={"amd": amd, "nvidia": nvidia})
+    assert calls == ["amd", "nvidia"]  # no amd fallback (available); no nvidia one under an empty root
+    assert [(p.vendor, p.library) for p in inv.probes] == [("amd", "fake amdsmi"), ("nvidia", "fake pynvml")]
+    assert [d.id for d in inv.usable_devices()] == ["amd:0"]
+    fresh = inv.refresh({})
+    assert calls == ["amd", "nvidia", "amd"]  # only the vendors the inventory has GPUs of
+    assert fresh.get("amd:0").vram_used_mib == 3000
 
 
 def test_real_device_keeps_measured_usage() -> None:

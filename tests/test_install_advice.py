@@ -11,7 +11,7 @@ import pytest
 
 from aivailable.engine import devices, install_advice
 from aivailable.engine.backends import Backend, BackendInfo
-from aivailable.engine.devices import Device
+from aivailable.engine.devices import Device, ProbeResult
 from aivailable.engine.doctor import DoctorReport, format_doctor
 from aivailable.engine.install_advice import InstallEnv, advise, environment_kind
 
@@ -109,7 +109,11 @@ def test_per_gpu_notes(g: Device, env: InstallEnv, words: list[str]) -> None:
 
 
 def _report(machine: str, env: InstallEnv) -> DoctorReport:
-    probes = devices.probe_all(root=SYSFS / machine, run=lambda argv: None)
+    no_libraries = {  # NVML and amdsmi as on a machine without them, whatever this one has
+        "nvidia": lambda: ProbeResult("nvidia", "pynvml", False, "NVML not available: no driver library"),
+        "amd": lambda: ProbeResult("amd", "amdsmi", False, "amdsmi not available: not installed"),
+    }
+    probes = devices.probe_all(root=SYSFS / machine, run=lambda argv: None, probes=no_libraries)
     return DoctorReport(probes, (), CPU_BUILD, "test", env)
 
 

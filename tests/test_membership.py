@@ -12,13 +12,8 @@ import pytest
 
 from aivailable.errors import ConfigError
 from aivailable.gossip.broadcast import BroadcastQueue, update_size
-from aivailable.gossip.membership import (
-    FactsChanged,
-    MemberChanged,
-    MembershipConfig,
-    MembershipCore,
-    Refuted,
-)
+from aivailable.gossip.membership import MemberChanged, MembershipCore
+from aivailable.gossip.membership_types import FactsChanged, MembershipConfig, Refuted
 from aivailable.gossip.messages import (
     Ack,
     Alive,

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 
 from aivailable.errors import ConfigError
-from aivailable.gossip import sim as simmod
 from aivailable.gossip.messages import PlacementPublish, Sync
 from aivailable.gossip.node_core import NodeCore, NodeCoreConfig, Note, Outbound
 from aivailable.gossip.sim import Sim, SimConfig
+from aivailable.gossip.simnode import SimNode
 from aivailable.gossip.transport import ClusterTransport
 
 CFG = NodeCoreConfig.local()
@@ -57,7 +57,7 @@ def test_the_simulator_and_the_transport_drive_the_production_core():
     boot.run_until(30.0)
     assert boot.nodes and all(type(n.core) is NodeCore for n in boot.nodes.values())
     # No second driver of the inner cores: SimNode builds neither of them itself.
-    src = inspect.getsource(simmod.SimNode)
+    src = inspect.getsource(SimNode)
     assert "MembershipCore(" not in src and "ElectionCore(" not in src and "PlacementFence(" not in src
     assert "NodeCore(" in inspect.getsource(ClusterTransport.__init__)
 

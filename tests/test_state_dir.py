@@ -15,7 +15,7 @@ import pytest
 
 from aivailable.gossip.election import HardState
 from aivailable.gossip.messages import VoterSet
-from aivailable.gossip.transport import ClusterStateError, StateStore
+from aivailable.gossip.state_store import ClusterStateError, StateStore
 from tests.nodeproc import NodeProc, start_node
 
 SECRET = "state-dir-test-secret-0123456789"

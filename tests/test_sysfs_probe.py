@@ -10,7 +10,15 @@ import pytest
 
 from aivailable.engine import gpu_families, sysfs_probe, vulkan_map
 from aivailable.engine.backends import Backend, BackendInfo
-from aivailable.engine.devices import Device, device_env, discover, probe_all, usable, with_vulkan_indices
+from aivailable.engine.devices import (
+    Device,
+    ProbeResult,
+    device_env,
+    discover,
+    probe_all,
+    usable,
+    with_vulkan_indices,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SYSFS = FIXTURES / "sysfs"
@@ -22,6 +30,12 @@ CUDA_BUILD = BackendInfo(installed=True, loadable=True, compiled=(Backend.CUDA,)
 
 def no_commands(argv):
     return None
+
+
+NO_VENDOR_LIBRARIES = {  # NVML and amdsmi as on a machine without them, whatever this one has
+    "nvidia": lambda: ProbeResult("nvidia", "pynvml", False, "NVML not available: no driver library"),
+    "amd": lambda: ProbeResult("amd", "amdsmi", False, "amdsmi not available: not installed"),
+}
 
 
 def amd(machine: str) -> tuple[Device, ...]:
@@ -234,7 +248,7 @@ def test_vulkan_index_pins_the_right_card() -> None:
     """The APU machine: vulkaninfo lists the iGPU first, so the RX 580 (amd:0) is Vulkan device 1."""
     text = (FIXTURES / "vulkaninfo/apu-igpu.txt").read_text()
     inv = discover([], backend=VULKAN_BUILD, root=SYSFS / "apu-igpu",
-                   run=lambda argv: text if argv == ["vulkaninfo"] else None)
+                   run=lambda argv: text if argv == ["vulkaninfo"] else None, probes=NO_VENDOR_LIBRARIES)
     (rx580,) = [d for d in inv.devices if d.vendor == "amd"]
     assert rx580.vulkan_index == 1 and rx580.to_dict()["vulkan_index"] == 1
     assert device_env(VULKAN_BUILD, [rx580])["GGML_VK_VISIBLE_DEVICES"] == "1"
@@ -245,14 +259,14 @@ def test_vulkan_index_pins_the_right_card() -> None:
 
 
 def test_discover_uses_the_fallbacks_without_vendor_libraries() -> None:
-    """Neither NVML's library nor amdsmi exists on this machine: the fallbacks find the recorded GPUs."""
-    inv = discover([], backend=CPU_BUILD, root=SYSFS / "mi50", run=no_commands)
+    """Neither NVML's library nor amdsmi answers: the fallbacks find the recorded GPUs."""
+    inv = discover([], backend=CPU_BUILD, root=SYSFS / "mi50", run=no_commands, probes=NO_VENDOR_LIBRARIES)
     assert [(p.vendor, p.library, p.available) for p in inv.probes][-2:] == [
         ("amd", "amdsmi", False), ("amd", "sysfs (amdgpu driver)", True)]
     assert [d.id for d in inv.devices if d.vendor == "amd"] == ["amd:0", "amd:1"]
     again = inv.refresh({})
     assert again.devices == inv.devices  # re-measured from the same tree
-    pascal = probe_all(root=SYSFS / "pascal-gtx1080", run=no_commands)
+    pascal = probe_all(root=SYSFS / "pascal-gtx1080", run=no_commands, probes=NO_VENDOR_LIBRARIES)
     assert ("nvidia", "/proc/driver/nvidia") in [(p.vendor, p.library) for p in pascal]
 
 
@@ -261,6 +275,6 @@ def test_refresh_reads_new_usage_from_sysfs(tmp_path: Path) -> None:
 
     root = tmp_path / "root"
     shutil.copytree(SYSFS / "vega64", root)
-    inv = discover([], backend=CPU_BUILD, root=root, run=no_commands)
+    inv = discover([], backend=CPU_BUILD, root=root, run=no_commands, probes=NO_VENDOR_LIBRARIES)
     (root / "sys/class/drm/card0/device/mem_info_vram_used").write_text(f"{3000 << 20}\n")
     assert inv.refresh({}).get("amd:0").vram_used_mib == 3000

@@ -22,16 +22,12 @@ from prometheus_client import CollectorRegistry
 from aivailable.errors import ConfigError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig
-from aivailable.gossip.membership import MembershipConfig
+from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.messages import Gossip
-from aivailable.gossip.transport import (
-    GOSSIP_PATH,
-    ClusterStateError,
-    ClusterTransport,
-    NotLeaderError,
-    TransportConfig,
-    load_or_create_secret,
-)
+from aivailable.gossip.secret import load_or_create_secret
+from aivailable.gossip.state_store import ClusterStateError
+from aivailable.gossip.transport import GOSSIP_PATH, ClusterTransport
+from aivailable.gossip.transport_types import NotLeaderError, TransportConfig
 from tests.badenvelopes import bad_envelopes
 
 SECRET = b"test-cluster-secret-0123456789abcdef"

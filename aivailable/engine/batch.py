@@ -21,10 +21,10 @@ One turn of the loop:
 4. one llama_decode with the last sampled token of every generating sequence, in slot order
    (llama.cpp cuts a multi-stream batch into ubatches of consecutive sequence ids);
 5. after each llama_decode, sample each sequence that got logits with its own native sampler chain
-   (repetition penalties, the JSON grammar, then greedy at temperature 0, else top-k, top-p, min-p,
-   temperature, dist(seed): the chain `Llama.generate` builds), detokenize incrementally and cut
-   stop strings as engine.textstop does, and finish on end-of-generation, a stop string,
-   max_tokens or the slot's context.
+   (engine/sampling.py: repetition penalties, the JSON grammar, then greedy at temperature 0, else
+   top-k, top-p, min-p, temperature, dist(seed): the chain `Llama.generate` builds), detokenize
+   incrementally and cut stop strings as engine.textstop does, and finish on end-of-generation, a stop
+   string, max_tokens or the slot's context.
 
 Images (models with an mmproj, engine/media.py): a prompt's image positions hold a negative pseudo-token
 derived from the image's sha256, and step 3 feeds an image as one unit (libmtmd encodes it and decodes its
@@ -47,7 +47,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -58,14 +57,8 @@ import numpy as np
 
 from aivailable.engine.latency import token_gaps
 from aivailable.engine.logprobs import token_entry
-from aivailable.engine.runner import (
-    DEFAULT_MIN_P,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    GenParams,
-    GenResult,
-)
+from aivailable.engine.runner import GenParams, GenResult
+from aivailable.engine.sampling import Sampler, Samplers
 from aivailable.engine.textstop import TextStops
 from aivailable.errors import InvalidRequest
 
@@ -75,11 +68,6 @@ log = logging.getLogger("aivailable.batch")
 # generating streams one token of latency, so a long prompt stalls them one chunk at a time. Also
 # the granularity at which a cached prompt prefix is reused (see the module docstring).
 PROMPT_CHUNK = 256
-# llama-cpp-python's `last_n_tokens_size`: how many recent tokens the repetition penalties look at.
-PENALTY_LAST_N = 64
-# With a grammar that refuses the chain's pick: how many of the most likely tokens it checks, in turn,
-# before it checks the whole vocabulary (262k tokens for Gemma: a tenth of a second on a CPU).
-GRAMMAR_TIERS = (64, 4096)
 
 
 class EngineError(RuntimeError):
@@ -94,26 +82,13 @@ class _Job:
     emit: Callable[..., None]
     future: Future
     t0: float
-    sampler: _Sampler | None = None
+    sampler: Sampler | None = None
     media: dict | None = None
     """Images by start position (engine/media.py): `tokens` holds their pseudo-tokens there."""
 
     def first_media(self) -> int:
         """Position of the first image (len(tokens) without images): no cache is reused past it."""
         return min(self.media) if self.media else len(self.tokens)
-
-
-@dataclass(eq=False)
-class _Sampler:
-    """One sequence's native samplers: the chain (penalties, bias, top-k/p, min-p, temperature, dist or
-    greedy) and, apart from it, the grammar, which is checked against the chain's pick first and applied
-    to the whole vocabulary only when it refuses that pick (what llama.cpp's common sampler does)."""
-
-    chain: object | None
-    grammar: object | None
-    stateless: bool = False
-    """The chain keeps no history (no penalties): its pick may be made and accepted natively, on llama.cpp's
-    own candidate array, before the grammar checks it."""
 
 
 @dataclass(eq=False)
@@ -125,7 +100,7 @@ class _Seq:
     history: list[int]
     n_past: int
     limit: int
-    sampler: _Sampler | None  # None for plain greedy
+    sampler: Sampler | None  # None for plain greedy
     text: TextStops
     n_out: int = 0
     ttft: float = 0.0
@@ -196,13 +171,7 @@ class BatchEngine:
         self._vocab = model.vocab
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._cand = (llama_cpp.llama_token_data * self._n_vocab)()
-        self._cand_view = np.frombuffer(self._cand, dtype=np.dtype(
-            [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")], align=True))
-        self._ids = np.arange(self._n_vocab, dtype=np.int32)
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._eog = np.array([t for t in (llama_cpp.llama_vocab_eos(self._vocab), llama_cpp.llama_vocab_eot(self._vocab))
-                              if t >= 0], dtype=np.int64)
+        self._samplers = Samplers(llama_cpp, self._ctx, self._vocab)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self.projector = None  # engine.media.Projector, set by the runner for a model with an mmproj
@@ -235,12 +204,12 @@ class BatchEngine:
             if max(p + c.n_tokens for p, c in media.items()) >= len(tokens) or params.prompt_logprobs:
                 raise InvalidRequest("a prompt with images must end in text and cannot be scored",
                                      param=params.prompt_param)
-        sampler = self._sampler(params)  # here, so a bad grammar or prefix is a 400 before anything is sent
+        sampler = self._samplers.build(params)  # here, so a bad grammar or prefix is a 400 before anything is sent
         fut: Future = Future()
         job = _Job(list(tokens), params, cancel, emit, fut, time.perf_counter(), sampler, media or None)
         with self._cv:
             if self._closing:
-                self._free_sampler(sampler)
+                self._samplers.free(sampler)
                 raise EngineError("the engine is shut down")
             self._pending.append(job)
             self._cv.notify()
@@ -299,7 +268,7 @@ class BatchEngine:
         with self._cv:
             pending, self._pending = list(self._pending), collections.deque()
         for job in pending:
-            self._free_sampler(job.sampler)
+            self._samplers.free(job.sampler)
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(self._unstarted(job))
 
@@ -309,10 +278,10 @@ class BatchEngine:
 
     def _admit(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():  # its caller gave up on it already
-            self._free_sampler(job.sampler)
+            self._samplers.free(job.sampler)
             return
         if job.cancel.is_set():
-            self._free_sampler(job.sampler)
+            self._samplers.free(job.sampler)
             job.future.set_result(self._unstarted(job))
             return
         tokens = job.tokens
@@ -346,139 +315,6 @@ class BatchEngine:
         chunk = self.prompt_chunk
         keep = min(_common_prefix(slot.cached, tokens), slot.aligned, len(tokens) - 1)
         return keep // chunk * chunk
-
-    def _sampler(self, p: GenParams) -> _Sampler | None:
-        """The samplers for these parameters (the chain `Llama.generate` builds; typical_p = 1 is a no-op).
-
-        None for plain greedy decoding (temperature 0, no penalty, bias or grammar): `_decode` then takes
-        the argmax of the logits itself, the token llama.cpp's greedy sampler picks (the first highest
-        logit), without copying the whole vocabulary into a candidate array first.
-        """
-        temp = DEFAULT_TEMPERATURE if p.temperature is None else p.temperature
-        if (temp == 0 and p.grammar is None and p.repeat_penalty in (None, 1.0) and not p.frequency_penalty
-                and not p.presence_penalty and not p.logit_bias):
-            return None
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        add = lambda smpl: lc.llama_sampler_chain_add(chain, smpl)  # noqa: E731
-        if p.logit_bias:
-            bias = (lc.llama_logit_bias * len(p.logit_bias))()
-            for i, (tok, b) in enumerate(p.logit_bias.items()):
-                if not 0 <= tok < self._n_vocab:
-                    lc.llama_sampler_free(chain)
-                    raise InvalidRequest(f"logit_bias names token {tok}, outside this model's vocabulary "
-                                         f"of {self._n_vocab} tokens", param="logit_bias")
-                bias[i].token, bias[i].bias = tok, b
-            add(lc.llama_sampler_init_logit_bias(self._n_vocab, len(p.logit_bias), bias))
-        add(lc.llama_sampler_init_penalties(
-            self._n_vocab, PENALTY_LAST_N, 1.0 if p.repeat_penalty is None else p.repeat_penalty,
-            p.frequency_penalty or 0.0, p.presence_penalty or 0.0))
-        if temp == 0:
-            add(lc.llama_sampler_init_greedy())
-        else:
-            add(lc.llama_sampler_init_top_k(DEFAULT_TOP_K if p.top_k is None else p.top_k))
-            add(lc.llama_sampler_init_top_p(DEFAULT_TOP_P if p.top_p is None else p.top_p, 1))
-            add(lc.llama_sampler_init_min_p(DEFAULT_MIN_P if p.min_p is None else p.min_p, 1))
-            add(lc.llama_sampler_init_temp(temp))
-            add(lc.llama_sampler_init_dist(p.seed if p.seed is not None else random.getrandbits(31)))
-        grammar = None
-        if p.grammar is not None:
-            grammar = lc.llama_sampler_init_grammar(self._vocab, p.grammar.encode(), b"root")
-            if not grammar:
-                lc.llama_sampler_free(chain)
-                log.warning("llama.cpp could not parse a grammar:\n%s", p.grammar[:2000])
-                raise InvalidRequest("the response format or tools could not be turned into a grammar",
-                                     param="response_format")
-            stateless = (p.repeat_penalty in (None, 1.0) and not p.frequency_penalty and not p.presence_penalty)
-            sampler = _Sampler(chain, grammar, stateless)
-            if p.grammar_prefix:
-                self._accept_prefix(sampler, p.grammar_prefix)
-            return sampler
-        return _Sampler(chain, None)
-
-    def _accept_prefix(self, sampler: _Sampler, text: str) -> None:
-        """Advance the grammar over text generated before (a resumed stream); 400 if it does not match."""
-        from llama_cpp import llama_tokenize
-
-        data = text.encode()
-        buf = (self._lc.llama_token * (len(data) + 8))()
-        n = llama_tokenize(self._vocab, data, len(data), buf, len(buf), False, False)
-        for tok in buf[:max(n, 0)]:
-            if not self._grammar_allows(sampler.grammar, tok):
-                self._free_sampler(sampler)
-                raise InvalidRequest("the final assistant message does not match the response format, so it "
-                                     "cannot be continued under it", param="messages")
-            self._lc.llama_sampler_accept(sampler.grammar, tok)
-            self._lc.llama_sampler_accept(sampler.chain, tok)
-
-    def _free_sampler(self, sampler: _Sampler | None) -> None:
-        if sampler is None:
-            return
-        for smpl in (sampler.chain, sampler.grammar):
-            if smpl is not None:
-                self._lc.llama_sampler_free(smpl)
-        sampler.chain = sampler.grammar = None
-
-    def _grammar_allows(self, grammar, tok: int) -> bool:
-        one = self._one
-        one[0].id, one[0].logit, one[0].p = tok, 0.0, 0.0
-        arr = self._lc.llama_token_data_array(one, 1, -1, False)
-        self._lc.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return arr.data[0].logit != float("-inf")
-
-    def _candidates(self, logits: np.ndarray, ids: np.ndarray | None = None):
-        """llama.cpp's candidate array of the whole vocabulary (or of `ids`), filled from `logits`."""
-        n = self._n_vocab if ids is None else len(ids)
-        view = self._cand_view[:n]
-        view["id"] = self._ids if ids is None else ids
-        view["logit"] = logits if ids is None else logits[ids]
-        view["p"] = 0.0
-        return self._lc.llama_token_data_array(self._cand, n, -1, False)
-
-    def _sample(self, seq: _Seq, logits: np.ndarray) -> int | None:
-        """The next token of `seq`, accepted by its samplers; None when its grammar allows no token.
-
-        With a grammar: the chain's pick is kept when the grammar allows it. Otherwise the grammar masks
-        the most likely tokens (GRAMMAR_TIERS, with the end-of-generation tokens) and the chain samples
-        among those left; only when none is allowed does the grammar go over the whole vocabulary."""
-        smp = seq.sampler
-        if smp is None:
-            return int(logits.argmax())
-        lc = self._lc
-        if smp.grammar is None:
-            return lc.llama_sampler_sample(smp.chain, self._ctx, seq.out_index)
-        if smp.stateless:
-            tok = lc.llama_sampler_sample(smp.chain, self._ctx, seq.out_index)
-        else:
-            arr = self._candidates(logits)
-            lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
-            tok = arr.data[arr.selected].id
-        if not self._grammar_allows(smp.grammar, tok):
-            tok = None
-            top = np.argpartition(-logits, GRAMMAR_TIERS[-1])[:GRAMMAR_TIERS[-1]]
-            order = top[np.argsort(-logits[top], kind="stable")]
-            for n in GRAMMAR_TIERS:  # the end-of-generation tokens too: a complete grammar allows only them
-                tok = self._constrained(smp, logits, np.unique(np.concatenate((order[:n], self._eog))))
-                if tok is not None:
-                    break
-            if tok is None:
-                tok = self._constrained(smp, logits, None)
-            if tok is None:
-                return None
-        lc.llama_sampler_accept(smp.chain, tok)
-        lc.llama_sampler_accept(smp.grammar, tok)
-        return tok
-
-    def _constrained(self, smp: _Sampler, logits: np.ndarray, ids: np.ndarray | None) -> int | None:
-        lc = self._lc
-        arr = self._candidates(logits, ids)
-        lc.llama_sampler_apply(smp.grammar, ctypes.byref(arr))
-        n = arr.size
-        if not np.isfinite(self._cand_view["logit"][:n]).any():
-            return None
-        lc.llama_sampler_apply(smp.chain, ctypes.byref(arr))
-        tok = arr.data[arr.selected].id if 0 <= arr.selected < arr.size else -1
-        return tok if tok >= 0 and self._grammar_allows(smp.grammar, tok) else None
 
     def _step(self) -> None:
         """Prompt chunks (each its own llama_decode), then one llama_decode for every generating sequence."""
@@ -563,7 +399,7 @@ class BatchEngine:
                 self._finish(seq, "length")
                 continue
             logits_row = self._logits(seq.out_index)
-            tok = self._sample(seq, logits_row)
+            tok = self._samplers.sample(seq.sampler, seq.out_index, logits_row)
             if tok is None:  # the grammar is complete: nothing more may follow
                 self._finish(seq, "stop")
                 continue
@@ -622,7 +458,7 @@ class BatchEngine:
         # Prompt chunks start at multiples of prompt_chunk: the whole ones are reusable.
         n_prompt = min(seq.n_past, len(seq.job.tokens), seq.job.first_media())
         slot.aligned = n_prompt // self.prompt_chunk * self.prompt_chunk
-        self._free_sampler(seq.sampler)
+        self._samplers.free(seq.sampler)
         seq.sampler = None
 
     def _finish(self, seq: _Seq, reason: str) -> None:

@@ -1,11 +1,13 @@
 """GPU inventory: NVIDIA through NVML, AMD through amdsmi, or simulated GPUs; one `Device` type for all.
 
-Without the vendor library, engine/sysfs_probe.py finds AMD GPUs through amdgpu's sysfs files and NVIDIA
-GPUs through nvidia-smi or /proc/driver/nvidia (degraded); engine/vulkan_map.py gives each GPU its
-Vulkan index when the llama.cpp build has the Vulkan backend.
+The vendor probes are engine/probe_nvml.py and engine/probe_amdsmi.py (both libraries optional at run
+time); `discover(probes=...)` takes others (tests pass fakes). Without the vendor library,
+engine/sysfs_probe.py finds AMD GPUs through amdgpu's sysfs files and NVIDIA GPUs through nvidia-smi or
+/proc/driver/nvidia (degraded); engine/vulkan_map.py gives each GPU its Vulkan index when the llama.cpp
+build has the Vulkan backend.
 
-Both vendor libraries are optional at run time. Every probe returns a `ProbeResult` with the devices
-it found and a status in plain words; none of them raises, and none writes to the node's stdout.
+Every probe returns a `ProbeResult` with the devices it found and a status in plain words; none of them
+raises, and none writes to the node's stdout.
 
 `--simulate-gpu NAME:VRAM_MIB` declares GPUs that do not exist: workers placed on them run on the
 CPU. When any simulated GPU is given the node uses only simulated GPUs (real ones are not probed),
@@ -18,22 +20,13 @@ to its GPUs (`device_env`) are here; the backend detection itself is engine/back
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import importlib
-import importlib.metadata
-import importlib.util
-import io
-import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from aivailable.engine import gpu_families, sysfs_probe, vulkan_map
+from aivailable.engine import gpu_families, probe_amdsmi, probe_nvml, sysfs_probe, vulkan_map
 from aivailable.engine.backends import (  # noqa: F401  (re-exported: callers use devices.X)
     BACKEND_LABEL,
     GPU_ENV_VARS,
@@ -52,7 +45,6 @@ Vendor = Literal["nvidia", "amd", "simulated"]
 SIMULATE_FLAG = "--simulate-gpu"
 MAX_SIMULATED_VRAM_MIB = 1024 * 1024  # 1 TiB: far above any real card, low enough to catch unit mix-ups
 _SIM_SPEC = re.compile(r"(?P<name>[A-Za-z0-9._-]{1,64}):(?P<vram>[0-9]+)")
-_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,226 +165,21 @@ def parse_simulated_gpus(specs: Sequence[str], *, param: str = SIMULATE_FLAG) ->
     return devices
 
 
-# ------------------------------------------------------------------------------------------- NVIDIA
+# --------------------------------------------------------------------------------------- vendor probes
 
-_NVML_REASONS = {
-    "NVMLError_LibraryNotFound": "the NVIDIA driver library libnvidia-ml.so.1 was not found (no NVIDIA driver installed)",
-    "NVMLError_DriverNotLoaded": "the NVIDIA kernel driver is not loaded",
-    "NVMLError_NoPermission": "no permission to talk to the NVIDIA driver",
-    "NVMLError_LibRmVersionMismatch": "the NVIDIA driver and its library differ in version (reboot after a driver update)",
-    "NVMLError_GpuIsLost": "a GPU has fallen off the bus",
-}
+VendorProbes = Mapping[str, Callable[[], ProbeResult]]
+"""Vendor ("nvidia", "amd") -> the probe of its library, in the order they run."""
 
-
-def _nvml_reason(exc: BaseException) -> str:
-    return _NVML_REASONS.get(type(exc).__name__, f"{type(exc).__name__}: {exc}")
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-_nvml_ready = False  # NVML stays initialised: nvmlInit can take a second without persistence mode
-
-
-def probe_nvidia() -> ProbeResult:
-    """NVIDIA GPUs through pynvml (distribution nvidia-ml-py). Never raises."""
-    global _nvml_ready
-    try:
-        library = f"pynvml (nvidia-ml-py {importlib.metadata.version('nvidia-ml-py')})"
-    except importlib.metadata.PackageNotFoundError:
-        library = "pynvml"
-    try:
-        import pynvml
-    except ImportError:
-        why = "NVML not available: pynvml is not installed (pip install nvidia-ml-py)"
-        return ProbeResult("nvidia", library, False, why)
-    try:
-        if not _nvml_ready:
-            pynvml.nvmlInit()
-            _nvml_ready = True
-    except Exception as exc:
-        return ProbeResult("nvidia", library, False, f"NVML not available: {_nvml_reason(exc)}")
-    try:
-        driver = _text(pynvml.nvmlSystemGetDriverVersion())
-        devices, problems = [], []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            try:
-                devices.append(_nvidia_device(pynvml, i, driver))
-            except Exception as exc:
-                problems.append(f"GPU {i} skipped: {_nvml_reason(exc)}")
-        status = f"NVML driver {driver}: {len(devices)} NVIDIA GPU(s)"
-        return ProbeResult("nvidia", library, True, "; ".join([status, *problems]), tuple(devices))
-    except Exception as exc:
-        return ProbeResult("nvidia", library, False, f"NVML failed: {_nvml_reason(exc)}")
-
-
-def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
-    handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    cc = None
-    with contextlib.suppress(Exception):
-        cc = "{}.{}".format(*pynvml.nvmlDeviceGetCudaComputeCapability(handle))
-    uuid = bus = None
-    processes: tuple[tuple[int, int], ...] = ()
-    with contextlib.suppress(Exception):  # usedGpuMemory is None where the driver hides it (some containers)
-        processes = tuple((int(p.pid), int(p.usedGpuMemory) // _MIB)
-                          for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.usedGpuMemory)
-    with contextlib.suppress(Exception):
-        uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
-    with contextlib.suppress(Exception):
-        bus = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
-    return Device(
-        id=f"nvidia:{i}",
-        index=i,
-        vendor="nvidia",
-        name=_text(pynvml.nvmlDeviceGetName(handle)),
-        vram_total_mib=int(mem.total) // _MIB,
-        vram_used_mib=int(mem.used) // _MIB,
-        vram_free_mib=int(mem.free) // _MIB,
-        uuid=uuid,
-        pci_bus_id=bus,
-        driver=driver,
-        compute_capability=cc,
-        processes=processes,
-        source="nvml",
-    )
-
-
-# ---------------------------------------------------------------------------------------------- AMD
-
-
-@contextlib.contextmanager
-def captured_stdout() -> Iterator[list[str]]:
-    """Divert stdout, Python's and the C library's (file descriptor 1), into a list of one string.
-
-    Importing amdsmi without ROCm prints to stdout, partly from C; the node's stdout must stay clean.
-    Process-wide while active: other threads' stdout is diverted too, so use it only at start-up.
-    """
-    captured: list[str] = []
-    for stream in (sys.stdout, sys.__stdout__):
-        with contextlib.suppress(Exception):
-            stream.flush()  # type: ignore[union-attr]
-    try:
-        saved = os.dup(1)
-    except OSError:  # no fd 1 at all: only Python-level output can be diverted
-        saved = -1
-    buf = io.StringIO()
-    with tempfile.TemporaryFile() as tmp, contextlib.redirect_stdout(buf):
-        if saved >= 0:
-            os.dup2(tmp.fileno(), 1)
-        try:
-            yield captured
-        finally:
-            with contextlib.suppress(Exception):
-                sys.__stdout__.flush()  # type: ignore[union-attr]
-            with contextlib.suppress(Exception):
-                ctypes.CDLL(None).fflush(None)  # C stdio buffers still point at the temporary file
-            if saved >= 0:
-                os.dup2(saved, 1)
-                os.close(saved)
-            tmp.seek(0)
-            captured.append(buf.getvalue() + tmp.read().decode(errors="replace"))
-
-
-_amdsmi_session: tuple[Any, str] | None = None  # (initialised module, "") or (None, why not)
-
-
-def _open_amdsmi() -> tuple[Any, str]:
-    """Import and initialise amdsmi once per process, with stdout captured: both print without ROCm."""
-    global _amdsmi_session
-    if _amdsmi_session is None:
-        if importlib.util.find_spec("amdsmi") is None:
-            _amdsmi_session = (
-                None,
-                "amdsmi is not installed (on a ROCm machine: pip install 'aivailable[amd]')",
-            )
-            return _amdsmi_session
-        with captured_stdout() as out:
-            module, why = _import_amdsmi()
-        said = " ".join(out[0].split())
-        _amdsmi_session = (module, why + (f"; it printed: {said[:300]}" if module is None and said else ""))
-    return _amdsmi_session
-
-
-def _import_amdsmi() -> tuple[Any, str]:
-    # amdsmi without ROCm raises KeyError, OSError or worse, even SystemExit: none may stop the node.
-    try:
-        module = importlib.import_module("amdsmi")
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:
-        return None, f"amdsmi is installed but fails to load (ROCm missing?): {type(exc).__name__}: {exc}"
-    try:
-        module.amdsmi_init()
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:
-        return None, f"amdsmi cannot talk to the driver (amdgpu not loaded?): {type(exc).__name__}: {exc}"
-    return module, ""
-
-
-def probe_amd() -> ProbeResult:
-    """AMD GPUs through amdsmi (ROCm). Never raises; never writes to stdout."""
-    amdsmi, why = _open_amdsmi()
-    if amdsmi is None:
-        return ProbeResult("amd", "amdsmi", False, f"amdsmi not available: {why}")
-    try:
-        devices, problems = [], []
-        for i, handle in enumerate(amdsmi.amdsmi_get_processor_handles()):
-            try:
-                devices.append(_amd_device(amdsmi, i, handle))
-            except Exception as exc:
-                problems.append(f"GPU {i} skipped: {type(exc).__name__}: {exc}")
-        status = f"amdsmi: {len(devices)} AMD GPU(s)"
-        return ProbeResult("amd", "amdsmi", True, "; ".join([status, *problems]), tuple(devices))
-    except Exception as exc:
-        return ProbeResult("amd", "amdsmi", False, f"amdsmi failed: {type(exc).__name__}: {exc}")
+VENDOR_PROBES: VendorProbes = {"nvidia": probe_nvml.probe_nvidia, "amd": probe_amdsmi.probe_amd}
 
 
 def release_vendor_libraries() -> None:
     """Shut NVML and amdsmi down (at node exit; a later probe opens them again)."""
-    global _nvml_ready, _amdsmi_session
-    if _nvml_ready:
-        with contextlib.suppress(Exception):
-            importlib.import_module("pynvml").nvmlShutdown()
-        _nvml_ready = False
-    if _amdsmi_session is not None and _amdsmi_session[0] is not None:
-        with contextlib.suppress(Exception):
-            _amdsmi_session[0].amdsmi_shut_down()
-    _amdsmi_session = None
-
-
-def _amd_device(amdsmi: Any, i: int, handle: Any) -> Device:
-    def opt(fn: str, *keys: str) -> Any:
-        with contextlib.suppress(Exception):
-            value = getattr(amdsmi, fn)(handle)
-            for key in keys:
-                value = value[key]
-            return value
-        return None
-
-    vram = amdsmi.amdsmi_get_gpu_vram_usage(handle)  # MB
-    asic = opt("amdsmi_get_gpu_asic_info") or {}
-    target = asic.get("target_graphics_version")
-    return Device(
-        id=f"amd:{i}",
-        index=i,
-        vendor="amd",
-        name=str(asic.get("market_name") or f"AMD GPU {i}"),
-        vram_total_mib=int(vram["vram_total"]),
-        vram_used_mib=int(vram["vram_used"]),
-        vram_free_mib=max(0, int(vram["vram_total"]) - int(vram["vram_used"])),
-        uuid=opt("amdsmi_get_gpu_device_uuid"),
-        pci_bus_id=opt("amdsmi_get_gpu_device_bdf"),
-        driver=opt("amdsmi_get_gpu_driver_info", "driver_version"),
-        compute_capability=str(target) if target else None,
-        source="amdsmi",
-    )
+    probe_nvml.release()
+    probe_amdsmi.release()
 
 
 # ----------------------------------------------------------------------------------------- llama.cpp
-
 
 
 def device_env(backend: BackendInfo | Backend, devices: Sequence[Device]) -> dict[str, str]:
@@ -483,6 +270,8 @@ class Inventory:
     probes: tuple[ProbeResult, ...] = ()  # empty when the GPUs are simulated
     root: Path = Path("/")
     """Where the sysfs/procfs fallbacks read (tests: a recorded tree)."""
+    vendor_probes: VendorProbes = field(default_factory=lambda: VENDOR_PROBES, compare=False, repr=False)
+    """The vendor probes `refresh` re-measures with (those `discover` was given)."""
 
     @property
     def simulated(self) -> bool:
@@ -517,7 +306,8 @@ class Inventory:
         """Re-measure real GPUs' used/free VRAM through their vendor library; apply `claims` to
         simulated ones. A real GPU that no longer answers (or changed its index) keeps its last figures."""
         vendors = tuple(v for v in ("nvidia", "amd") if any(d.vendor == v for d in self.devices))
-        fresh = {d.id: d for p in (probe_all(vendors, root=self.root) if vendors else ()) for d in p.devices}
+        probed = probe_all(vendors, root=self.root, probes=self.vendor_probes) if vendors else ()
+        fresh = {d.id: d for p in probed for d in p.devices}
         devices = tuple(
             replace(d, vram_used_mib=f.vram_used_mib, vram_free_mib=f.vram_free_mib, processes=f.processes)
             if (f := fresh.get(d.id)) is not None and (f.uuid, f.pci_bus_id) == (d.uuid, d.pci_bus_id)
@@ -539,20 +329,27 @@ class Inventory:
 
 
 def probe_all(
-    vendors: Sequence[str] = ("nvidia", "amd"), *, root: Path = Path("/"), run: sysfs_probe.Run | None = None
+    vendors: Sequence[str] = ("nvidia", "amd"),
+    *,
+    root: Path = Path("/"),
+    run: sysfs_probe.Run | None = None,
+    probes: VendorProbes | None = None,
 ) -> tuple[ProbeResult, ...]:
-    """Every vendor probe, NVIDIA first; where the vendor library is not available, its fallback in
-    engine/sysfs_probe.py too (reading below `root`, running commands through `run`)."""
+    """Every vendor probe in `vendors`, in the order of `probes` (default `VENDOR_PROBES`: NVIDIA first);
+    where the vendor library is not available, its fallback in engine/sysfs_probe.py too (reading below
+    `root`, running commands through `run`)."""
     results: list[ProbeResult] = []
-    if "nvidia" in vendors:
-        nvml = probe_nvidia()
-        results.append(nvml)
-        if not nvml.available and (fallback := sysfs_probe.probe_nvidia_driver(root, run, nvml.status)) is not None:
-            results.append(fallback)
-    if "amd" in vendors:
-        amd = probe_amd()
-        results.append(amd)
-        if not amd.available:
+    for vendor, probe in (VENDOR_PROBES if probes is None else probes).items():
+        if vendor not in vendors:
+            continue
+        result = probe()
+        results.append(result)
+        if result.available:
+            continue
+        if vendor == "nvidia":
+            if (fallback := sysfs_probe.probe_nvidia_driver(root, run, result.status)) is not None:
+                results.append(fallback)
+        elif vendor == "amd":
             results.append(sysfs_probe.probe_amd_sysfs(root))
     return tuple(results)
 
@@ -577,10 +374,12 @@ def discover(
     param: str = SIMULATE_FLAG,
     root: Path = Path("/"),
     run: sysfs_probe.Run | None = None,
+    probes: VendorProbes | None = None,
 ) -> Inventory:
-    """This node's inventory: only the simulated GPUs when any are given, else the real ones. `root` and
-    `run` are the fallback probes' file-system root and command runner (tests inject recorded ones);
-    with a Vulkan build, `vulkaninfo` run through `run` numbers the GPUs for GGML_VK_VISIBLE_DEVICES.
+    """This node's inventory: only the simulated GPUs when any are given, else the real ones. `probes` are
+    the vendor probes (default `VENDOR_PROBES`), `root` and `run` the fallback probes' file-system root
+    and command runner (tests inject fakes and recorded ones); with a Vulkan build, `vulkaninfo` run
+    through `run` numbers the GPUs for GGML_VK_VISIBLE_DEVICES.
 
     Raises ConfigError naming `param` (--simulate-gpu, or the config key the specs came from) for a
     bad spec; anything else is reported in the inventory, not raised.
@@ -589,8 +388,9 @@ def discover(
     backend = backend if backend is not None else detect_backend()
     if simulated:
         return Inventory(simulated, backend)
-    probes = probe_all(root=root, run=run)
-    devices = tuple(d for p in probes for d in p.devices)
+    vendor_probes = VENDOR_PROBES if probes is None else probes
+    results = probe_all(root=root, run=run, probes=vendor_probes)
+    devices = tuple(d for p in results for d in p.devices)
     if devices and Backend.VULKAN in backend.compiled:
         devices = with_vulkan_indices(devices, vulkaninfo(run))
-    return Inventory(devices, backend, probes, root)
+    return Inventory(devices, backend, results, root, vendor_probes)

@@ -40,7 +40,7 @@ Reader = Callable[[Any], GpuTelemetry]
 
 
 def read_nvml(device: Any) -> GpuTelemetry:
-    """NVIDIA through pynvml (already initialised by engine.devices' probe)."""
+    """NVIDIA through pynvml (already initialised by engine.probe_nvml)."""
     import pynvml
 
     h = pynvml.nvmlDeviceGetHandleByIndex(device.index)
@@ -55,10 +55,10 @@ def read_nvml(device: Any) -> GpuTelemetry:
 
 
 def read_amdsmi(device: Any) -> GpuTelemetry:
-    """AMD through amdsmi (ROCm), when engine.devices opened it."""
-    from aivailable.engine import devices
+    """AMD through amdsmi (ROCm), when engine.probe_amdsmi opened it."""
+    from aivailable.engine import probe_amdsmi
 
-    amdsmi, _why = devices._open_amdsmi()
+    amdsmi, _why = probe_amdsmi.open_amdsmi()
     if amdsmi is None:
         return NONE
     h = amdsmi.amdsmi_get_processor_handles()[device.index]

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
-from aivailable.gossip.transport import Refused, open_signed
+from aivailable.gossip.signed import Refused, open_signed
 from aivailable.names import is_sha256
 
 log = logging.getLogger("aivailable.files")

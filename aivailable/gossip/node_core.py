@@ -60,7 +60,8 @@ from aivailable.gossip.election import (
 )
 from aivailable.gossip.fencing import PlacementFence
 from aivailable.gossip.members import LIVE
-from aivailable.gossip.membership import FactsChanged, MemberChanged, MembershipCore, Refuted
+from aivailable.gossip.membership import MemberChanged, MembershipCore
+from aivailable.gossip.membership_types import FactsChanged, Refuted
 from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish, Status, Sync
 from aivailable.gossip.node_types import (
     NodeCoreConfig,

@@ -8,7 +8,7 @@ from typing import Any
 
 from aivailable.errors import ConfigError
 from aivailable.gossip.election import ElectionConfig, HardState
-from aivailable.gossip.membership import MembershipConfig
+from aivailable.gossip.membership_types import MembershipConfig
 
 __all__ = ["NodeCoreConfig", "NodeReady", "Note", "Outbound", "PlacementApplied", "PlacementRefused"]
 

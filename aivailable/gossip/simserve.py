@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from aivailable.autonomy import AutonomyConfig, Situation, decide
 
 if TYPE_CHECKING:
-    from aivailable.gossip.sim import Sim, SimNode
+    from aivailable.gossip.sim import Sim
+    from aivailable.gossip.simnode import SimNode
 
 GPU = "gpu0"
 CAPACITY_MIB = 8000.0

@@ -19,7 +19,8 @@ after ``send_timeout``; each outcome goes back to the core when it asked for one
 notes and calls ``on_placement``/``on_change``. A state directory that cannot be read refuses to start
 (:class:`ClusterStateError`), one that cannot be written stops the transport.
 
-Cluster secret: :mod:`aivailable.gossip.secret` (re-exported here).
+Configuration and the member rows it reports: :mod:`aivailable.gossip.transport_types`; the cluster
+secret: :mod:`aivailable.gossip.secret`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,122 +42,23 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from aivailable.errors import ConfigError, NodeError
+from aivailable.errors import ConfigError
 from aivailable.gossip import envelope
 from aivailable.gossip.election import ElectionConfig, ElectionCore
-from aivailable.gossip.membership import MembershipConfig, MembershipCore
+from aivailable.gossip.membership import MembershipCore
+from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish
-from aivailable.gossip.node_core import CLUSTER_KEY, NodeCore, NodeCoreConfig, Note, Outbound
-from aivailable.gossip.secret import join_instructions, load_or_create_secret
+from aivailable.gossip.node_core import CLUSTER_KEY, NodeCore, Note, Outbound
 from aivailable.gossip.signed import Refused, open_signed
 from aivailable.gossip.state_store import ClusterStateError, StateStore
+from aivailable.gossip.transport_types import MemberView, NotLeaderError, TransportConfig
 
-__all__ = [
-    "GOSSIP_PATH",
-    "Refused",
-    "open_signed",
-    "ClusterStateError",
-    "ClusterTransport",
-    "MemberView",
-    "NotLeaderError",
-    "TransportConfig",
-    "join_instructions",
-    "load_or_create_secret",
-]
+__all__ = ["GOSSIP_PATH", "ClusterTransport"]
 
 log = logging.getLogger("aivailable.cluster")
 
 GOSSIP_PATH = "/_cluster/gossip"
 _STATUS_FOR = envelope.REJECT_STATUS
-
-
-@dataclass(frozen=True, slots=True)
-class TransportConfig:
-    """Timers in seconds. Field defaults are the LAN profile; :meth:`local` is a delta from it."""
-
-    tick_interval: float = 0.05  # cores' tick period; finer than every core timer
-    bootstrap_grace: float = 2.0  # wait this long for seeds/discovered peers before founding alone
-    seed_wait: float = 30.0  # new nodes wait this long for every join seed to answer before founding
-    send_timeout: float = 1.0  # one POST, connect included; a later answer is useless to SWIM anyway
-    max_inflight_per_peer: int = 32  # POSTs in flight to one address; beyond it messages are dropped
-    placement_resend: float = 0.5  # leader re-sends the placement to live members that did not ack it
-    placement_refresh: float = 10.0  # ... and to every live member this often (restarted from scratch)
-    max_bytes: int = envelope.MAX_BYTES  # one envelope; larger bodies are refused unread (413)
-    read_timeout: float = 5.0  # a whole body must arrive within this (slow senders are dropped)
-    reject_log_interval: float = 60.0  # at most one warning per peer address per interval
-    events_max: int = 200  # entries kept in :attr:`ClusterTransport.events`
-    max_candidates: int = 8  # unverified mDNS peers at a time (NodeCoreConfig documents the four below)
-    candidate_attempts: int = 3
-    candidate_interval: float = 2.0
-    candidate_cooldown: float = 60.0
-
-    @classmethod
-    def lan(cls) -> TransportConfig:
-        return cls()
-
-    @classmethod
-    def local(cls) -> TransportConfig:
-        """All nodes on one host (development, tests)."""
-        return replace(cls.lan(), bootstrap_grace=0.5, seed_wait=5.0, placement_resend=0.2, placement_refresh=2.0,
-                       candidate_interval=0.5, candidate_cooldown=10.0)
-
-    def core(self, membership: MembershipConfig, election: ElectionConfig) -> NodeCoreConfig:
-        """The node core's configuration: these timers plus the membership and election profiles."""
-        return NodeCoreConfig(
-            membership=membership,
-            election=election,
-            bootstrap_grace=self.bootstrap_grace,
-            seed_wait=self.seed_wait,
-            placement_resend=self.placement_resend,
-            placement_refresh=self.placement_refresh,
-            max_candidates=self.max_candidates,
-            candidate_attempts=self.candidate_attempts,
-            candidate_interval=self.candidate_interval,
-            candidate_cooldown=self.candidate_cooldown,
-        ).validate()
-
-    def validate(self) -> TransportConfig:
-        for name in (
-            "tick_interval",
-            "send_timeout",
-            "placement_resend",
-            "placement_refresh",
-            "read_timeout",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0 seconds", param=name)
-        for name in ("bootstrap_grace", "seed_wait"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 seconds", param=name)
-        if self.max_inflight_per_peer < 1:
-            raise ConfigError("max_inflight_per_peer must be >= 1", param="max_inflight_per_peer")
-        if self.max_bytes < 1024:
-            raise ConfigError("max_bytes must be >= 1024", param="max_bytes")
-        return self
-
-
-class NotLeaderError(NodeError):
-    """Only the leader publishes placements; ``leader_hint`` is the leader this node knows, if any."""
-
-    http_status = 409
-    error_type = "invalid_request_error"
-    code = "not_leader"
-
-    def __init__(self, leader_hint: str | None):
-        super().__init__(f"this node is not the cluster leader (leader: {leader_hint or 'unknown'})")
-        self.leader_hint = leader_hint
-
-
-@dataclass(frozen=True, slots=True)
-class MemberView:
-    """One member as this node sees it (this node included). ``status``: alive/suspect/dead/left."""
-
-    node_id: str
-    address: str
-    status: str
-    incarnation: int
-    facts: dict[str, Any]
-    facts_version: int
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
