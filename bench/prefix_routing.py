@@ -2,13 +2,17 @@
 
 For each replica count (``--replicas``, default 2 and 3) and each routing (``p2c``, ``prefix``) the bench starts a
 fresh cluster of that many real ``aivailable up`` nodes on 127.0.0.x (one simulated GPU each, one replica of the
-Gemma 3 270M model per node, ``--parallel`` slots), waits until every replica is ready, and runs two workloads,
+Gemma 3 270M model per node, ``--parallel`` slots), waits until every replica is ready, and runs the workloads (``--workloads``),
 every request entering through a node picked at random (seeded), as clients of a cluster do:
 
 - **multi-turn**: ``--conversations`` closed-loop conversations at once, ``--turns`` turns each, behind one
   shared system prompt of about ``--system-tokens`` tokens; each turn appends the previous answer and a new user
   message of about ``--turn-tokens`` tokens of its own, so turn k+1 repeats turn k's whole prompt;
-- **no shared prefix**: the same number of single requests of the same size, every prompt different from its
+- **distinct**: the same conversations, but each behind a head of its own (an agent's own tool list or
+  document, about ``--system-tokens`` tokens): only a replica that served the conversation before holds it,
+  so this is where routing decides the cache hit rate; in **multi-turn** every slot already holds the shared
+  system prompt, whichever replica it is on;
+- **unique** (no shared prefix): the same number of single requests of the same size, every prompt different from its
   first token, so no routing can reuse anything.
 
 Per run: TTFT p50/p90 (request sent -> first streamed content chunk), end-to-end latency p50/p90, aggregate
@@ -99,7 +103,7 @@ def one_request(client: openai.OpenAI, messages: list[dict], max_tokens: int) ->
 
 
 def run_workload(c: Cluster, kind: str, args: argparse.Namespace) -> dict:
-    """Run `kind` (multiturn | unique) against the cluster; per-request records and a summary."""
+    """Run `kind` (multiturn | distinct | unique) against the cluster; per-request records and a summary."""
     rng = random.Random(args.seed)
     system = text(random.Random(args.seed * 7919), args.system_tokens)
     records: list[dict] = []
@@ -109,8 +113,9 @@ def run_workload(c: Cluster, kind: str, args: argparse.Namespace) -> dict:
 
     def conversation(ci: int) -> None:
         crng = random.Random(rng.random() + ci)
-        if kind == "multiturn":
-            messages = [{"role": "system", "content": system}]
+        if kind in ("multiturn", "distinct"):
+            head = system if kind == "multiturn" else f"Conversation {ci}. " + text(crng, args.system_tokens)
+            messages = [{"role": "system", "content": head}]
             for turn in range(args.turns):
                 messages.append({"role": "user", "content": f"Turn {turn}: " + text(crng, args.turn_tokens)})
                 try:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turn-tokens", type=int, default=120)
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--parallel", type=int, default=4)
-    ap.add_argument("--workloads", default="multiturn,unique")
+    ap.add_argument("--workloads", default="multiturn,distinct,unique")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "bench/results/prefix_routing.json"))
     args = ap.parse_args(argv)
