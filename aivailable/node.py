@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.state_store import StateStore
+from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
 
 log = logging.getLogger("aivailable.node")
@@ -289,7 +291,7 @@ class Node:
                 return m["state"], m["reason"]
         return "unplaced", "not placed yet"
 
-    def raise_unavailable(self, model: str) -> None:
+    def raise_unavailable(self, model: str) -> NoReturn:
         state, reason = self.model_state(model)
         if state == "ready":  # ready elsewhere but not reachable from here (peer cooling down, hop limit)
             raise ModelUnavailable(f"model '{model}' has no reachable replica right now; retry shortly",
@@ -372,7 +374,7 @@ class Node:
         log.info("open-file limit %d%s; at most %d connections per client address, headers within %g s, "
                  "idle keep-alive %g s", after, f" (raised from {before})" if after != before else "",
                  cfg.max_connections_per_client, cfg.header_timeout_s, cfg.keepalive_timeout_s)
-        self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
+        self._runner = web.AppRunner(build_app(NodeApi(self)), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=leave.DRAIN_GRACE_S, keepalive_timeout=cfg.keepalive_timeout_s)
         await self._runner.setup()
         site = GuardedSite(self._runner, cfg.host, cfg.port, max_per_client=cfg.max_connections_per_client,
