@@ -236,6 +236,19 @@ class Node:
         self._waiting = waiting
         return out
 
+    def apply_placement(self, term: int, version: int, assignments: Assignments) -> None:
+        """Take the coordinator's placement (v`version` of `term`, fenced by the node core) as the one this
+        node reconciles toward; its changes go to the status page."""
+        for line in coord.describe_changes(self.placement, assignments, f"v{version}, term {term}"):
+            self.record_event(line)
+        self.placement = assignments
+        self.planned = True
+
+    def begin_leaving(self) -> None:
+        """Graceful shutdown began (aivailable.leave): facts say leaving, routers prefer other nodes' replicas,
+        and reconcile keeps every worker until requests have drained."""
+        self.leaving = True
+
     def record_event(self, text: str, *, logged: bool = False) -> None:
         """A line for the status page's recent changes (and the log, unless the caller logged it)."""
         if not logged:
