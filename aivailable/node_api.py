@@ -26,9 +26,13 @@ class NodeApi:
 
     def __init__(self, node: Node):
         self._node = node
-        self.config = ApiSettings.from_config(node.settings.node)  # NodeConfig is frozen
+        self._config = ApiSettings.from_config(node.settings.node)  # once: NodeConfig is frozen
 
     # -- identity ------------------------------------------------------------------------------
+    @property
+    def config(self) -> ApiSettings:
+        return self._config
+
     @property
     def node_id(self) -> str:
         return self._node.node_id
