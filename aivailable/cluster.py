@@ -297,10 +297,7 @@ class Cluster:
 
     async def _on_placement(self, term: int, version: int, assignments: dict[str, Any]) -> None:
         log.info("applying placement v%d of term %d (%d models)", version, term, len(assignments))
-        for line in coord.describe_changes(self.node.placement, assignments, f"v{version}, term {term}"):
-            self.node.record_event(line)
-        self.node.placement = assignments
-        self.node.planned = True
+        self.node.apply_placement(term, version, assignments)
         if self.autonomy is not None:  # a placement that needs an autonomous replica's VRAM wins, before loading
             await self.autonomy.round(time.monotonic())
         await self.node.reconcile()  # a leaving node keeps its workers until drained

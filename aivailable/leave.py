@@ -58,7 +58,7 @@ def pending_handover(models_here: set[str], members: list[MemberInfo], self_id: 
 
 async def hand_over(node: Node, timeout_s: float = HANDOVER_TIMEOUT_S) -> dict:
     """Steps 1-2 of the module docstring. Returns what happened, for the log and the tests."""
-    node.leaving = True
+    node.begin_leaving()
     models = {h.model for h in node.manager.workers.values() if h.state in ("ready", "loading", "starting")}
     t0 = time.monotonic()
     if node.cluster.transport is None or not models:

@@ -7,6 +7,7 @@ import logging
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -28,6 +29,7 @@ from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.state_store import StateStore
+from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
 
 log = logging.getLogger("aivailable.node")
@@ -234,6 +236,19 @@ class Node:
         self._waiting = waiting
         return out
 
+    def apply_placement(self, term: int, version: int, assignments: Assignments) -> None:
+        """Take the coordinator's placement (v`version` of `term`, fenced by the node core) as the one this
+        node reconciles toward; its changes go to the status page."""
+        for line in coord.describe_changes(self.placement, assignments, f"v{version}, term {term}"):
+            self.record_event(line)
+        self.placement = assignments
+        self.planned = True
+
+    def begin_leaving(self) -> None:
+        """Graceful shutdown began (aivailable.leave): facts say leaving, routers prefer other nodes' replicas,
+        and reconcile keeps every worker until requests have drained."""
+        self.leaving = True
+
     def record_event(self, text: str, *, logged: bool = False) -> None:
         """A line for the status page's recent changes (and the log, unless the caller logged it)."""
         if not logged:
@@ -289,7 +304,7 @@ class Node:
                 return m["state"], m["reason"]
         return "unplaced", "not placed yet"
 
-    def raise_unavailable(self, model: str) -> None:
+    def raise_unavailable(self, model: str) -> NoReturn:
         state, reason = self.model_state(model)
         if state == "ready":  # ready elsewhere but not reachable from here (peer cooling down, hop limit)
             raise ModelUnavailable(f"model '{model}' has no reachable replica right now; retry shortly",
@@ -372,7 +387,7 @@ class Node:
         log.info("open-file limit %d%s; at most %d connections per client address, headers within %g s, "
                  "idle keep-alive %g s", after, f" (raised from {before})" if after != before else "",
                  cfg.max_connections_per_client, cfg.header_timeout_s, cfg.keepalive_timeout_s)
-        self._runner = web.AppRunner(build_app(self), access_log=None, handler_cancellation=True,
+        self._runner = web.AppRunner(build_app(NodeApi(self)), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=leave.DRAIN_GRACE_S, keepalive_timeout=cfg.keepalive_timeout_s)
         await self._runner.setup()
         site = GuardedSite(self._runner, cfg.host, cfg.port, max_per_client=cfg.max_connections_per_client,

@@ -9,7 +9,6 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from types import SimpleNamespace
 
 import openai
 import pytest
@@ -18,6 +17,7 @@ from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
 from aivailable.gossip.messages import FileRequest, Gossip
 from tests.badenvelopes import bad_envelopes, seal
+from tests.fakenode import FakeNode
 from tests.nodeproc import get_json, serving
 
 MODEL = "gemma-3-270m"
@@ -102,11 +102,7 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
 
 
 def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node):
-    fake = SimpleNamespace(settings=SimpleNamespace(node=SimpleNamespace(
-        max_body_bytes=1 << 20, rate_limit_rpm=0, api_key_rpm={}, rate_limit_burst=0, cors_origins=[],
-        allowed_hosts=[])), cluster=SimpleNamespace(handle=None, secret=b"s"), node_id="n0", address="127.0.0.1:1",
-        metrics=SimpleNamespace(watch_routing=lambda choices: None))
-    routes = {(r.method, r.resource.canonical) for r in build_app(fake).router.routes()
+    routes = {(r.method, r.resource.canonical) for r in build_app(FakeNode()).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
     assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
         "a new /_cluster/ route needs a check here"

@@ -9,15 +9,12 @@ the background (``aivailable drain`` waits for it).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from aivailable import maintenance
+from aivailable.api.port import NodePort
 from aivailable.errors import InvalidRequest
-
-if TYPE_CHECKING:
-    from aivailable.node import Node
 
 
 async def _gpu(request: web.Request) -> object:
@@ -39,16 +36,13 @@ async def _gpu(request: web.Request) -> object:
     return str(gpu) if isinstance(gpu, int) and not isinstance(gpu, bool) else gpu
 
 
-def add_admin_routes(app: web.Application, node: Node) -> None:
+def add_admin_routes(app: web.Application, node: NodePort) -> None:
     """Register the admin endpoints on the node's application."""
-    key = maintenance.admin_key(node.cluster.secret)
+    key = maintenance.admin_key(node.secret)
 
     async def handle(request: web.Request, drained: bool) -> web.Response:
-        maintenance.check_admin(request.headers.get("Authorization"), key, node.settings.node.api_keys)
-        node.drainer.set(await _gpu(request), drained)
-        node.cluster.wake()  # the coordinator (this node, or the next facts round elsewhere) re-places now
-        await node.reconcile()
-        return web.json_response(node.drainer.view())
+        maintenance.check_admin(request.headers.get("Authorization"), key, node.config.api_keys)
+        return web.json_response(await node.set_drain(await _gpu(request), drained))
 
     async def drain(request: web.Request) -> web.Response:
         return await handle(request, True)

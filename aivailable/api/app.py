@@ -1,4 +1,8 @@
-"""The node's HTTP surface: OpenAI endpoints, status page, /api/cluster, /health, /metrics."""
+"""The node's HTTP surface: OpenAI endpoints, status page, /api/cluster, /health, /metrics.
+
+Handlers see the node only through `NodePort` (api/port.py), held under the `NODE` key; the proxy, hop
+verifier, rate limiter, load-wait queues and metrics are the application's own, each under its key.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ import hmac
 import logging
 import time
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -24,7 +27,9 @@ from aivailable.api.image_input import (
     image_refs,
     inline,
 )
+from aivailable.api.metrics import NodeMetrics
 from aivailable.api.openapi import OPENAPI_PATH, openapi_document
+from aivailable.api.port import NodePort
 from aivailable.api.ratelimit import KeyLimiter, fingerprint
 from aivailable.api.responses_endpoint import add_responses_route
 from aivailable.api.router import Proxy, Upstream, body_bytes, check_hops
@@ -42,12 +47,10 @@ from aivailable.wire.errors import install_protocol_error_bodies, openai_errors,
 from aivailable.wire.resume import Continuation, resumable
 from aivailable.wire.schemas import parse_request
 
-if TYPE_CHECKING:
-    from aivailable.node import Node
-
 log = logging.getLogger("aivailable.api")
 
-NODE = web.AppKey("node", object)
+NODE = web.AppKey("node", NodePort)
+METRICS = web.AppKey("metrics", NodeMetrics)
 PROXY = web.AppKey("proxy", Proxy)
 LIMITER = web.AppKey("limiter", KeyLimiter)
 HOPS = web.AppKey("hops", hop.HopVerifier)
@@ -56,8 +59,8 @@ LOAD_WAITS = web.AppKey("load_waits", loadwait.WaitQueue)
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings"}
 
 
-def _node(request: web.Request) -> Node:
-    return request.app[NODE]  # type: ignore[return-value]
+def _node(request: web.Request) -> NodePort:
+    return request.app[NODE]
 
 
 def checked_hop(request: web.Request) -> hop.Received:
@@ -85,7 +88,7 @@ async def api_keys(request: web.Request, handler):
     """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time),
     within the key's rate limit. Keys appear in logs and metrics only as fingerprints."""
     node = _node(request)
-    keys = node.settings.node.api_keys
+    keys = node.config.api_keys
     if keys and request.path.startswith("/v1/"):
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
@@ -99,9 +102,9 @@ async def api_keys(request: web.Request, handler):
             return await handler(request)  # charged where it entered the cluster (api/hop.py)
         wait = request.app[LIMITER].check(key, time.monotonic())
         if wait > 0:
-            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key, node.cluster.secret)
-            node.metrics.rate_limited.labels(fp).inc()
-            node.rate_limited[fp] = node.rate_limited.get(fp, 0) + 1
+            rpm, fp = request.app[LIMITER].limit(key), fingerprint(key, node.secret)
+            request.app[METRICS].rate_limited.labels(fp).inc()
+            node.record_rate_limited(fp)
             raise RateLimited(f"Rate limit reached for API key {fp}: {rpm} requests per minute on this node. "
                               f"Retry after {wait:.1f} s.", retry_after=wait)
     return await handler(request)
@@ -143,7 +146,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     # Forwarded by a peer: a signed hop with a count. A client's own counter counts for nothing, and a
     # signed hop without one (this node's /v1/responses adapter) is an entry like any client's.
     forwarded = checked_hop(request).count > 0
-    req = parse_request(kind, await read_json(request, node.settings.node.body_timeout_s))
+    req = parse_request(kind, await read_json(request, node.config.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
     spec = node.models().get(name)
     if spec is None:
@@ -156,19 +159,18 @@ async def inference(request: web.Request) -> web.StreamResponse:
     if kind != "embeddings" and embedding:
         raise InvalidRequest(f"model '{name}' is an embedding model; use /v1/embeddings", param="model")
     refs = image_refs(req) if kind == "chat" else []
-    to_fetch = check_images(refs, model=name, accepts=accepts_images(spec), allow_urls=node.settings.node.allow_image_urls,
-                            max_bytes=node.settings.node.max_image_bytes)
+    to_fetch = check_images(refs, model=name, accepts=accepts_images(spec), allow_urls=node.config.allow_image_urls,
+                            max_bytes=node.config.max_image_bytes)
     if forwarded:
         return await _route(request, node, kind, req, spec, forwarded, to_fetch)
-    node.cluster.rates.hit(name)  # demand, gossiped to the coordinator (also for models not loaded)
-    node.usage.begin(name, time.time(), req.keep_alive)  # type: ignore[attr-defined]  # keepalive.py
+    node.begin_request(name, req.keep_alive)  # type: ignore[attr-defined]  # demand, and keepalive.py's use
     try:
         return await _route(request, node, kind, req, spec, forwarded, to_fetch)
     finally:
-        node.usage.end(name, time.time())
+        node.end_request(name)
 
 
-async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, forwarded: bool,
+async def _route(request: web.Request, node: NodePort, kind: str, req, spec: dict, forwarded: bool,
                  to_fetch: list[ImageRef]) -> web.StreamResponse:
     """Wait for a replica if the model is loading (api/loadwait.py), then proxy to one."""
     name = req.model
@@ -176,7 +178,7 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
     sent = req.model_dump(exclude_unset=True, by_alias=True)
     sent.pop("keep_alive", None)  # the entry node's business (keepalive.py), not the replica's
     if to_fetch:  # replicas get the bytes, never a URL to fetch
-        sent = inline(sent, await fetch_images(to_fetch, node.settings.node.max_image_bytes))
+        sent = inline(sent, await fetch_images(to_fetch, node.config.max_image_bytes))
     body = body_bytes(sent)
     upstreams = node.upstreams(name, local_only=forwarded)
     if not upstreams or (not forwarded and request.app[LOAD_WAITS].waiting(name)):  # in line behind waiters
@@ -185,13 +187,13 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
     if kind in ("chat", "completions") and getattr(req, "stream", False) and resumable(req):
         limit = req.token_limit() if kind == "chat" else req.max_tokens  # type: ignore[attr-defined]
         # What the replica will apply (engine.spec): a resumed stream must not start a fresh budget.
-        limit = generation_limit(limit, *token_budget(spec, node.settings.node.max_tokens_default))
+        limit = generation_limit(limit, *token_budget(spec, node.config.max_tokens_default))
         resume = Continuation(kind, sent, limit)
-    metrics = node.metrics
+    metrics = request.app[METRICS]
     ttfb = metrics.ttfb.labels(name, kind)
 
     async def forward(upstreams: list[Upstream]) -> web.StreamResponse:
-        affinity = request_key(kind, req) if node.settings.node.routing == "prefix" and len(upstreams) > 1 else None
+        affinity = request_key(kind, req) if node.config.routing == "prefix" and len(upstreams) > 1 else None
         return await request.app[PROXY].forward(
             request, request.path, body, upstreams, on_first_byte=lambda _u: ttfb.observe(time.perf_counter() - t0),
             authorization=request.headers.get("Authorization"), resume=resume, affinity=affinity)
@@ -200,7 +202,7 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
         try:
             resp = await forward(upstreams)
         except ModelUnavailable:  # every replica failed before its first byte: nothing was sent yet
-            if forwarded or node.settings.node.load_wait_s <= 0 or any(u.local for u in upstreams):
+            if forwarded or node.config.load_wait_s <= 0 or any(u.local for u in upstreams):
                 raise  # a local worker that crashed on this request is not given it again
             # Their nodes just died (membership has not said so yet): wait for the model's re-placement.
             resp = await forward(await wait_for_replicas(request, node, name, forwarded,
@@ -214,24 +216,24 @@ async def _route(request: web.Request, node: Node, kind: str, req, spec: dict, f
     return resp
 
 
-async def wait_for_replicas(request: web.Request, node: Node, name: str, forwarded: bool,
+async def wait_for_replicas(request: web.Request, node: NodePort, name: str, forwarded: bool,
                             avoid: frozenset[str] = frozenset()) -> list[Upstream]:
     """Ready replicas of `name` (other than those in `avoid`, which just failed) once it has loaded: the
     request waits in the model's FIFO queue (bounded by its replicas' capacity) for at most `load_wait_s`;
     otherwise, or when it cannot wait, today's 503. Only at the entry node: a forwarded request answers at
     once, and its entry node tries elsewhere."""
-    load_wait_s = node.settings.node.load_wait_s
+    load_wait_s = node.config.load_wait_s
     if forwarded or load_wait_s <= 0:
         node.raise_unavailable(name)
     queue = request.app[LOAD_WAITS]
     t0 = time.monotonic()
-    limit = loadwait.capacity(node.models().get(name, {}), len(node.placement.get(name, ())))
+    limit = loadwait.capacity(node.models().get(name, {}), node.placed_replicas(name))
     me = queue.join(name, t0, limit, asyncio.get_running_loop().create_future())
     if me is None:  # as many wait as its replicas could queue: refuse as when nobody waited
         state, _ = node.model_state(name)
         raise ModelUnavailable(f"model '{name}' is {state} and {limit} requests already wait for it (its "
                                "replicas' queue limit); retry shortly", retry_after=2)
-    waiting = node.metrics.load_waiting.labels(name)
+    waiting = request.app[METRICS].load_waiting.labels(name)
     waiting.inc()
     try:
         while not me.token.done():  # the oldest waiter polls and decides for all of the model's, in order
@@ -252,7 +254,7 @@ async def wait_for_replicas(request: web.Request, node: Node, name: str, forward
     finally:
         queue.leave(me)  # a client that disconnected (handler cancelled) leaves the queue here
         waiting.dec()
-        node.metrics.load_wait.labels(name).observe(time.monotonic() - t0)
+        request.app[METRICS].load_wait.labels(name).observe(time.monotonic() - t0)
     if not upstreams:
         node.raise_unavailable(name)
     log.info("request for %s waited %.1f s for the model to load", name, time.monotonic() - t0)
@@ -261,12 +263,11 @@ async def wait_for_replicas(request: web.Request, node: Node, name: str, forward
 
 async def health(request: web.Request) -> web.Response:
     node = _node(request)
-    if node.cluster.transport is None:  # serving HTTP, not yet its cluster state: not "ok" for a balancer
+    if node.starting():  # serving HTTP, not yet its cluster state: not "ok" for a balancer
         return web.json_response({"status": "starting", "node_id": node.node_id}, status=503,
                                  headers={"Retry-After": "1"})
     return web.json_response({"status": "ok", "node_id": node.node_id, "uptime_s": round(node.uptime_s(), 1),
-                              "models_ready": sorted({h.model for h in node.manager.workers.values()
-                                                      if h.state == "ready"})})
+                              "models_ready": node.ready_models()})
 
 
 async def cluster(request: web.Request) -> web.Response:
@@ -275,22 +276,22 @@ async def cluster(request: web.Request) -> web.Response:
 
 async def history(request: web.Request) -> web.Response:
     """GET /api/history: this node's last hour per model and per GPU (aivailable.history)."""
-    return web.json_response(_node(request).observe.history.to_dict())
+    return web.json_response(_node(request).history())
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, ctype = _node(request).metrics.render()
+    body, ctype = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": ctype})
 
 
 async def cluster_gossip(request: web.Request) -> web.StreamResponse:
     """POST /_cluster/gossip: signed inter-node messages (the transport verifies and counts them)."""
-    return await _node(request).cluster.handle(request)
+    return await _node(request).handle_gossip(request)
 
 
 async def cluster_files(request: web.Request) -> web.StreamResponse:
     """POST /_cluster/files: signed model-file requests (manifest, chunks) from peers."""
-    return await _node(request).files.server.handle(request)
+    return await _node(request).handle_files(request)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -302,18 +303,19 @@ async def status_page(request: web.Request) -> web.Response:
     return web.Response(text=html, content_type="text/html", headers={"Content-Security-Policy": page_csp(html)})
 
 
-def build_app(node: Node) -> web.Application:
+def build_app(node: NodePort) -> web.Application:
     """The node's aiohttp application; `node` provides catalog, replicas and cluster facts."""
     install_protocol_error_bodies()
-    cfg = node.settings.node
+    cfg = node.config
     guard = BrowserGuard(cfg.cors_origins, cfg.allowed_hosts, own_host=node.address.rpartition(":")[0])
     app = web.Application(middlewares=[openai_errors, guard.middleware, hops, api_keys],
                           client_max_size=cfg.max_body_bytes)
     app.on_response_prepare.append(guard.on_prepare)
     app[NODE] = node
-    secret = node.cluster.secret
+    app[METRICS] = node.metrics
+    secret = node.secret
     app[PROXY] = Proxy(hop_auth=lambda path: hop.sign(secret, node.node_id, path, time.time()))
-    node.metrics.watch_routing(app[PROXY].choices)
+    app[METRICS].watch_routing(app[PROXY].choices)
     app[HOPS] = hop.HopVerifier(secret)
     app[LOAD_WAITS] = loadwait.WaitQueue()
     app[LIMITER] = KeyLimiter(cfg.rate_limit_rpm, cfg.api_key_rpm, cfg.rate_limit_burst)

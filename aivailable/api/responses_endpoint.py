@@ -14,12 +14,13 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from aivailable.api import hop
+from aivailable.api.port import NodePort
 from aivailable.api.responses_api import (
     SSEDecoder,
     StreamConverter,
@@ -42,27 +43,6 @@ SESSION = web.AppKey("responses_session", aiohttp.ClientSession)
 _PASS_HEADERS = ("Retry-After", "X-AIvailable-Replica")
 
 
-class _NodeSettings(Protocol):
-    @property
-    def host(self) -> str: ...
-    @property
-    def body_timeout_s(self) -> float: ...
-
-
-class _Settings(Protocol):
-    @property
-    def node(self) -> _NodeSettings: ...
-
-
-class ServingNode(Protocol):
-    """What the endpoint needs of the node: where it listens, and how long a body may take."""
-
-    @property
-    def settings(self) -> _Settings: ...
-    @property
-    def port(self) -> int | None: ...
-
-
 class LoopbackFailed(NodeError):
     """This node's own chat endpoint could not be reached (it is shutting down)."""
 
@@ -77,11 +57,11 @@ def loopback_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def add_responses_route(app: web.Application, node: ServingNode, hop_auth: Callable[[str], str] | None) -> None:
+def add_responses_route(app: web.Application, node: NodePort, hop_auth: Callable[[str], str] | None) -> None:
     """Register `POST /v1/responses` and its loopback HTTP session on `app`."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        cfg = node.settings.node
+        cfg = node.config
         req = parse_responses_request(await read_json(request, cfg.body_timeout_s))
         base = loopback_url(cfg.host, node.port or 0)
         return await _respond(request, req, base, hop_auth)
