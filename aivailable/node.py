@@ -31,6 +31,7 @@ from aivailable.files.service import FileService
 from aivailable.gossip.state_store import StateStore
 from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
+from aivailable.shutdown import run_steps
 
 log = logging.getLogger("aivailable.node")
 
@@ -434,18 +435,29 @@ class Node:
         """Leave gracefully (aivailable.leave): hand models over, leave the cluster, drain, stop workers."""
         log.info("node %s shutting down: handing its models over, then draining requests (signal again to stop "
                  "at once)", self.node_id)
-        await leave.hand_over(self, handover_s)
+        failed = await run_steps([
+            ("the hand-over of this node's models", lambda: leave.hand_over(self, handover_s)),
+            ("background tasks", self._cancel_tasks),
+            ("leaving the cluster", self.cluster.leave),
+            ("the file service", self.files.stop),
+            ("draining HTTP requests", self._close_http),
+            ("the cluster transport", self.cluster.close),
+            ("the llama.cpp workers", self.manager.close),
+            ("the local cache", self.cache.close),
+        ], log)
+        if failed:
+            log.error("node %s stopped with %d failed step(s): %s (see the errors above)", self.node_id,
+                      len(failed), "; ".join(failed))
+
+    def _cancel_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await self.cluster.leave()
-        await self.files.stop()
+
+    async def _close_http(self) -> None:
         if self._runner is not None:
             t0 = time.monotonic()
             await self._runner.cleanup()  # stops listening; requests in flight finish (DRAIN_GRACE_S)
             log.info("requests drained in %.1f s; stopping workers", time.monotonic() - t0)
-        await self.cluster.close()
-        await self.manager.close()
-        self.cache.close()
 
 
 async def run_node(settings: Settings, *, ready_file: Path | None = None) -> int:

@@ -24,8 +24,8 @@ its state directory must still hold its node id and a persisted term >= every te
 
 ``--schedule harsh`` (root only) runs each node in its own network namespace (bench/netsplit.py: routed
 veths; a partition is a set of ``ip rule ... blackhole`` rules between the two sides, so clients still
-reach both halves, as through a load balancer) and adds two faults that may leave a minority: and
-faults are no longer limited to a responsive majority:
+reach both halves, as through a load balancer) and adds two faults that may leave a minority (faults are
+no longer limited to a responsive majority):
 
 - ``kill_majority``: SIGKILL a majority at once (3 of 5), chosen to include every holder of one model
   (a power strip, a room's breaker); the dead are restarted one per later fault;
