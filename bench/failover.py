@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from bench.harness import NodeProc, free_port, ours, pct, start_node, wait_for  # noqa: E402
+from bench.harness import NodeProc, ours, pct, start_joined, wait_for  # noqa: E402
 
 MODEL = "bench"
 SECRET = "bench-failover-secret-0123456789abcdef"
@@ -87,16 +87,8 @@ class ThreeNodes:
         self.worker_pids: set[int] = set()
 
     def start(self, timeout: float) -> dict:
-        ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2, 3)}
-        for i in (1, 2, 3):
-            args = ["--config", str(self.cfg), "--simulate-gpu", f"card{i}:{self.vram[i]}",
-                    "--cluster-secret", SECRET, "--node-id", f"n{i}"]
-            if i != 1:
-                args += ["--join", f"127.0.0.1:{ports[1]}"]
-            self.nodes[f"n{i}"] = start_node(self.tmp, *args, host=f"127.0.0.{i}", port=ports[i],
-                                              env=self.env, name=f"n{i}")
-        for n in self.nodes.values():
-            n.wait_healthy(60)
+        self.nodes = start_joined(self.tmp, self.cfg, SECRET, {i: f"card{i}:{self.vram[i]}" for i in (1, 2, 3)},
+                                  self.env)
 
         def settled():
             views = {k: http_json(n.host, n.port, "/api/cluster", 2) for k, n in self.nodes.items()}

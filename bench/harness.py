@@ -114,12 +114,6 @@ def ready_holders(view: dict, model: str) -> list[str]:
             for r in m["replicas"] if r["state"] == "ready"]
 
 
-def wait_model(url: str, model: str, timeout: float = 180.0, replicas: int = 1) -> list[str]:
-    """Wait until the node at `url` sees at least `replicas` ready replicas of `model`; their nodes."""
-    return wait_for(lambda: (h := ready_holders(get_json(url + "/api/cluster"), model)) and len(h) >= replicas
-                    and h, timeout, f"{replicas} ready replica(s) of {model} at {url}", interval=0.2)
-
-
 def ours(pid: int, marker: str) -> bool:
     """Whether `pid` is still a process this benchmark started (its command line names `marker`, e.g. our
     temp dir)."""
@@ -130,7 +124,31 @@ def ours(pid: int, marker: str) -> bool:
         return False
 
 
-# -- a two-node cluster --------------------------------------------------------------------------------------
+# -- clusters -----------------------------------------------------------------------------------------------
+def start_joined(tmp: Path, config: Path, secret: str, gpus: dict[int, str], env: dict[str, str] | None = None,
+                 healthy_s: float = 60.0) -> dict[str, NodeProc]:
+    """Nodes n<i> on 127.0.0.<i>, one per entry of `gpus` (i: its --simulate-gpu), each but the first joining
+    the first; healthy when returned. The caller stops them (on error they are killed)."""
+    ports = {i: free_port(f"127.0.0.{i}") for i in gpus}
+    first = min(gpus)
+    nodes: dict[str, NodeProc] = {}
+    try:
+        for i in gpus:
+            args = ["--config", str(config), "--simulate-gpu", gpus[i], "--cluster-secret", secret,
+                    "--node-id", f"n{i}"]
+            if i != first:
+                args += ["--join", f"127.0.0.{first}:{ports[first]}"]
+            nodes[f"n{i}"] = start_node(tmp, *args, host=f"127.0.0.{i}", port=ports[i], env=env, name=f"n{i}")
+        for n in nodes.values():
+            n.wait_healthy(healthy_s)
+    except BaseException:
+        for n in nodes.values():
+            with contextlib.suppress(Exception):
+                n.kill_group()
+        raise
+    return nodes
+
+
 class TwoNodes:
     """n1 on 127.0.0.1 and n2 on 127.0.0.2 joining it; one model with max_replicas = 1."""
 
@@ -146,16 +164,7 @@ class TwoNodes:
         self.nodes: dict[str, NodeProc] = {}
 
     def start(self, timeout: float = 180.0) -> None:
-        ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2)}
-        for i in (1, 2):
-            args = ["--config", str(self.cfg), "--simulate-gpu", f"card{i}:2000", "--cluster-secret", self.SECRET,
-                    "--node-id", f"n{i}"]
-            if i == 2:
-                args += ["--join", f"127.0.0.1:{ports[1]}"]
-            self.nodes[f"n{i}"] = start_node(self.tmp, *args, host=f"127.0.0.{i}", port=ports[i],
-                                              env=self.env, name=f"n{i}")
-        for n in self.nodes.values():
-            n.wait_healthy(60)
+        self.nodes = start_joined(self.tmp, self.cfg, self.SECRET, {i: f"card{i}:2000" for i in (1, 2)}, self.env)
 
         def settled():
             views = [n.cluster() for n in self.nodes.values()]
