@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model_path = harness.demo_model()
     levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
     result: dict = {}
-    with contextlib.suppress(ValueError, OSError):
-        result = json.loads(harness.output_path(args, "anynode").read_text())  # one part alone keeps the other's last figures
+    with contextlib.suppress(ValueError, OSError):  # one part alone keeps the other's last figures
+        result = json.loads(harness.output_path(args, "anynode").read_text())
     result.update({"benchmark": "anynode", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                    "machine": harness.machine(loadavg_start=loadavg())})
     tmp_root = Path(tempfile.mkdtemp(prefix="aiv-anynode-bench-"))

@@ -91,7 +91,7 @@ class StubRunner:
 
     def submit(self, tokens: list[int], params: GenParams, cancel: threading.Event,
                emit: Callable[..., None], media: dict | None = None) -> Future:
-        """Called on the worker's event loop: emits at once, or, with a delay set, from a task on that loop."""
+        """Called on the worker's event loop: emits at once, or with a delay set from a task on that loop."""
         fut: Future = Future()
         limit = params.max_tokens
         parts = TEXT_PARTS[:max(1, min(limit, len(TEXT_PARTS)))] if limit is not None else TEXT_PARTS

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['schedule']} | {r['removal_timeout_s']:g} | {r['violations']} | {r['double_leader_terms']} | "
               f"{r['split_brain_terms']} | {r['leaderless_s_mean']} | {r['autonomous_loads']} |")
-    print(f"wrote {harness.write_results('voter_removal', {'bench': 'voter_removal', 'nodes': 5, 'rows': rows}, args=args, indent=2)}")
+    out = {"bench": "voter_removal", "nodes": 5, "rows": rows}
+    print(f"wrote {harness.write_results('voter_removal', out, args=args, indent=2)}")
     return 0
 
 
