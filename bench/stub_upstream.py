@@ -162,14 +162,14 @@ def install(mode: str) -> None:
     real_entry = getattr(rmod.Runner, entry)
 
     if mode.startswith("trace"):
-        def traced(self, tokens, params, cancel, emit):
+        def traced(self, tokens, params, cancel, emit, *media):
             cur["start"], cur["emits"] = time.perf_counter(), []
 
-            def stamped(text: str) -> None:
+            def stamped(text: str, logprobs=None) -> None:
                 cur["emits"].append(time.perf_counter())
-                emit(text)
+                emit(text, logprobs)
 
-            return real_entry(self, tokens, params, cancel, stamped)
+            return real_entry(self, tokens, params, cancel, stamped, *media)
 
         setattr(rmod.Runner, entry, traced)
         return
@@ -201,7 +201,7 @@ def install(mode: str) -> None:
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stub-engine")
 
-        def submit(self, tokens, params, cancel, emit):
+        def submit(self, tokens, params, cancel, emit, media=None):
             return pool.submit(stub_generate, self, tokens, params, cancel, emit)
 
         rmod.Runner.submit = submit
