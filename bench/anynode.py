@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -57,9 +56,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
 from bench.engine import SAMPLING, CpuWatch, descendants, prompt_for  # noqa: E402
 from bench.engine_sweep import sweep  # noqa: E402
-from bench.proxy import MODEL, TwoNodes, loadavg  # noqa: E402
+from bench.harness import TwoNodes, loadavg  # noqa: E402
+from bench.proxy import MODEL  # noqa: E402
 
 LEVELS = (1, 2, 4, 8, 16, 32)
 
@@ -261,20 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=64, help="memory: streams held open at once")
     ap.add_argument("--chunk-ms", type=float, default=500.0, help="memory: stub pause before each chunk")
     ap.add_argument("--model-path", type=Path, help="GGUF (default: the demo Gemma 3 270M)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "anynode.json")
+    harness.add_output_args(ap, "anynode")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: `finally` stops what we started
     if args.model_path is None:
-        from aivailable.demo import demo_model_path
-
-        args.model_path = demo_model_path(Path(tempfile.gettempdir()) / "aivailable-bench-demo", progress=False)
+        args.model_path = harness.demo_model()
     levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
     result: dict = {}
-    with contextlib.suppress(ValueError, OSError):
-        result = json.loads(args.out.read_text())  # one part alone keeps the other's last figures
+    with contextlib.suppress(ValueError, OSError):  # one part alone keeps the other's last figures
+        result = json.loads(harness.output_path(args, "anynode").read_text())
     result.update({"benchmark": "anynode", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                               "cpus": os.cpu_count(), "loadavg_start": loadavg()}})
+                   "machine": harness.machine(loadavg_start=loadavg())})
     tmp_root = Path(tempfile.mkdtemp(prefix="aiv-anynode-bench-"))
     try:
         if args.part in ("memory", "both"):
@@ -287,9 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         result["machine"]["loadavg_end"] = loadavg()
         shutil.rmtree(tmp_root, ignore_errors=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+        written = harness.write_results("anynode", result, args=args)
+    print(f"wrote {written}")
     return 0
 
 

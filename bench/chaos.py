@@ -36,7 +36,7 @@ every 0.5 s, as a load balancer would); with ``--official-retries`` each request
 official client on one node with its default 2 retries (no redispatch to another node). The report adds
 ``no_replica_s``: per model, the longest window in which no live node had a ready replica of it.
 
-    python bench/chaos.py --schedule harsh --balancer --out bench/results/chaos_harsh.json
+    python bench/chaos.py --schedule harsh --balancer --label harsh   # bench/results/chaos.harsh.json
 
 Prints a table and writes bench/results/chaos.json. Targets: >= 99.9 % of requests succeed, 0 failures
 of class ``other``, no client hung past its timeout, no lost state directory, no term going backwards.
@@ -46,9 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -56,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,24 +63,19 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
 from bench.chaos_client import CLASSES, Clients  # noqa: E402
+from bench.harness import NodeProc, free_port, get_json, start_node  # noqa: E402
 from bench.netsplit import RoutedNet  # noqa: E402
-from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
 
 SECRET = "bench-chaos-secret-0123456789abcdef"
 MODELS = ("alpha", "beta")
 BRING_UP_S = 120  # a healthy start takes ~10 s even on 2 cores; under pytest-timeout (300 s) so the cause is printed
-RESULTS = REPO / "bench" / "results" / "chaos.json"
 POLL_S = 0.5
 KINDS = ("kill9", "stop", "restart", "kill_worker", "kill_leader")
 HARSH_KINDS = ("kill9", "stop", "restart", "kill_leader", "kill_majority", "partition")
 HEALTH_POLL_S = 0.5
 TARGET_SUCCESS = 0.999
-
-
-def get_json(url: str, timeout: float = 1.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.load(r)
 
 
 def children(pid: int) -> list[int]:
@@ -507,8 +499,9 @@ class Harness:
         mine = [r for r in reqs if not any(a.detail.startswith("entry node") for a in r.attempts)]
         rate_cluster = sum(r.ok for r in mine) / len(mine) if mine else 0.0
         out = {
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items() if k != "out"},
-            "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()
+                         if k not in ("out", "label")},
+            "machine": harness.machine(),
             "setup_s": round(setup_s, 1),
             "requests": len(reqs), "successes": ok, "success_rate": round(rate, 5),
             "success_rate_without_entry_node_kills": round(rate_cluster, 5),
@@ -588,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0, help="client read timeout, seconds")
     p.add_argument("--max-tokens", dest="max_tokens", type=int, default=8)
     p.add_argument("--model-path", dest="model_path", type=Path, help="GGUF (default: the bundled demo model)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    harness.add_output_args(p, "chaos")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (node logs)")
     p.add_argument("--failover-client", dest="failover", action="store_true",
                    help="clients are the official openai client made by aivailable.client over every node "
@@ -615,9 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="aiv-chaos-"))
     model = args.model_path
     if model is None:
-        from aivailable.demo import demo_model_path
-
-        model = demo_model_path(Path(tempfile.gettempdir()) / "aiv-chaos-model", progress=False)
+        model = harness.demo_model()
     net = RoutedNet(args.nodes).__enter__() if args.schedule == "harsh" else None
     h = Harness(args, model, tmp, net)
     try:
@@ -634,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     print(table(r))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(r, indent=1) + "\n")
+    print(f"wrote {harness.write_results('chaos', r, out=args.out, label=args.label)}")
     return 0 if all(r["targets"].values()) else 1
 
 

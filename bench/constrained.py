@@ -14,7 +14,6 @@ Generation ends at the grammar's end or at max_tokens; end-of-generation is not 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -27,12 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aivailable.demo import demo_model_path  # noqa: E402
 from aivailable.engine.chatplan import plan_chat  # noqa: E402
 from aivailable.engine.manager import default_threads  # noqa: E402
 from aivailable.engine.runner import GenParams, Runner  # noqa: E402
 from aivailable.engine.spec import WorkerSpec  # noqa: E402
 from aivailable.wire.schemas import parse_request  # noqa: E402
+from bench import harness  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["title", "summary", "facts"],
           "properties": {"title": {"type": "string"}, "summary": {"type": "string"},
@@ -73,13 +72,13 @@ def _run(runner: Runner, bodies: list[dict], free: bool, max_tokens: int) -> lis
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--out", default=str(REPO / "bench/results/constrained.json"))
-    args = ap.parse_args()
-    path = demo_model_path(Path.home() / ".cache/aivailable-bench", progress=False)
+    harness.add_output_args(ap, "constrained")
+    args = ap.parse_args(argv)
+    path = harness.demo_model()
     runner = Runner(WorkerSpec(model="gemma", path=str(path), n_ctx=4 * 1024, parallel=4,
                                n_threads=default_threads(), socket="/tmp/unused.sock"))
     runner.load()
@@ -122,8 +121,7 @@ def main() -> None:
     result = {"bench": "constrained", "machine": platform.platform(), "reps": args.reps,
               "max_tokens": args.max_tokens, "samples": rows, "medians": med, "ratios": ratios,
               "target_json_schema_ge_0_9": min(ratios["json_schema_vs_free_1"], ratios["json_schema_vs_free_4"]) >= 0.9}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_results('constrained', result, args=args, indent=2)}")
 
 
 if __name__ == "__main__":

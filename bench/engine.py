@@ -36,7 +36,6 @@ import hashlib
 import http.client
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -49,10 +48,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from aivailable.demo import demo_model_path  # noqa: E402
 from aivailable.engine.manager import default_threads  # noqa: E402
-from bench import engine_sweep  # noqa: E402
-from tests.nodeproc import start_node  # noqa: E402
+from bench import engine_sweep, harness  # noqa: E402
+from bench.harness import start_node  # noqa: E402
 
 MODEL = "gemma"
 N_BATCH = 512  # WorkerSpec's default
@@ -270,9 +268,7 @@ class Direct:
 
 # -- statistics and report --------------------------------------------------------------------------------------
 def p90(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return xs[0]
-    return statistics.quantiles(xs, n=10, method="inclusive")[8]
+    return harness.pct(xs, 90)
 
 
 def summarize(samples: list[dict], key: str) -> dict | None:
@@ -296,10 +292,9 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__,
-            "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    return harness.machine(cpu=cpu, cpu_count=os.cpu_count(), affinity_cpus=len(os.sched_getaffinity(0)),
+                           llama_cpp_python=llama_cpp.__version__,
+                           llama_cpp_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="rerun a sample if other processes used more than this fraction of the CPU")
     ap.add_argument("--retries", type=int, default=4, help="reruns per sample at most (default 4)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine.json")
+    harness.add_output_args(ap, "engine")
     sw = ap.add_argument_group("concurrency sweep (bench/engine_sweep.py): our API vs llama-server")
     sw.add_argument("--sweep", default=",".join(map(str, engine_sweep.LEVELS)),
                     help="stream counts, comma-separated (default 1,2,4,8,16); 'none' skips the sweep "
@@ -337,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = default_threads()  # what each worker gets
     tmp_ctx = tempfile.TemporaryDirectory(prefix="aiv-engine-bench-")
     tmp = Path(tmp_ctx.name)
-    model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
+    model_path = args.model_path or harness.demo_model()
     model_mib = round(model_path.stat().st_size / 2**20, 1)
     print(f"model {model_path} ({model_mib:.0f} MiB), n_ctx {args.ctx}, "
           f"threads {threads}, max_tokens {args.max_tokens}", flush=True)
@@ -472,13 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.sweep != "none":
         result["concurrency_sweep"] = run_sweep(args, args.model_path)  # the demo copy above is gone
-    elif args.out.exists():  # keep the sweep part of an earlier run (the counterpart of --sweep-only)
-        with contextlib.suppress(ValueError, OSError):
-            if "concurrency_sweep" in (earlier := json.loads(args.out.read_text())):
+    elif (out := harness.output_path(args, "engine")).exists():  # keep the sweep part of an earlier run
+        with contextlib.suppress(ValueError, OSError):  # (the counterpart of --sweep-only)
+            if "concurrency_sweep" in (earlier := json.loads(out.read_text())):
                 result["concurrency_sweep"] = earlier["concurrency_sweep"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_results('engine', result, args=args, indent=2)}")
     return 0
 
 
@@ -487,7 +480,7 @@ def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
     threads = default_threads()
     with tempfile.TemporaryDirectory(prefix="aiv-engine-sweep-") as tmp_name:
         tmp = Path(tmp_name)
-        model_path = model_path or demo_model_path(tmp / "demo-state", progress=False)
+        model_path = model_path or harness.demo_model()
         server = engine_sweep.find_llama_server(args.llama_server, args.llama_server_python)
         started, load_before = time.strftime("%Y-%m-%dT%H:%M:%S%z"), os.getloadavg()
         sweep = engine_sweep.run(
@@ -500,11 +493,10 @@ def run_sweep(args: argparse.Namespace, model_path: Path | None) -> dict:
 
 
 def sweep_only(args: argparse.Namespace) -> int:
-    result = json.loads(args.out.read_text()) if args.out.exists() else {"benchmark": "engine"}
+    out = harness.output_path(args, "engine")
+    result = json.loads(out.read_text()) if out.exists() else {"benchmark": "engine"}
     result["concurrency_sweep"] = run_sweep(args, args.model_path)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote the concurrency sweep into {args.out}")
+    print(f"wrote the concurrency sweep into {harness.write_results('engine', result, args=args, indent=2)}")
     return 0
 
 

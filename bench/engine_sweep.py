@@ -38,6 +38,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.harness import pct
+
 LEVELS = (1, 2, 4, 8, 16)
 DEFAULT_SERVER_PYTHON = "/tmp/benchvenv/bin/python"
 
@@ -207,10 +209,8 @@ def run_level(host: str, port: int, streams: int, requests: int, prompts: list[s
         "streams": streams, "requests": len(reqs), "completion_tokens": tokens, "wall_s": wall,
         "aggregate_tps": tokens / wall if wall else None,
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
-        "ttft_ms_p90": statistics.quantiles(ttfts, n=10, method="inclusive")[8] if len(ttfts) > 1 else
-        (ttfts[0] if ttfts else None),
-        "ttft_ms_p99": statistics.quantiles(ttfts, n=100, method="inclusive")[98] if len(ttfts) > 1 else
-        (ttfts[0] if ttfts else None),
+        "ttft_ms_p90": pct(ttfts, 90),
+        "ttft_ms_p99": pct(ttfts, 99),
         "decode_tps_median": statistics.median(tps) if tps else None,
         "failed_streams": sum(1 for f in failures if f), "failures": [f for f in failures if f],
         "usage_reported": all(r["usage"] for r in reqs),
@@ -313,7 +313,7 @@ def run(model_path: Path, tmp: Path, *, model: str, threads: int, parallel: int,
         llama_server: Path | None, max_foreign: float) -> dict:
     """Start our node and llama-server, sweep both, stop them; the JSON-able result."""
     from bench.engine import CpuWatch, descendants
-    from tests.nodeproc import free_port, start_node
+    from bench.harness import free_port, start_node
 
     cfg = tmp / "sweep-node.toml"
     cfg.write_text(f'[[models]]\nname = "{model}"\npath = "{model_path}"\nctx = {ctx}\nparallel = {parallel}\n'

@@ -34,7 +34,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -47,24 +46,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.proxy import ours, wait_for  # noqa: E402
-from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import NodeProc, ours, pct, start_joined, wait_for  # noqa: E402
 
 MODEL = "bench"
 SECRET = "bench-failover-secret-0123456789abcdef"
 POLL_S = 0.05
 DETECT_TARGET_P99_S = 3.0
 IDS = ("n1", "n2", "n3")
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    s = sorted(x for x in xs if x is not None)
-    if not s:
-        return None
-    k = (len(s) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def http_json(host: str, port: int, path: str, timeout: float) -> dict:
@@ -98,16 +87,8 @@ class ThreeNodes:
         self.worker_pids: set[int] = set()
 
     def start(self, timeout: float) -> dict:
-        ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2, 3)}
-        for i in (1, 2, 3):
-            args = ["--config", str(self.cfg), "--simulate-gpu", f"card{i}:{self.vram[i]}",
-                    "--cluster-secret", SECRET, "--node-id", f"n{i}"]
-            if i != 1:
-                args += ["--join", f"127.0.0.1:{ports[1]}"]
-            self.nodes[f"n{i}"] = start_node(self.tmp, *args, host=f"127.0.0.{i}", port=ports[i],
-                                              env=self.env, name=f"n{i}")
-        for n in self.nodes.values():
-            n.wait_healthy(60)
+        self.nodes = start_joined(self.tmp, self.cfg, SECRET, {i: f"card{i}:{self.vram[i]}" for i in (1, 2, 3)},
+                                  self.env)
 
         def settled():
             views = {k: http_json(n.host, n.port, "/api/cluster", 2) for k, n in self.nodes.items()}
@@ -344,16 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-path", type=Path, default=None, help="any GGUF (the stub never loads it; the "
                     "node reads its metadata for the VRAM estimate); default: the demo Gemma 3 270M")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the nodes' state directories and logs")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "failover.json")
+    harness.add_output_args(ap, "failover")
     args = ap.parse_args(argv)
 
     tmp_root = Path(tempfile.mkdtemp(prefix="aiv-failover-bench-"))
     if args.model_path is None:
-        from aivailable.demo import demo_model_path
-
-        # Assembled once (about 250 MB) and reused by later runs; demo_model_path checks its sha256.
-        cache = Path(tempfile.gettempdir()) / "aivailable-bench-demo"
-        args.model_path = demo_model_path(cache, progress=False)
+        args.model_path = harness.demo_model()
     env = {"AIVAILABLE_WORKER_MODULE": "bench.stub_worker", "AIVAILABLE_LOG_LEVEL": "INFO"}
     if args.profile == "lan":
         env["AIVAILABLE_PROFILE"] = "lan"  # the node's default; start_node would otherwise set "local"
@@ -404,14 +381,11 @@ def main(argv: list[str] | None = None) -> int:
            "target_detect_p99_s": DETECT_TARGET_P99_S, "target_met": target_met,
            "method": "fresh 3-node cluster per run; SIGKILL of the holder's process group and worker; "
                      "times from the kill, polled every 50 ms on every survivor",
-           "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                       "cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg())},
+           "machine": harness.machine(loadavg_end=list(os.getloadavg())),
            "settings": {"runs": args.runs, "steer": not args.no_steer, "run_timeout_s": args.run_timeout,
                         "model_path": str(args.model_path)},
            "wall_s": round(time.monotonic() - t_all, 1), "stats": stats, "failures": failures, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_results('failover', out, args=args)}")
     return 0 if not failures else 1
 
 

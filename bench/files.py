@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,6 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from aivailable.files.fetch import Fetcher, Transfer  # noqa: E402
 from aivailable.files.index import sha256_file  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import free_port  # noqa: E402
 
 SECRET = b"bench-files-secret-0123456789"
 HOLDER = r"""
@@ -42,14 +42,6 @@ app = web.Application()
 app.router.add_post(FILES_PATH, server.handle)
 web.run_app(app, host="127.0.0.1", port=port, print=lambda *a: print("ready", flush=True))
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_holder(path: Path, sha: str, tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -73,20 +65,16 @@ async def fetch_once(src_sha: str, size: int, holders: dict[str, str], dest: Pat
     return dt
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--file", help="GGUF to move (default: the demo Gemma 3 270M)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--chunk-mib", type=float, default=8.0)
     ap.add_argument("--limit-mib-s", type=float, default=50.0)
-    args = ap.parse_args()
+    harness.add_output_args(ap, "files")
+    args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="aiv-bench-files-"))
-    if args.file:
-        path = Path(args.file)
-    else:
-        from aivailable.demo import demo_model_path
-
-        path = demo_model_path(tmp / "state", progress=False)
+    path = Path(args.file) if args.file else harness.demo_model()
     size = path.stat().st_size
     sha = sha256_file(path)
     procs = []
@@ -124,14 +112,14 @@ def main() -> int:
     achieved = mib / med["limit"]
     print(f"bandwidth limit {args.limit_mib_s} MiB/s: achieved {achieved:.1f} MiB/s "
           f"({achieved / args.limit_mib_s:.2f}x the limit, verification included)")
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "settings": vars(args) | {"file": str(path), "size_bytes": size},
+    out = {"machine": harness.machine(),
+           "settings": {k: v for k, v in vars(args).items() if k not in ("out", "label")}
+           | {"file": str(path), "size_bytes": size},
            "samples_s": results, "median_s": med,
            "mib_per_s": {k: round(mib / v, 1) for k, v in med.items()},
            "ratio_to_copy": {k: round(v / med["copy"], 2) for k, v in med.items()},
            "limit_achieved_mib_s": round(achieved, 1)}
-    (REPO / "bench" / "results").mkdir(exist_ok=True)
-    (REPO / "bench" / "results" / "files.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {harness.write_results('files', out, args=args, indent=2)}")
     return 0
 
 

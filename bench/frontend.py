@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -60,10 +59,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
 from bench.engine import descendants  # noqa: E402
-from bench.loadgen import pct  # noqa: E402
-from bench.proxy import MODEL, TwoNodes, cpu_s, loadavg  # noqa: E402
-from tests.nodeproc import free_port  # noqa: E402
+from bench.harness import TwoNodes, free_port, loadavg, pct  # noqa: E402
+from bench.proxy import MODEL, cpu_s  # noqa: E402
 
 TARGETS = ("direct", "aivailable", "haproxy", "litellm")
 DEFAULT_LITELLM_PYTHON = "/tmp/litellm-venv/bin/python"
@@ -392,22 +391,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-stub", action="store_true")
     ap.add_argument("--model-path", type=Path, help="GGUF (default: the demo Gemma 3 270M)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "frontend.json")
+    harness.add_output_args(ap, "frontend")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: `finally` stops what we started
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     real_req = {int(k): int(v) for k, v in (x.split(":") for x in args.real_requests.split(","))}
     if args.model_path is None:
-        from aivailable.demo import demo_model_path
-
-        args.model_path = demo_model_path(Path(tempfile.gettempdir()) / "aivailable-bench-demo", progress=False)
+        args.model_path = harness.demo_model()
     tools = {"haproxy": find_haproxy(args.haproxy), "litellm": find_litellm(args.litellm_python)}
     for name, (path, why) in tools.items():
         print(f"{name}: {why if path else 'SKIPPED: ' + why}", flush=True)
     tmp_root = Path(tempfile.mkdtemp(prefix="aiv-frontend-bench-"))
     result: dict = {"benchmark": "frontend", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                "cpus": os.cpu_count(), "loadavg_start": loadavg()},
+                    "machine": harness.machine(loadavg_start=loadavg()),
                     "tools": {k: v[1] for k, v in tools.items()},
                     "settings": {"levels": levels, "requests": args.requests, "rounds": args.rounds,
                                  "litellm_requests": args.litellm_requests,
@@ -421,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}]}
     if args.skip_stub or args.skip_real:  # one part alone keeps the other's last figures
         with contextlib.suppress(ValueError, OSError):
-            old = json.loads(args.out.read_text())
+            old = json.loads(harness.output_path(args, "frontend").read_text())
             keep = "real" if args.skip_real else "stub"
             if keep in old.get("runs", {}):
                 result["runs"][keep] = old["runs"][keep]
@@ -451,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["loadavg_end"] = loadavg()
         result["wall_s"] = round(time.monotonic() - t0, 1)
         shutil.rmtree(tmp_root, ignore_errors=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        written = harness.write_results("frontend", result, args=args)
     print("\n" + TABLE_HEAD)
     for kind, run in result["runs"].items():
         for lvl in run["levels"]:
@@ -461,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"({kind}: {name} skipped: {why})")
     if result.get("verdict"):
         print(f"\ntargets (stub, concurrency 1): {json.dumps(result['verdict'])}")
-    print(f"wrote {args.out}")
+    print(f"wrote {written}")
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,21 +23,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import harness  # noqa: E402
+from bench.harness import free_port, get_json  # noqa: E402
+
 N_CTX = 4096
 GEN_TOKENS = 256
 PARALLEL = 4  # slots of the replica the node runs (its model spec asks for this many)
 PROMPT = "The history of computing began"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.load(r)
+    return get_json(url, timeout=10)
 
 
 DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
@@ -129,11 +124,9 @@ def concurrent_tps(url: str, body: dict, streams: int) -> dict:
 
 def write_results(results: dict) -> None:
     card = (results.get("card") or "gpu").lower().replace(" ", "_")
-    text = json.dumps(results, indent=2, default=str)
-    (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (REPO / "bench" / "results" / f"gpu_{card}.json").write_text(text)
+    path = harness.write_results(f"gpu_{card}", results, indent=2)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"gpu_{card}.json").write_text(text)
+        Path(os.environ["OUT"], path.name).write_text(path.read_text())
 
 
 def main() -> int:

@@ -26,7 +26,6 @@ tables and writes bench/results/kvcache.json.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -41,6 +40,7 @@ from aivailable.placement.kvchoice import place_kv  # noqa: E402
 from aivailable.placement.model import ModelSpec, PlacementResult, Problem  # noqa: E402
 from aivailable.placement.objective import validate_result  # noqa: E402
 from aivailable.placement.solver import place  # noqa: E402
+from bench import harness  # noqa: E402
 from bench.catalog import (  # noqa: E402  # noqa: E402, I001
     ARCHS,
     ASSUMED_BANDWIDTH_GBPS,
@@ -54,7 +54,6 @@ from bench.catalog import (  # noqa: E402  # noqa: E402, I001
 )
 from bench.placement import gpus_of, zipf_demand  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "kvcache.json"
 MAX_CTX = {  # trained context (max_position_embeddings of config.json, without RoPE scaling options)
     "llama-3.2-1b": 131072, "llama-3.2-3b": 131072, "llama-3.1-8b": 131072, "llama-3.3-70b": 131072,
     "qwen2.5-0.5b": 32768, "qwen2.5-7b": 32768, "qwen2.5-14b": 32768, "qwen2.5-32b": 32768,
@@ -201,13 +200,11 @@ def _generate(runner, tokens: list[int], **kw):
 def run_engine(threads: int, rounds: int = 3) -> dict:
     """Part (b), all through the worker's own engine (Runner, BatchEngine, 1 slot), one Runner per type."""
     import statistics
-    import tempfile
 
-    from aivailable.demo import demo_model_path
     from aivailable.engine.runner import Runner
     from aivailable.engine.spec import WorkerSpec
 
-    path = str(demo_model_path(Path(tempfile.gettempdir()) / "kvbench", progress=False))
+    path = str(harness.demo_model())
     runners = {}
     for kv in kvcache.PREFERENCE:
         runners[kv] = Runner(WorkerSpec(model="gemma", path=path, n_ctx=1024, parallel=1, n_threads=threads,
@@ -273,11 +270,12 @@ def engine_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-engine", action="store_true", help="skip part (b), the llama.cpp runs")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    harness.add_output_args(ap, "kvcache")
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = run_placement()
     print(placement_table(rows))
@@ -298,9 +296,8 @@ def main() -> int:
     print("\n".join(checks))
     elapsed = time.perf_counter() - t0
     print(f"\nbenchmark took {elapsed:.0f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"placement": rows, "engine": engine, "targets": checks,
-                                   "elapsed_s": round(elapsed, 1), "python": sys.version.split()[0]}, indent=1) + "\n")
+    harness.write_results("kvcache", {"placement": rows, "engine": engine, "targets": checks,
+                                      "elapsed_s": round(elapsed, 1), "python": sys.version.split()[0]}, args=args)
     return 0
 
 

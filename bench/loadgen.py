@@ -29,6 +29,8 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from bench import harness
+
 CHUNKED_END = b"\r\n0\r\n\r\n"
 
 
@@ -131,14 +133,9 @@ async def connect_unix(path: str) -> Conn:
 
 
 def pct(xs: list[float], q: float) -> float:
-    """q-th percentile (0-100), linear interpolation."""
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    """q-th percentile (0-100), linear interpolation (bench/harness.py); NaN for no values."""
+    v = harness.pct(xs, q)
+    return float("nan") if v is None else v
 
 
 def stats_ms(xs: list[float]) -> dict:

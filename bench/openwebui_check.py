@@ -31,7 +31,8 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.nodeproc import free_port  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import free_port, start_node  # noqa: E402
 
 CHAT_MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
@@ -233,14 +234,15 @@ def ensure_venv(venv: Path, install: bool) -> Path:
     return exe
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/owui-check"))
     ap.add_argument("--venv", type=Path, default=Path("/tmp/owui-venv"), help="Open WebUI's virtual environment")
     ap.add_argument("--install", action="store_true", help="create --venv and pip install open-webui into it")
     ap.add_argument("--page-timeout", type=float, default=300.0, help="seconds to wait for the page's chat")
     ap.add_argument("--no-page", action="store_true", help="skip the browser check")
-    args = ap.parse_args()
+    harness.add_output_args(ap, "openwebui_check")
+    args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     exe = ensure_venv(args.venv, args.install)
     node_port, proxy_port, owui_port = free_port(), free_port(), free_port()
@@ -248,10 +250,8 @@ def main() -> int:
     node = owui = None
     proxy = LoggingProxy(f"http://127.0.0.1:{node_port}", proxy_port)
     try:
-        node = _start([sys.executable, "-m", "aivailable", "up", "--demo", "--host", "127.0.0.1", "--port",
-                       str(node_port), "--state-dir", str(args.workdir / "node-state"), "--no-mdns"],
-                      args.workdir / "node.log", {"AIVAILABLE_PROFILE": "local"})
-        _wait_http(f"http://127.0.0.1:{node_port}/health", node, 300, "the node")
+        node = start_node(args.workdir, "--demo", port=node_port, name="node")  # node-state/, node.log
+        node.wait_healthy(300)
         proxy.start()
         owui = _start([str(exe), "serve", "--host", "127.0.0.1", "--port", str(owui_port)], args.workdir / "owui.log",
                       owui_env(f"http://127.0.0.1:{proxy_port}/v1", args.workdir / "owui-data"))
@@ -268,16 +268,14 @@ def main() -> int:
                 print("Page check failed:", report["page"]["error"])
     finally:
         _stop(owui)
-        _stop(node)
+        _stop(node.proc if node else None)
         report["requests"] = proxy.log
         print(f"\n{'method':6} {'status':6} {'s':>6}  path / model / stream / max_tokens / tools / error")
         for e in proxy.log:
             extra = " ".join(f"{k}={e[k]}" for k in ("model", "stream", "max_tokens", "tools") if k in e)
             print(f"{e['method']:6} {e.get('status', '-')!s:6} {e.get('s', '-')!s:>6}  {e['path']} {extra}"
                   + (f"  ERROR: {e['error']}" if "error" in e else ""))
-        out = REPO / "bench" / "results" / "openwebui_check.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {out}")
+        print(f"\nwrote {harness.write_results('openwebui_check', report, args=args, indent=2)}")
     ok = all(report.get(k, {}).get("ok") for k in ("api_chat", "api_stream")) and CHAT_MODEL in report.get("models", [])
     return 0 if ok else 1
 

@@ -16,8 +16,8 @@ Metrics, per policy and scenario:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import math
 import random
 import statistics
@@ -48,6 +48,7 @@ from aivailable.placement.model import (  # noqa: E402
 )
 from aivailable.placement.objective import objective, objective_terms  # noqa: E402
 from aivailable.placement.solver import place, validate_result  # noqa: E402
+from bench import harness  # noqa: E402
 from bench.catalog import GPU_TYPES, CatalogModel, base_catalog, extended_catalog  # noqa: E402
 
 Policy = Callable[[Problem], PlacementResult]
@@ -77,7 +78,6 @@ NODE_TYPES = [
     "Tesla P4",
     "GTX 1070",
 ]
-RESULTS = ROOT / "bench" / "results" / "placement.json"
 
 
 # -- scenarios -----------------------------------------------------------------------------------------
@@ -416,7 +416,10 @@ def targets(results: list[dict]) -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_output_args(ap, "placement")
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     results = []
     for name, (problem, rps), ilp in [
@@ -440,19 +443,8 @@ def main() -> int:
     print("\n".join(checks))
     elapsed = time.perf_counter() - t0
     print(f"\nbenchmark took {elapsed:.0f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "results": results,
-                "targets": checks,
-                "elapsed_s": round(elapsed, 1),
-                "python": sys.version.split()[0],
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    harness.write_results("placement", {"results": results, "targets": checks, "elapsed_s": round(elapsed, 1),
+                                        "python": sys.version.split()[0]}, args=args)
     return 0
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import random
 import sys
@@ -46,7 +47,8 @@ if str(REPO) not in sys.path:
 
 import openai  # noqa: E402
 
-from tests.nodeproc import NodeProc, start_cluster  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import NodeProc, start_cluster  # noqa: E402
 
 MODEL = "gemma-3-270m"
 SECRET = "prefix-routing-bench-secret-0123456789"
@@ -153,10 +155,8 @@ def run_workload(c: Cluster, kind: str, args: argparse.Namespace) -> dict:
 
 
 def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+    """q as a fraction (0.5: the median), the value at the rounded rank."""
+    return harness.pct(xs, 100 * q, method="nearest")
 
 
 def summarize(records: list[dict], errors: list[str], wall: float) -> dict:
@@ -190,12 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--workloads", default="multiturn,distinct,unique")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "bench/results/prefix_routing.json"))
+    harness.add_output_args(ap, "prefix_routing")
     args = ap.parse_args(argv)
-    from aivailable.demo import demo_model_path
-
     tmp_root = Path(tempfile.mkdtemp(prefix="prefix-bench-"))
-    model_path = demo_model_path(tmp_root / "model", progress=False)
+    model_path = harness.demo_model()
     per_slot = args.system_tokens + args.turns * (args.turn_tokens + args.max_tokens + 40) + 256
     ctx = args.parallel * (per_slot // 256 + 1) * 256
     runs: dict[str, dict] = {}
@@ -235,11 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {key} | {q['ttft_p50_speedup']} | {q['ttft_p90_speedup']} | {q['latency_p50_speedup']} | "
                     f"{q['tps_ratio']} |")
     print("\n".join(rows))
-    out = {"bench": "prefix_routing", "args": vars(args), "ctx": ctx, "machine": platform.machine(),
-           "cpus": __import__("os").cpu_count(), "runs": runs, "prefix_vs_p2c": comparisons,
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out = {"bench": "prefix_routing", "ctx": ctx, "machine": platform.machine(), "cpus": os.cpu_count(),
+           "runs": runs, "prefix_vs_p2c": comparisons}
+    print(f"wrote {harness.write_results('prefix_routing', out, args=args, indent=2)}")
     return 0
 
 

@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import http.client
 import json
 import os
-import platform
 import shutil
-import signal
 import socket
 import statistics
 import sys
@@ -53,116 +50,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.loadgen import pct  # noqa: E402
-from tests.nodeproc import NodeProc, free_port, start_node  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import TwoNodes, loadavg, pct  # noqa: E402
 
 MODEL = "bench"
-SECRET = "bench-proxy-secret-0123456789abcdef"
 PATHS = ("socket", "holder", "peer")
 ADDED_TARGET_MS = 1.0
 PROMPT = "Say hi."
-
-
-# -- cluster -------------------------------------------------------------------------------------------------
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError, KeyError, http.client.HTTPException):
-            last = pred()
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last})")
-
-
-def ours(pid: int, marker: str) -> bool:
-    """Whether `pid` is still a worker this benchmark started (its command line names our temp dir)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return marker.encode() in f.read()
-    except OSError:
-        return False
-
-
-def ready_holders(view: dict, model: str) -> list[str]:
-    return [r["node"] for m in view["models"] if m["name"] == model
-            for r in m["replicas"] if r["state"] == "ready"]
-
-
-class TwoNodes:
-    """n1 on 127.0.0.1 and n2 on 127.0.0.2 joining it; one model with max_replicas = 1."""
-
-    def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512, parallel: int | None = None,
-                 max_queue: int = 64):
-        self.tmp, self.env = tmp, env
-        self.cfg = tmp / "models.toml"
-        self.cfg.write_text(f'[[models]]\nname = "{MODEL}"\npath = "{model_path}"\nctx = {ctx}\n'
-                            f"max_replicas = 1\nmax_queue = {max_queue}\n"
-                            + (f"parallel = {parallel}\n" if parallel else ""))
-        self.nodes: dict[str, NodeProc] = {}
-
-    def start(self, timeout: float = 180.0) -> None:
-        ports = {i: free_port(f"127.0.0.{i}") for i in (1, 2)}
-        for i in (1, 2):
-            args = ["--config", str(self.cfg), "--simulate-gpu", f"card{i}:2000", "--cluster-secret", SECRET,
-                    "--node-id", f"n{i}"]
-            if i == 2:
-                args += ["--join", f"127.0.0.1:{ports[1]}"]
-            self.nodes[f"n{i}"] = start_node(self.tmp, *args, host=f"127.0.0.{i}", port=ports[i],
-                                              env=self.env, name=f"n{i}")
-        for n in self.nodes.values():
-            n.wait_healthy(60)
-
-        def settled():
-            views = [n.cluster() for n in self.nodes.values()]
-            ok = all({x["id"] for x in v["nodes"] if x["state"] == "alive"} == {"n1", "n2"} for v in views)
-            hs = [ready_holders(v, MODEL) for v in views]
-            # Both views agree on exactly one ready replica: the non-holder can route to it.
-            return ok and all(len(h) == 1 for h in hs) and hs[0] == hs[1] and hs[0]
-
-        self.holder_id = wait_for(settled, timeout, "two nodes alive and the model ready in both views")[0]
-
-    @property
-    def holder(self) -> NodeProc:
-        return self.nodes[self.holder_id]
-
-    @property
-    def peer(self) -> NodeProc:
-        return next(n for k, n in self.nodes.items() if k != self.holder_id)
-
-    def worker_socket(self) -> str:
-        socks = glob.glob(str(self.holder.state_dir / "run" / "*.sock"))
-        if len(socks) != 1:
-            raise RuntimeError(f"expected one worker socket in {self.holder.state_dir / 'run'}, "
-                               f"found {socks}")
-        return socks[0]
-
-    def worker_pids(self) -> list[int]:
-        pids = []
-        for n in self.nodes.values():
-            with contextlib.suppress(Exception):
-                for m in n.cluster()["models"]:
-                    pids += [r["pid"] for r in m["replicas"] if r.get("pid")]
-        return sorted(set(pids))
-
-    def worker_pid(self) -> int:
-        reps = [r for m in self.holder.cluster()["models"] for r in m["replicas"]
-                if r["node"] == self.holder_id and r.get("pid")]
-        return reps[0]["pid"]
-
-    def stop(self) -> None:
-        pids = self.worker_pids()
-        for n in self.nodes.values():
-            with contextlib.suppress(Exception):
-                n.stop(timeout=15)
-        for n in self.nodes.values():  # whatever is left of the group
-            with contextlib.suppress(Exception):
-                n.kill_group()
-        for pid in pids:  # workers run in their own sessions; they exit on stdin EOF, make sure
-            if ours(pid, str(self.tmp)):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)  # the worker leads its own session/group
 
 
 # -- clients -------------------------------------------------------------------------------------------------
@@ -383,13 +277,6 @@ TABLE_HEAD = ("| scenario | conc | rounds | socket p50/p99 ms | holder p50/p99 m
               "|---|---|---|---|---|---|---|---|---|")
 
 
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
 def run_cluster(kind: str, model_path: Path, env: dict[str, str], scenarios: list[dict], timeout: float,
                 tmp_root: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=tmp_root))
@@ -439,20 +326,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="gossip timing profile of the nodes")
     ap.add_argument("--model-path", type=Path, default=None, help="GGUF (default: the demo Gemma 3 270M)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the nodes' state directories and logs")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "proxy.json")
+    harness.add_output_args(ap, "proxy")
     args = ap.parse_args(argv)
 
     tmp_root = Path(tempfile.mkdtemp(prefix="aiv-proxy-bench-"))
     if args.model_path is None:
-        from aivailable.demo import demo_model_path
-
-        # Assembled once (about 250 MB) and reused by later runs; demo_model_path checks its sha256.
-        cache = Path(tempfile.gettempdir()) / "aivailable-bench-demo"
-        args.model_path = demo_model_path(cache, progress=False)
+        args.model_path = harness.demo_model()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     result: dict = {"benchmark": "proxy", "target_added_p50_ms": ADDED_TARGET_MS,
-                    "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                                "cpus": os.cpu_count(), "loadavg_start": loadavg()},
+                    "machine": harness.machine(loadavg_start=loadavg()),
                     "settings": {"n": args.n, "n_real": args.n_real, "warmup": args.warmup,
                                  "concurrency": levels, "slow_ms": args.slow_ms, "n_slow": args.n_slow,
                                  "max_tokens_real": args.max_tokens, "profile": args.profile,
@@ -508,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         result["target_met"] = met
         print(f"\nadded latency p50 (stub, concurrency 1): {stub1['added_ms']['p50_diff']:.3f} ms "
               f"(target <= {ADDED_TARGET_MS} ms: {'met' if met else 'MISSED'})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_results('proxy', result, args=args)}")
     return 0
 
 

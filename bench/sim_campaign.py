@@ -30,7 +30,6 @@ Prints a table and writes bench/results/sim_campaign.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aivailable.gossip.sim import SimConfig, campaign, summarize  # noqa: E402
 from aivailable.gossip.simcheck import percentile  # noqa: E402
+from bench import harness  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "sim_campaign.json"
 NOT_CONVERGED = ("did not converge", "no single leader", "not every node follows", "different placements",
                  "not placed on a live node", "holds facts")
 
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--sizes", default="2,3,5,7", help="cluster sizes, comma-separated (seeds round-robin)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    harness.add_output_args(p, "sim_campaign")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes or min(sizes) < 1:
@@ -146,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{t['stale_placements_applied']} stale placements applied ({t['placements_applied']} applied, "
           f"{t['stale_refused_by_fence']} stale ones refused by fences), {t['not_converged_seeds']} seeds not "
           f"converged after healing")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {harness.write_results('sim_campaign', out, args=args)}")
     return 0 if all(out["targets"].values()) else 1
 
 

@@ -17,7 +17,6 @@ Prints a table and writes bench/results/sim_scale.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -29,9 +28,9 @@ from aivailable.gossip.membership import MemberChanged  # noqa: E402
 from aivailable.gossip.membership_types import MembershipConfig  # noqa: E402
 from aivailable.gossip.messages import Status  # noqa: E402
 from aivailable.gossip.sim import Sim, SimConfig  # noqa: E402
+from bench import harness  # noqa: E402
 
 FACTS_INTERVAL = 30.0  # each node's facts change every 30 s (random phase): ~33 facts updates/s at 1,000
-RESULTS = Path(__file__).resolve().parent / "results" / "sim_scale.json"
 
 
 def run(nodes: int, seed: int) -> dict[str, float | int | str | None]:
@@ -113,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
+    harness.add_output_args(p, "sim_scale")
     args = p.parse_args(argv)
     r = run(args.nodes, args.seed)
     lan = MembershipConfig.lan()
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(r, indent=2) + "\n")
-        print(f"wrote {RESULTS}")
+        print(f"wrote {harness.write_results('sim_scale', r, args=args, indent=2)}")
     return 0
 
 

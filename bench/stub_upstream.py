@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -163,14 +162,14 @@ def install(mode: str) -> None:
     real_entry = getattr(rmod.Runner, entry)
 
     if mode.startswith("trace"):
-        def traced(self, tokens, params, cancel, emit):
+        def traced(self, tokens, params, cancel, emit, *media):
             cur["start"], cur["emits"] = time.perf_counter(), []
 
-            def stamped(text: str) -> None:
+            def stamped(text: str, logprobs=None) -> None:
                 cur["emits"].append(time.perf_counter())
-                emit(text)
+                emit(text, logprobs)
 
-            return real_entry(self, tokens, params, cancel, stamped)
+            return real_entry(self, tokens, params, cancel, stamped, *media)
 
         setattr(rmod.Runner, entry, traced)
         return
@@ -202,7 +201,7 @@ def install(mode: str) -> None:
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stub-engine")
 
-        def submit(self, tokens, params, cancel, emit):
+        def submit(self, tokens, params, cancel, emit, media=None):
             return pool.submit(stub_generate, self, tokens, params, cancel, emit)
 
         rmod.Runner.submit = submit
@@ -212,8 +211,9 @@ def install(mode: str) -> None:
 
 def run_mode(mode: str, model_path: Path, reps: int, warmup: int, max_tokens: int, tmp: Path,
              max_foreign: float = 0.05, retries: int = 4) -> dict:
+    from bench import harness
     from bench.engine import MODEL, Api, CpuWatch, descendants, prompt_for
-    from tests.nodeproc import start_node
+    from bench.harness import start_node
 
     site = tmp / "site"
     site.mkdir(exist_ok=True)
@@ -291,12 +291,12 @@ def run_mode(mode: str, model_path: Path, reps: int, warmup: int, max_tokens: in
         xs = [r[key] for r in rows if r[key] is not None]
         if xs:
             summary[key] = {"median": statistics.median(xs),
-                            "p90": statistics.quantiles(xs, n=10, method="inclusive")[8] if len(xs) > 1 else xs[0]}
+                            "p90": harness.pct(xs, 90)}
     return {"mode": mode, "samples": rows, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aivailable.demo import demo_model_path
+    from bench import harness
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("stub", "trace", "both"), default="both")
@@ -310,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="measure a request again if other processes used more than this fraction of the CPU")
     ap.add_argument("--model-path", type=Path, help="GGUF (default: the demo Gemma 3 270M)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engine_overhead.json")
+    harness.add_output_args(ap, "engine_overhead")
     args = ap.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the node this starts is stopped in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="aiv-stub-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        model_path = args.model_path or demo_model_path(tmp / "demo-state", progress=False)
+        model_path = args.model_path or harness.demo_model()
         model_name = model_path.name
         modes = []
         if args.mode in ("stub", "both"):
@@ -336,9 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     from aivailable.engine.runner import Runner
 
     out = {"benchmark": "engine_overhead", "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "machine": {"cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-                       "python": platform.python_version(), "loadavg_before": load_before,
-                       "loadavg_after": os.getloadavg()},
+           "machine": harness.machine(cpu_count=os.cpu_count(), affinity_cpus=len(os.sched_getaffinity(0)),
+                                      loadavg_before=load_before, loadavg_after=os.getloadavg()),
            "settings": {"reps": args.reps, "warmup": args.warmup, "max_tokens": args.max_tokens,
                         "prefill_ms": args.prefill_ms, "interval_ms": args.interval_ms,
                         "engine_nice": args.engine_nice, "max_foreign_cpu": args.max_foreign,
@@ -346,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                         "worker_generation_entry": "Runner.submit" if hasattr(Runner, "submit")
                         else "Runner.generate"},
            "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {harness.write_results('engine_overhead', out, args=args, indent=2)}")
     return 0
 
 

@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aivailable.gossip.election import ElectionConfig  # noqa: E402
 from aivailable.gossip.sim import SimConfig, campaign  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "voter_removal.json"
+from bench import harness  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=30)
     p.add_argument("--timeouts", default="3,10,30")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    harness.add_output_args(p, "voter_removal")
     args = p.parse_args(argv)
     rows = []
     for schedule in ("cascade", "majority", "random"):
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['schedule']} | {r['removal_timeout_s']:g} | {r['violations']} | {r['double_leader_terms']} | "
               f"{r['split_brain_terms']} | {r['leaderless_s_mean']} | {r['autonomous_loads']} |")
-    args.out.write_text(json.dumps({"bench": "voter_removal", "nodes": 5, "rows": rows}, indent=2) + "\n")
+    out = {"bench": "voter_removal", "nodes": 5, "rows": rows}
+    print(f"wrote {harness.write_results('voter_removal', out, args=args, indent=2)}")
     return 0
 
 

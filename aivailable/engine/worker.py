@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -348,15 +349,19 @@ async def _serve(worker: Worker) -> None:
     await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, runner_factory: Callable[[WorkerSpec], Runner] = Runner,
+         worker_factory: Callable[[WorkerSpec, Runner], Worker] = Worker, name: str = "worker") -> int:
+    """Load the spec's model and serve it until SIGTERM/SIGINT or stdin EOF. `runner_factory` and
+    `worker_factory` make the Runner and the Worker (bench/stub_worker.py passes a runner with no model);
+    `name` prefixes the log lines."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=os.environ.get("AIVAILABLE_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+                        format=f"%(asctime)s {name}[{os.getpid()}] %(levelname)s %(message)s")
     # llama-cpp-python silences fd 2 while it loads; keep a dup so a native crash still leaves a
     # Python traceback in the node's log instead of a bare "exit -11".
     faulthandler.enable(file=os.fdopen(os.dup(2), "w"), all_threads=True)
     spec = WorkerSpec.model_validate_json(argv[0])
-    runner = Runner(spec)
+    runner = runner_factory(spec)
     t0 = time.monotonic()
     try:
         runner.load()
@@ -369,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("loaded %s in %.1fs (%d slots of %d tokens)", spec.model, time.monotonic() - t0, spec.parallel,
              runner.n_ctx_seq)
     try:
-        asyncio.run(_serve(Worker(spec, runner)))
+        asyncio.run(_serve(worker_factory(spec, runner)))
     finally:
         runner.close()
     return 0
