@@ -536,9 +536,8 @@ class Harness:
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    return round(xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 2)
+    v = harness.pct(xs, q, method="floor")
+    return None if v is None else round(v, 2)
 
 
 def table(r: dict) -> str:

@@ -74,10 +74,12 @@ def machine(**extra: Any) -> dict[str, Any]:
 def pct(xs: Sequence[float | None], q: float, method: str = "linear") -> float | None:
     """q-th percentile (0-100); None values are left out, None for no values. `method` "linear" interpolates
     between the closest ranks (statistics.quantiles' "inclusive"); "nearest" takes the value at the rounded
-    rank, (n - 1) * q / 100."""
+    rank, (n - 1) * q / 100; "floor" the value at index floor(n * q / 100) (chaos.py's figures)."""
     s = sorted(x for x in xs if x is not None)
     if not s:
         return None
+    if method == "floor":
+        return s[min(len(s) - 1, int(q / 100 * len(s)))]
     k = (len(s) - 1) * q / 100.0
     if method == "nearest":
         return s[min(len(s) - 1, max(0, round(k)))]
