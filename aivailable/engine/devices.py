@@ -173,12 +173,6 @@ VendorProbes = Mapping[str, Callable[[], ProbeResult]]
 VENDOR_PROBES: VendorProbes = {"nvidia": probe_nvml.probe_nvidia, "amd": probe_amdsmi.probe_amd}
 
 
-def release_vendor_libraries() -> None:
-    """Shut NVML and amdsmi down (at node exit; a later probe opens them again)."""
-    probe_nvml.release()
-    probe_amdsmi.release()
-
-
 # ----------------------------------------------------------------------------------------- llama.cpp
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aivailable.engine.devices import Device, ProbeResult
 
-__all__ = ["captured_stdout", "open_amdsmi", "probe_amd", "release"]
+__all__ = ["captured_stdout", "open_amdsmi", "probe_amd"]
 
 
 @contextlib.contextmanager
@@ -112,15 +112,6 @@ def probe_amd() -> ProbeResult:
         return ProbeResult("amd", "amdsmi", True, "; ".join([status, *problems]), tuple(devices))
     except Exception as exc:
         return ProbeResult("amd", "amdsmi", False, f"amdsmi failed: {type(exc).__name__}: {exc}")
-
-
-def release() -> None:
-    """Shut amdsmi down if it was opened (a later probe opens it again)."""
-    global _amdsmi_session
-    if _amdsmi_session is not None and _amdsmi_session[0] is not None:
-        with contextlib.suppress(Exception):
-            _amdsmi_session[0].amdsmi_shut_down()
-    _amdsmi_session = None
 
 
 def _amd_device(amdsmi: Any, i: int, handle: Any) -> Device:

@@ -1,7 +1,7 @@
 """NVIDIA GPUs through NVML (pynvml, distribution nvidia-ml-py; optional at run time).
 
-`probe_nvidia` never raises and keeps NVML initialised between calls (nvmlInit can take a second without
-persistence mode) until `release`.
+`probe_nvidia` never raises and keeps NVML initialised between calls for the life of the process (nvmlInit
+can take a second without persistence mode).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from aivailable.engine.devices import Device, ProbeResult
 
-__all__ = ["probe_nvidia", "release"]
+__all__ = ["probe_nvidia"]
 
 _MIB = 1024 * 1024
 
@@ -70,15 +70,6 @@ def probe_nvidia() -> ProbeResult:
         return ProbeResult("nvidia", library, True, "; ".join([status, *problems]), tuple(devices))
     except Exception as exc:
         return ProbeResult("nvidia", library, False, f"NVML failed: {_nvml_reason(exc)}")
-
-
-def release() -> None:
-    """Shut NVML down if this module initialised it (a later probe initialises it again)."""
-    global _nvml_ready
-    if _nvml_ready:
-        with contextlib.suppress(Exception):
-            importlib.import_module("pynvml").nvmlShutdown()
-        _nvml_ready = False
 
 
 def _nvidia_device(pynvml: Any, i: int, driver: str) -> Device:
