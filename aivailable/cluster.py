@@ -24,9 +24,10 @@ from aivailable.autonomy import AutonomyConfig
 from aivailable.autonomy_loop import AutonomyLoop
 from aivailable.clusterview import MemberInfo, build_view
 from aivailable.coordinator import NodeFacts
-from aivailable.gossip import envelope
+from aivailable.gossip import envelope, tls
 from aivailable.gossip.election import ElectionConfig
 from aivailable.gossip.membership_types import MembershipConfig
+from aivailable.gossip.peerhttp import PeerDialer
 from aivailable.gossip.secret import load_or_create_secret
 from aivailable.gossip.state_store import ClusterStateError
 from aivailable.gossip.transport import ClusterTransport
@@ -90,6 +91,16 @@ def _profiles(profile: str) -> tuple[MembershipConfig, ElectionConfig, Transport
     return MembershipConfig.lan(), ElectionConfig.lan(), TransportConfig.lan()
 
 
+def _cert_names(advertise: str | None, bind_host: str) -> list[str]:
+    """Host names and addresses this node's cluster certificate names (besides its node id)."""
+    from aivailable.gossip.discovery import advertise_host
+
+    names = [advertise or advertise_host(bind_host), "localhost", "127.0.0.1"]
+    if bind_host not in ("0.0.0.0", "::", ""):
+        names.append(bind_host)
+    return names
+
+
 class Cluster:
     """Gossip, election and coordination for one node."""
 
@@ -100,6 +111,11 @@ class Cluster:
         self.secret = secret if isinstance(secret, bytes) else secret.encode()
         self.secret_created = created
         self.cluster_hash = envelope.cluster_id_hash(self.secret)
+        self.tls = None if cfg.insecure_cluster else tls.node_tls(
+            self.secret, node.node_id, node.state_dir / "tls", names=_cert_names(cfg.advertise_host, cfg.host))
+        """This node's certificate for cluster traffic (None: --insecure-cluster, plain HTTP between nodes)."""
+        self.dialer = PeerDialer(self.tls)
+        """How this node reaches peers (gossip, forwarded requests, model files)."""
         self.transport: ClusterTransport | None = None
         self.discovery = None
         self.rates = RateMeter()
@@ -132,7 +148,8 @@ class Cluster:
         mem, ele, tra = _profiles(cfg.profile)
         self.transport = ClusterTransport(node.node_id, advertise, self.secret, node.state_dir, membership=mem,
                                           election=ele, config=tra, registry=node.metrics.registry,
-                                          on_placement=self._on_placement, on_change=self._on_change)
+                                          on_placement=self._on_placement, on_change=self._on_change,
+                                          dialer=self.dialer)
         self._gossip_handler = self.transport.routes()[0].handler
         if self.secret_created:
             from aivailable.jointoken import startup_message
@@ -329,10 +346,11 @@ class Cluster:
                     continue
                 key = f"{m.node_id}/{model}@{'+'.join(r['gpus'])}"
                 up = self._upstreams.get(key)
-                if up is None or up.base_url != f"http://{m.address}":
+                base_url = self.dialer.base_url(m.address)
+                if up is None or up.base_url != base_url:
                     up = Upstream(key=key, model=model, session_fn=lambda: self._session,
-                                  base_url=f"http://{m.address}", local=False, node_id=m.node_id,
-                                  slots=int(r.get("slots", 1)))
+                                  base_url=base_url, local=False, node_id=m.node_id,
+                                  slots=int(r.get("slots", 1)), request_kw=self.dialer.options(m.node_id))
                     self._upstreams[key] = up
                 # What the holder reported (its own clients and other nodes'), about a second old.
                 up.reported_load = int(r.get("outstanding", 0)) + int(r.get("queued", 0))

@@ -181,6 +181,10 @@ class NodeConfig(BaseSettings):
     """The cluster's shared secret (peers must have the same one); default: STATE_DIR/cluster_secret."""
     cluster_secret_file: str | None = None
     """A file holding the cluster secret (mode 0600), instead of STATE_DIR/cluster_secret."""
+    insecure_cluster: bool = False
+    """Plain HTTP between nodes on the API port, for debugging only. Default: TLS with mutual authentication
+    on the cluster port (API port + 1), certificates derived from the cluster secret. Every node of a
+    cluster must use the same choice."""
     api_keys: CsvList = []
     rate_limit_rpm: int = Field(default=0, ge=0)
     """Requests per minute each API key may send to this node (token bucket; 0 = unlimited)."""

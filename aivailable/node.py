@@ -28,6 +28,7 @@ from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, W
 from aivailable.engine.mmproj_info import projector_mib
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
+from aivailable.gossip import tls
 from aivailable.gossip.state_store import StateStore
 from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
@@ -84,6 +85,7 @@ class Node:
                                  secret=self.cluster.secret, registry=self.metrics.registry,
                                  peers=self.cluster.holders_of, in_use=self._files_in_use,
                                  pinned=self._pinned_files)
+        self.files.use_dialer(self.cluster.dialer)
         self.files.on_change = self._files_changed
         self.files.server.on_rejected = self._count_rejection
         self.files.on_event = lambda text: self.record_event(f"{self.node_id}: {text}", logged=True)
@@ -368,7 +370,10 @@ class Node:
         """This node's security counters for the operator; never a key or the secret (keys by fingerprint)."""
         cfg = self.settings.node
         t = self.cluster.transport
+        ctls = self.cluster.tls
         return {"api_keys_required": bool(cfg.api_keys), "rate_limit_rpm": cfg.rate_limit_rpm,
+                "cluster_tls": {"enabled": ctls is not None, "port": tls.cluster_port(self.port) if ctls and self.port else None,
+                                "ca_fingerprint": ctls.ca.fingerprint if ctls else None},
                 "cluster_rejected": dict(sorted((t.rejections if t is not None else {}).items())),
                 "rate_limited": dict(sorted(self.rate_limited.items()))}
 
@@ -400,6 +405,7 @@ class Node:
         self.port = site.port
         log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
                  self.node_id, cfg.host, self.port, self.backend.summary())
+        await self._listen_for_peers(cfg)
         await self.files.start()
         await self.estimate_models()
         await self.cluster.start(self.address)
@@ -411,6 +417,32 @@ class Node:
 
         if progress.enabled():
             self._tasks.append(asyncio.create_task(self._load_bars(progress.LoadBars()), name="load progress"))
+
+    async def _listen_for_peers(self, cfg) -> None:
+        """The TLS cluster listener (API port + 1), unless --insecure-cluster: peers' gossip, model files and
+        forwarded requests, each connection authenticated by a certificate of the cluster's CA."""
+        ctls = self.cluster.tls
+        if ctls is None:
+            log.warning("--insecure-cluster: traffic between nodes is plain HTTP on port %d (prompts, answers "
+                        "and API keys readable on the network); use it only for debugging", self.port)
+            return
+        port = tls.cluster_port(self.port)
+        site = GuardedSite(self._runner, cfg.host, port, max_per_client=cfg.max_connections_per_client,
+                           header_timeout_s=cfg.header_timeout_s, tls=ctls.server_context(),
+                           on_tls_refused=lambda peer, why: self.record_cluster_refusal(peer, "tls_handshake", why))
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cfg.host}:{port}, the cluster port (API port + 1), for TLS "
+                              f"between nodes: {exc.strerror}; pick another --port", param="--port") from None
+        log.info("cluster traffic over mutual TLS on %s:%d (cluster CA %s…)", cfg.host, port, ctls.ca.fingerprint[:16])
+
+    def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
+        """Cluster traffic from/to `peer` was refused: counted with the transport's rejections, logged."""
+        if self.cluster.transport is not None:
+            self.cluster.transport.note_rejection(peer, reason, detail)
+        else:
+            log.warning("refused cluster traffic from %s before the cluster started: %s (%s)", peer, reason, detail)
 
     async def _load_bars(self, bars) -> None:
         """Terminal spinners for model loads (only when stderr is a TTY)."""

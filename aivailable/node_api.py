@@ -114,5 +114,8 @@ class NodeApi:
     def end_request(self, model: str) -> None:
         self._node.usage.end(model, time.time())
 
+    def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
+        self._node.record_cluster_refusal(peer, reason, detail)
+
     def record_rate_limited(self, fingerprint: str) -> None:
         self._node.rate_limited[fingerprint] = self._node.rate_limited.get(fingerprint, 0) + 1

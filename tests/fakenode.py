@@ -43,6 +43,7 @@ class FakeNode:
         self.ended: list[str] = []
         self.rate_limited: dict[str, int] = {}
         self.drains: list[tuple[object, bool]] = []
+        self.cluster_refusals: list[tuple[str, str]] = []
 
     def uptime_s(self) -> float:
         return 12.34
@@ -94,6 +95,9 @@ class FakeNode:
 
     def end_request(self, model: str) -> None:
         self.ended.append(model)
+
+    def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
+        self.cluster_refusals.append((peer, reason))
 
     def record_rate_limited(self, fingerprint: str) -> None:
         self.rate_limited[fingerprint] = self.rate_limited.get(fingerprint, 0) + 1

@@ -20,9 +20,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port P on `host` with P and P + 1 free: a node listens on both (API, and TLS cluster port)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free pair of adjacent ports on {host}")
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict:

@@ -4,6 +4,7 @@ rate-limited per key (429 + Retry-After) and no key or secret appears in any pag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -16,6 +17,7 @@ import pytest
 from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
 from aivailable.gossip.messages import FileRequest, Gossip
+from tests import peertls
 from tests.badenvelopes import bad_envelopes, seal
 from tests.fakenode import FakeNode
 from tests.nodeproc import get_json, serving
@@ -69,14 +71,20 @@ def chat(node, key: str = FREE) -> str:
     return r.choices[0].finish_reason
 
 
+def peer_post(node, path: str, data: bytes, sender: str = "peer-x") -> tuple[int, bytes]:
+    """POST over the TLS cluster port with a certificate for `sender` (a peer holding the secret)."""
+    return peertls.post(node.url, path, data, SECRET, sender, timeout=30)
+
+
 @pytest.mark.parametrize("endpoint", ["gossip", "files"])
 def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, endpoint):
-    url = node.url + "/_cluster/" + endpoint
+    """Past TLS (an insider with the secret), the envelope checks still refuse each bad message."""
+    url = "/_cluster/" + endpoint
     secret = SECRET.encode()
     before = rejected(node)
     expect: dict[str, int] = {}
     for what, data, status, reason in bad_envelopes(secret, "n0"):
-        got, body = post(url, data)
+        got, body = peer_post(node, url, data)
         assert got == status, (what, got, body)
         assert body.decode() == reason  # the reason and nothing else: no echo of what was sent
         expect[reason] = expect.get(reason, 0) + 1
@@ -84,11 +92,17 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
     valid = Gossip(updates=()) if endpoint == "gossip" else FileRequest(sha256="0" * 64, chunk_size=1 << 20)
     accepted = 204 if endpoint == "gossip" else 404
     good = seal(valid, secret, sender="peer-x")
-    assert post(url, good)[0] == accepted
-    assert post(url, good) == (400, b"replayed")
+    assert peer_post(node, url, good)[0] == accepted
+    assert peer_post(node, url, good) == (400, b"replayed")
     expect["replayed"] = 1
     for skew in (-20.0, 20.0):  # clock skew inside the 30 s window is accepted
-        assert post(url, seal(valid, secret, sender="peer-x", ts=time.time() + skew))[0] == accepted
+        assert peer_post(node, url, seal(valid, secret, sender="peer-x", ts=time.time() + skew))[0] == accepted
+    # Signed as peer-x over a connection whose certificate is peer-y's: refused.
+    assert peer_post(node, url, seal(valid, secret, sender="peer-x"), sender="peer-y") == (403, b"wrong_node_cert")
+    expect["wrong_node_cert"] = 1
+    # The same message in plaintext on the API port: refused (peers must use the TLS cluster port).
+    assert post(node.url + url, seal(valid, secret, sender="peer-x"))[0] == 421
+    expect["plaintext"] = 1
     after = rejected(node)
     for reason, n in expect.items():
         assert after.get(reason, 0) - before.get(reason, 0) == n, reason
@@ -109,12 +123,13 @@ def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node
     probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
               "/_cluster/placement", "/_cluster/../api/cluster"]
     for path in probes:
-        status, body = fetch(node.url + path)
-        assert status in (404, 405), (path, status)
-        assert SECRET not in body and "voted_for" not in body and "term" not in body, (path, body[:200])
-    # A valid frame from someone without the secret gets only the reason, and changes nothing.
+        for status, body in (fetch(node.url + path),  # plain API port: refused
+                             (lambda r: (r[0], r[1].decode()))(peertls.post(node.url, path, None, SECRET, method="GET"))):
+            assert status in (404, 405, 421), (path, status)
+            assert SECRET not in body and "voted_for" not in body and "term" not in body, (path, body[:200])
+    # A valid frame from someone without the secret (but past TLS) gets only the reason, and changes nothing.
     term = node.cluster()["term"]
-    status, body = post(node.url + "/_cluster/gossip", seal(Gossip(updates=()), b"not-the-cluster-secret-000"))
+    status, body = peer_post(node, "/_cluster/gossip", seal(Gossip(updates=()), b"not-the-cluster-secret-000"))
     assert (status, body) == (401, b"bad_signature")
     assert node.cluster()["term"] == term and [n["id"] for n in node.cluster()["nodes"]] == ["n0"]
 
@@ -154,16 +169,15 @@ def test_a_request_forwarded_by_a_peer_is_charged_only_where_it_entered(node):
         for _ in range(RPM + 1):  # empty the bucket (whatever earlier tests left in it)
             limited.models.list()
 
-    def models(header: str | None) -> int:
-        req = urllib.request.Request(node.api + "/models", headers={
-            "Authorization": f"Bearer {LIMITED}", **({hop.HEADER: header} if header else {})})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
+    def models(header: str | None) -> int:  # as a peer forwards: over the TLS cluster port
+        return peertls.post(node.url, "/v1/models", None, SECRET, "n1", method="GET", headers={
+            "Authorization": f"Bearer {LIMITED}", **({hop.HEADER: header} if header else {})})[0]
 
     good = hop.sign(SECRET.encode(), "n1", "/v1/models", time.time())
+    plain = urllib.request.Request(node.api + "/models", headers={"Authorization": f"Bearer {LIMITED}", hop.HEADER: good})
+    with pytest.raises(urllib.error.HTTPError) as misdirected:  # a forwarded request in plaintext: refused
+        urllib.request.urlopen(plain, timeout=10)
+    assert misdirected.value.code == 421
     assert models(good) == 200  # forwarded: charged on the entry node, not here
     assert models(good) == 429  # the same header again is a replay
     assert models(hop.sign(b"not-the-cluster-secret-000", "n1", "/v1/models", time.time())) == 429
@@ -171,17 +185,19 @@ def test_a_request_forwarded_by_a_peer_is_charged_only_where_it_entered(node):
     assert models(hop.sign(SECRET.encode(), "n1", "/v1/chat/completions", time.time())) == 429
     assert models("n1.1.2.3") == 429 and models("x" * 600) == 429
     # The key itself is still checked on a signed hop.
-    req = urllib.request.Request(node.api + "/models", headers={
-        "Authorization": "Bearer sk-wrong-guess-000", hop.HEADER: hop.sign(SECRET.encode(), "n1", "/v1/models",
-                                                                          time.time())})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
-    assert err.value.code == 401
+    assert peertls.post(node.url, "/v1/models", None, SECRET, "n1", method="GET", headers={
+        "Authorization": "Bearer sk-wrong-guess-000",
+        hop.HEADER: hop.sign(SECRET.encode(), "n1", "/v1/models", time.time())})[0] == 401
 
 
-def raw_http(node, head: bytes, body: bytes) -> tuple[int, bytes]:
-    """Send bytes as they are (what no well-behaved client would send); (status, body) of the answer."""
-    with socket.create_connection((node.host, node.port), timeout=30) as s:
+def raw_http(node, head: bytes, body: bytes, *, cluster_port: bool = False) -> tuple[int, bytes]:
+    """Send bytes as they are (what no well-behaved client would send); (status, body) of the answer.
+    `cluster_port`: over TLS to the cluster port, with a peer certificate."""
+    port = node.port + 1 if cluster_port else node.port
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection((node.host, port), timeout=30))
+        if cluster_port:
+            s = stack.enter_context(peertls.peer_context(SECRET).wrap_socket(s, server_hostname=node.host))
         s.sendall(head + b"\r\nHost: x\r\nConnection: close\r\n\r\n" + body)
         data = b""
         while chunk := s.recv(65536):
@@ -203,7 +219,7 @@ def test_broken_and_stalled_bodies_get_clean_errors(node):
     assert time.monotonic() - t0 < 25
     for endpoint in (b"gossip", b"files"):
         status, body = raw_http(node, b"POST /_cluster/" + endpoint + b" HTTP/1.1\r\nContent-Encoding: gzip\r\n"
-                                b"Content-Length: %d" % len(gz), gz)
+                                b"Content-Length: %d" % len(gz), gz, cluster_port=True)
         assert (status, body) == (400, b"malformed"), endpoint
     # Requests aiohttp cannot parse at all: a bad chunk size, a header without a colon, a broken request line.
     for head, body in ((b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n" + auth,

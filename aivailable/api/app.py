@@ -43,6 +43,7 @@ from aivailable.errors import (
     NodeStarting,
     RateLimited,
 )
+from aivailable.gossip.signed import peer_certificate_id
 from aivailable.wire.errors import install_protocol_error_bodies, openai_errors, read_json
 from aivailable.wire.resume import Continuation, resumable
 from aivailable.wire.schemas import parse_request
@@ -77,7 +78,17 @@ def checked_hop(request: web.Request) -> hop.Received:
 
 @web.middleware
 async def hops(request: web.Request, handler):
-    """Check /v1/* hop headers before anything else reads them: an unsigned counter counts for nothing."""
+    """Check /v1/* hop headers before anything else reads them: an unsigned counter counts for nothing.
+    With cluster TLS, cluster traffic (/_cluster/*, forwarded requests) arriving in plaintext on the API
+    port is refused with 421 and counted: peers must use the TLS cluster port."""
+    if request.path.startswith("/_cluster/") or (request.path.startswith("/v1/") and hop.HEADER in request.headers):
+        node = _node(request)
+        if node.config.cluster_tls and peer_certificate_id(request) is None:
+            node.record_cluster_refusal(request.remote or "?", "plaintext",
+                                        f"{request.method} {request.path} over plain HTTP on the API port")
+            raise web.HTTPMisdirectedRequest(
+                text="this node takes cluster traffic only over TLS on its cluster port (API port + 1); "
+                     "is the sending node started with --insecure-cluster while this one is not?")
     if request.path.startswith("/v1/"):
         checked_hop(request)
     return await handler(request)

@@ -7,6 +7,11 @@ connections then exhaust the node's file descriptors and /health itself stops an
 listens like aiohttp's TCPSite, but each connection goes through a `ConnectionGuard` protocol wrapper
 that counts connections per client address (refusing those over the cap by closing them at once) and
 closes a connection whose first request head (up to the blank line) has not arrived in time.
+
+With an SSL context (the cluster listener, aivailable/gossip/tls.py) the wrapper also runs the TLS
+handshake itself (`loop.start_tls`) before aiohttp sees the connection, so a refused handshake (a peer
+without the cluster's certificate) is counted and reported through `on_tls_refused`, which asyncio's own
+TLS servers drop silently; the header deadline covers the handshake too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,10 +35,15 @@ _WARN_EVERY_S = 60.0
 class ConnectionGuard:
     """Protocol factory wrapping aiohttp's: per-address cap and first-request header deadline."""
 
-    def __init__(self, inner: Callable[[], asyncio.Protocol], max_per_client: int, header_timeout_s: float):
+    def __init__(self, inner: Callable[[], asyncio.Protocol], max_per_client: int, header_timeout_s: float,
+                 tls: ssl.SSLContext | None = None, on_tls_refused: Callable[[str, str], None] | None = None):
         self.inner = inner
         self.max_per_client = max_per_client
         self.header_timeout_s = header_timeout_s
+        self.tls = tls
+        self.on_tls_refused = on_tls_refused
+        self.tls_refused = 0
+        """TLS handshakes that failed (no certificate, one from another CA, a plaintext client, a timeout)."""
         self.open: Counter[str] = Counter()
         self.refused = 0
         """Connections closed at once because their address was at the cap."""
@@ -72,6 +83,13 @@ class _Guarded(asyncio.Protocol):
         self.head = b""
         self.deadline: asyncio.TimerHandle | None = None
         self.transport: asyncio.BaseTransport | None = None
+        self.handshake: asyncio.Future | None = None
+        self.upgraded = False
+        """With TLS: start_tls owns the raw transport (bytes reaching this protocol are decrypted)."""
+        self.early_tls = bytearray()
+        self.early_plain = bytearray()
+        self.started = False
+        """aiohttp's protocol has been given the connection (after the TLS handshake, with TLS)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -82,7 +100,45 @@ class _Guarded(asyncio.Protocol):
         self.admitted = True
         self.transport = transport
         self.deadline = asyncio.get_running_loop().call_later(self.guard.header_timeout_s, self._too_slow)
+        if self.guard.tls is None:
+            self._start(transport)
+            return
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self.handshake = asyncio.ensure_future(self._handshake(transport))
+
+    def _start(self, transport: asyncio.BaseTransport) -> None:
+        self.started = True
         self.inner.connection_made(transport)
+        if self.early_plain:  # request bytes decrypted with the handshake's last flight, before _start ran
+            data, self.early_plain = bytes(self.early_plain), bytearray()
+            self.data_received(data)
+
+    async def _handshake(self, raw: asyncio.BaseTransport) -> None:
+        """TLS on `raw`. Bytes can reach this protocol before `start_tls` takes the transport over (uvloop
+        starts reading right after `connection_made`, undoing its pause): they are kept in `early_tls` and
+        handed to the TLS protocol once it owns the transport, ahead of anything read later."""
+        loop = asyncio.get_running_loop()
+        upgrade = asyncio.ensure_future(loop.start_tls(
+            raw, self, self.guard.tls, server_side=True,  # type: ignore[arg-type]
+            ssl_handshake_timeout=self.guard.header_timeout_s))
+        await asyncio.sleep(0)  # start_tls's synchronous part has run: the TLS protocol now owns `raw`
+        self.upgraded = True
+        tls_protocol = raw.get_protocol()  # type: ignore[attr-defined]
+        if self.early_tls and tls_protocol is not self:
+            data, self.early_tls = bytes(self.early_tls), bytearray()
+            loop.call_soon(_feed, tls_protocol, data)  # after its connection_made, before any new read
+        try:
+            secured = await upgrade
+        except (OSError, TimeoutError, ConnectionError, asyncio.CancelledError) as exc:
+            self.guard.tls_refused += 1
+            if self.guard.on_tls_refused is not None and not isinstance(exc, asyncio.CancelledError):
+                self.guard.on_tls_refused(self.addr, _handshake_error(exc))
+            raw.abort()
+            return
+        if secured is None or secured.is_closing():
+            return
+        self.transport = secured
+        self._start(secured)
 
     def _too_slow(self) -> None:
         self.deadline = None
@@ -93,6 +149,13 @@ class _Guarded(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if not self.started:
+            if not self.upgraded:  # TLS bytes read before start_tls took the transport over (see _handshake)
+                self.early_tls += data
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            else:
+                self.early_plain += data
+            return
         if self.deadline is not None:
             self.head = (self.head + data)[-(64 << 10):]
             if any(end in self.head for end in _HEAD_ENDS):
@@ -102,16 +165,18 @@ class _Guarded(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.admitted else None
+        return self.inner.eof_received() if self.started else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.admitted:
             return
+        self.admitted = False
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
         self.guard.release(self.addr)
-        self.inner.connection_lost(exc)
+        if self.started:
+            self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -120,20 +185,54 @@ class _Guarded(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Deliver `data` to a protocol as its transport would (TLS protocols are buffered protocols)."""
+    if isinstance(protocol, asyncio.BufferedProtocol) or hasattr(protocol, "buffer_updated"):
+        view = memoryview(data)
+        while view:
+            buf = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            protocol.buffer_updated(n)  # type: ignore[attr-defined]
+            view = view[n:]
+    else:
+        protocol.data_received(data)  # type: ignore[attr-defined]
+
+
+def _handshake_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        why = exc.reason or str(exc)
+        if "UNKNOWN_CA" in why or "CERTIFICATE_VERIFY_FAILED" in why:
+            return f"{why}: its certificate is not from this cluster's CA (a different cluster secret?)"
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in why:
+            return f"{why}: no client certificate (not a node of this cluster, or started with --insecure-cluster)"
+        if "HTTP_REQUEST" in why or "WRONG_VERSION_NUMBER" in why:
+            return f"{why}: plain HTTP sent to the TLS cluster port (a node started with --insecure-cluster?)"
+        return why
+    if isinstance(exc, TimeoutError):
+        return "no TLS handshake within the header timeout"
+    if isinstance(exc, ConnectionError):
+        return ("the peer closed the connection in the TLS handshake: it did not accept this node's certificate "
+                "(a node with a different cluster secret, or expecting another node id at this address?)")
+    return f"{type(exc).__name__}: {exc}"
+
+
 class GuardedSite(web.BaseSite):
-    """aiohttp's TCPSite, with every connection behind a ConnectionGuard."""
+    """aiohttp's TCPSite, with every connection behind a ConnectionGuard (and TLS with `tls`)."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_per_client: int,
-                 header_timeout_s: float, reuse_address: bool = True, backlog: int = 128):
+                 header_timeout_s: float, reuse_address: bool = True, backlog: int = 128,
+                 tls: ssl.SSLContext | None = None, on_tls_refused: Callable[[str, str], None] | None = None):
         super().__init__(runner, backlog=backlog)
         self.host, self.requested_port = host, port
         self.reuse_address = reuse_address
         self.guard: ConnectionGuard | None = None
         self.max_per_client, self.header_timeout_s = max_per_client, header_timeout_s
+        self.tls, self.on_tls_refused = tls, on_tls_refused
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def port(self) -> int:
@@ -146,7 +245,8 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
-        self.guard = ConnectionGuard(server, self.max_per_client, self.header_timeout_s)
+        self.guard = ConnectionGuard(server, self.max_per_client, self.header_timeout_s, self.tls,
+                                     self.on_tls_refused)
         self._server = await asyncio.get_running_loop().create_server(
             self.guard, self.host, self.requested_port, backlog=self._backlog, reuse_address=self.reuse_address)
 

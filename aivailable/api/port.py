@@ -38,6 +38,8 @@ class ApiSettings:
     max_tokens_default: int
     routing: str
     load_wait_s: float
+    cluster_tls: bool = False
+    """Peers reach this node only over TLS on the cluster port: cluster traffic on the API port is refused."""
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> ApiSettings:
@@ -46,7 +48,8 @@ class ApiSettings:
                    max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
                    allow_image_urls=cfg.allow_image_urls, max_image_bytes=cfg.max_image_bytes,
                    cors_origins=tuple(cfg.cors_origins), allowed_hosts=tuple(cfg.allowed_hosts),
-                   max_tokens_default=cfg.max_tokens_default, routing=cfg.routing, load_wait_s=cfg.load_wait_s)
+                   max_tokens_default=cfg.max_tokens_default, routing=cfg.routing, load_wait_s=cfg.load_wait_s,
+                   cluster_tls=not cfg.insecure_cluster)
 
 
 class NodePort(Protocol):
@@ -110,5 +113,7 @@ class NodePort(Protocol):
         """A client's request for `model` entered the cluster here: demand, and the model is in use."""
     def end_request(self, model: str) -> None:
         """That request is finished (answered, failed or abandoned)."""
+    def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
+        """Cluster traffic from `peer` was refused (counted and shown like the transport's rejections)."""
     def record_rate_limited(self, fingerprint: str) -> None:
         """A request of the API key with this fingerprint got 429 (the status page's security table)."""

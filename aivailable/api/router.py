@@ -59,6 +59,8 @@ class Upstream:
     alive_fn: Callable[[], bool] | None = None
     """For a peer's replica: is its node still up in membership? Waiting for a first byte stops when not."""
     stats: dict = field(default_factory=dict)
+    request_kw: dict = field(default_factory=dict)
+    """Extra aiohttp request options for this upstream (a peer's TLS context and expected node name)."""
 
 
 class ClientGone(Exception):
@@ -204,7 +206,7 @@ class Proxy:
                     headers[hop.HEADER] = self.hop_auth(path)
             r = None
             try:
-                r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers))
+                r = await _while_alive(up, session.post(up.base_url + path, data=body, headers=headers, **up.request_kw))
                 if r.status in (429, 503) and len(tried) < len(upstreams):
                     last_error = f"replica {up.key} answered {r.status}"
                     retry_after = _retry_after(r.headers.get("Retry-After"), retry_after)

@@ -30,6 +30,7 @@ from aivailable.files.plan import PeerState, PlanConfig, TransferPlan, from_bitm
 from aivailable.files.serve import FILES_PATH
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
+from aivailable.gossip.peerhttp import PeerDialer
 from aivailable.names import inside, is_sha256
 
 log = logging.getLogger("aivailable.files")
@@ -116,8 +117,9 @@ class Fetcher:
     def __init__(self, *, node_id: str, secret: bytes, fetched_dir: Path, chunk_size: int,
                  bandwidth_bps: float = 0.0, plan_config: PlanConfig | None = None,
                  counters: FetchCounters | None = None, seed: int | None = None,
-                 read_timeout_s: float = 30.0):
+                 read_timeout_s: float = 30.0, dialer: PeerDialer | None = None):
         self.node_id, self.secret, self.dir = node_id, secret, fetched_dir
+        self.dialer = dialer or PeerDialer()
         self.chunk_size = chunk_size
         self.bucket = TokenBucket(bandwidth_bps)
         self.plan_config = plan_config or PlanConfig()
@@ -156,15 +158,17 @@ class Fetcher:
         msg = FileRequest(sha256=sha256, chunk_size=chunk_size, chunk=chunk)
         return envelope.seal(msg, self.secret, self.node_id, time.time(), os.urandom(12))
 
-    async def _manifest(self, addr: str, sha256: str) -> dict:
-        async with self._sess().post(f"http://{addr}{FILES_PATH}", data=self._sealed(sha256, -1, self.chunk_size)) as r:
+    async def _manifest(self, node: str, addr: str, sha256: str) -> dict:
+        async with self._sess().post(self.dialer.url(addr, FILES_PATH), data=self._sealed(sha256, -1, self.chunk_size),
+                                     **self.dialer.options(node)) as r:
             if r.status != 200:
                 raise TransferFailed(f"manifest: HTTP {r.status} {(await r.text())[:200]}")
             return await r.json()
 
-    async def _chunk(self, addr: str, sha256: str, i: int, chunk_size: int, limit: int) -> bytes:
+    async def _chunk(self, node: str, addr: str, sha256: str, i: int, chunk_size: int, limit: int) -> bytes:
         buf = bytearray()
-        async with self._sess().post(f"http://{addr}{FILES_PATH}", data=self._sealed(sha256, i, chunk_size)) as r:
+        async with self._sess().post(self.dialer.url(addr, FILES_PATH), data=self._sealed(sha256, i, chunk_size),
+                                     **self.dialer.options(node)) as r:
             if r.status != 200:
                 raise TransferFailed(f"HTTP {r.status} {(await r.text())[:200]}")
             async for piece in r.content.iter_chunked(READ_PIECE):
@@ -252,7 +256,7 @@ class Fetcher:
                 if node in self.bad_peers:
                     continue
                 try:
-                    m = await self._manifest(addr, t.sha256)
+                    m = await self._manifest(node, addr, t.sha256)
                 except (aiohttp.ClientError, TimeoutError, OSError, TransferFailed, ValueError) as exc:
                     errors[node] = str(exc) or type(exc).__name__
                     continue
@@ -279,7 +283,7 @@ class Fetcher:
                 addrs = peers()
                 plan.set_peers([p for p in addrs if p not in self.bad_peers], now)
                 for i, peer in plan.next_requests(now):
-                    task = asyncio.create_task(self._chunk(addrs[peer], t.sha256, i, plan.chunk_size,
+                    task = asyncio.create_task(self._chunk(peer, addrs[peer], t.sha256, i, plan.chunk_size,
                                                            plan.chunk_len(i)))
                     tasks[task] = (i, peer)
                 self._report(t, plan)

@@ -24,6 +24,7 @@ from aivailable.files.fetch import FetchCounters, Fetcher, Transfer, TransferFai
 from aivailable.files.index import FileIndex, LocalFile, gguf_defaults
 from aivailable.files.plan import PlanConfig
 from aivailable.files.serve import FileServer
+from aivailable.gossip.peerhttp import PeerDialer
 from aivailable.names import MODEL_NAME_RULE, is_model_name, is_sha256
 
 log = logging.getLogger("aivailable.files")
@@ -76,6 +77,10 @@ class FileService:
         self.server = FileServer(node_id, secret, self.lookup, cache, on_served=self.bytes_out.inc)
 
     # -- lifecycle -----------------------------------------------------------------------------------
+    def use_dialer(self, dialer: PeerDialer) -> None:
+        """Reach peers through `dialer` (the cluster's TLS settings) when fetching files."""
+        self.fetcher.dialer = dialer
+
     async def start(self) -> None:
         await self.rescan()
         for m in self.models.values():

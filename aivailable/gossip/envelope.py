@@ -62,8 +62,11 @@ _HEAD = struct.Struct(">3sBH")
 _MAX_SENDER = 128
 
 
-REJECT_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401, "own_id": 409}
+REJECT_STATUS = {"oversized": 413, "missing_signature": 401, "bad_signature": 401, "own_id": 409,
+                 "wrong_node_cert": 403, "plaintext": 421}
 """HTTP status of a refused envelope by reason (every other reason: 400); one mapping for every endpoint.
+``wrong_node_cert``: signed by one node id, sent over a TLS connection whose certificate names another.
+``plaintext``: cluster traffic to the plain API port of a node that takes it only over TLS.
 ``own_id``: validly signed, but with the receiver's own id as sender (a misconfigured twin or a reflection)."""
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from aivailable.gossip import envelope
+from aivailable.gossip import envelope, tls
 from aivailable.wire.errors import abandon_body
 
-__all__ = ["Refused", "open_signed"]
+__all__ = ["Refused", "open_signed", "peer_certificate_id"]
 
 
 class Refused(Exception):
@@ -52,6 +52,18 @@ async def open_signed(request: web.Request, secret: bytes, replay: envelope.Repl
         raise Refused("malformed", type(exc).__name__, abandon=True) from None
     if src == own_id:
         raise Refused("own_id", f"a message signed as this node's id {src!r}")
+    cert_id = peer_certificate_id(request)
+    if cert_id is not None and cert_id != src:
+        raise Refused("wrong_node_cert", f"signed as node {src!r} over a connection whose TLS certificate is "
+                                         f"node {cert_id!r}'s")
     return src, msg
+
+
+def peer_certificate_id(request: web.Request) -> str | None:
+    """The node id named by the TLS client certificate of `request`'s connection (None over plain HTTP)."""
+    transport = request.transport
+    if transport is None:
+        return None
+    return tls.peer_node_id(transport.get_extra_info("peercert"))
 
 

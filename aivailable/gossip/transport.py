@@ -49,6 +49,7 @@ from aivailable.gossip.membership import MembershipCore
 from aivailable.gossip.membership_types import MembershipConfig
 from aivailable.gossip.messages import ELECTION_TYPES, MEMBERSHIP_TYPES, PlacementPublish
 from aivailable.gossip.node_core import CLUSTER_KEY, NodeCore, Note, Outbound
+from aivailable.gossip.peerhttp import PeerDialer
 from aivailable.gossip.signed import Refused, open_signed
 from aivailable.gossip.state_store import ClusterStateError, StateStore
 from aivailable.gossip.transport_types import MemberView, NotLeaderError, TransportConfig
@@ -87,6 +88,7 @@ class ClusterTransport:
         registry: CollectorRegistry | None = None,
         on_placement: Callable[[int, int, dict[str, Any]], Any] | None = None,
         on_change: Callable[[], Any] | None = None,
+        dialer: PeerDialer | None = None,
     ):
         if not secret:
             raise ConfigError("the cluster secret is empty", param="cluster_secret")
@@ -94,6 +96,7 @@ class ClusterTransport:
         self._secret = bytes(secret)
         self.cfg = (config or TransportConfig.lan()).validate()
         self.on_placement, self.on_change = on_placement, on_change
+        self.dialer = dialer or PeerDialer()
         self._store = StateStore(Path(state_dir) / "cluster")
         core_cfg = self.cfg.core(membership or MembershipConfig.lan(), election or ElectionConfig.lan())
         self.core = NodeCore(
@@ -355,20 +358,24 @@ class ClusterTransport:
             self._send_failed.labels(why="backlog").inc()
             return False
         data = envelope.seal(out.msg, self._secret, self.node_id, time.time(), os.urandom(12))
-        task = asyncio.create_task(self._deliver(out.addr, data, out.ack))
+        task = asyncio.create_task(self._deliver(out.addr, data, out.ack, out.to or None))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _deliver(self, addr: str, data: bytes, ack: Any) -> None:
+    async def _deliver(self, addr: str, data: bytes, ack: Any, to: str | None = None) -> None:
         assert self._session is not None
         self._inflight[addr] = self._inflight.get(addr, 0) + 1
         ok = False
         try:
-            async with self._session.post(f"http://{addr}{GOSSIP_PATH}", data=data) as resp:
+            async with self._session.post(self.dialer.url(addr, GOSSIP_PATH), data=data,
+                                          **self.dialer.options(to)) as resp:
                 ok = 200 <= resp.status < 300
                 if not ok:
                     self._send_failed.labels(why=f"http_{resp.status}").inc()
+        except aiohttp.ClientConnectorCertificateError as exc:
+            self._send_failed.labels(why="tls_refused").inc()
+            self._peer_refused(addr, to, exc)
         except (aiohttp.ClientError, TimeoutError, OSError):
             self._send_failed.labels(why="unreachable").inc()
         finally:
@@ -415,7 +422,8 @@ class ClusterTransport:
         self._rejected.labels(reason=reason).inc()
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
 
-    def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
+    def note_rejection(self, peer: str, reason: str, detail: str) -> None:
+        """Count a refused inter-node message or connection, and log it (once a minute per address)."""
         self.count_rejection(reason)
         now = time.monotonic()
         last = self._reject_logged.get(peer)
@@ -425,12 +433,21 @@ class ClusterTransport:
                 self._reject_logged = {p: t for p, t in self._reject_logged.items() if t > horizon}
             self._reject_logged[peer] = now
             log.warning(
-                "dropped a cluster message from %s: %s (%s); drops are counted in "
+                "dropped a cluster message or connection from/to %s: %s (%s); drops are counted in "
                 "aivailable_cluster_rejected_total and logged once a minute per address",
                 peer,
                 reason,
                 detail,
             )
+
+    def _peer_refused(self, addr: str, to: str | None, exc: BaseException) -> None:
+        why = str(getattr(exc, "certificate_error", exc))
+        hint = (f"it is not the node {to!r} (a new node at an old address?)" if "Hostname mismatch" in why
+                else "its certificate is not from this cluster's CA: a different cluster secret?")
+        self.note_rejection(addr, "tls_peer_refused", f"{why}; {hint}")
+
+    def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
+        self.note_rejection(peer, reason, detail)
         resp = web.Response(status=_STATUS_FOR.get(reason, 400), text=reason)
         if reason == "oversized":
             resp.force_close()
