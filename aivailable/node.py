@@ -26,6 +26,7 @@ from aivailable.engine import devices as devmod
 from aivailable.engine import replica_estimate
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.engine.mmproj_info import projector_mib
+from aivailable.engine.spawn import Spawn
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip.state_store import StateStore
@@ -42,7 +43,8 @@ _NO_CATALOG: dict[str, dict] = {}
 class Node:
     """One machine's node: engine (workers on local GPUs), API, and its part of the cluster."""
 
-    def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None):
+    def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None,
+                 spawn: Spawn | None = None):
         self.settings = settings
         self.state_dir = settings.node.state_path
         statedir.check_writable(self.state_dir)
@@ -52,7 +54,7 @@ class Node:
         self.started_at_unix = int(time.time())
         self.inventory = devmod.discover(list(settings.node.simulate_gpus))
         self.backend = self.inventory.backend
-        self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir())
+        self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir(), spawn=spawn)
         self.node_id = statedir.load_node_id(self.state_dir, settings.node.node_id)
         StateStore(self.state_dir / "cluster").close()  # unreadable term/vote: refuse before serving anything
         self.unplaced: dict[str, str] = {}
