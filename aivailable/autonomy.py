@@ -14,7 +14,8 @@ adopted (the worker is the one the placement asks for). And whatever the coordin
 (term-fenced, so always the newest) that needs the VRAM an autonomous replica holds gets it: that replica
 goes at once, without a drain.
 
-`decide` is pure: the caller (cluster.py) passes what it observed and applies the answer.
+`decide` is pure: the caller (autonomy_loop.py) passes what it observed and applies the answer to the
+node's `AutonomousReplicas` (autonomy_state.py).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ DRAIN_S = 60.0
 
 
 class AutonomyLoop:
-    """Runs a node's autonomous replicas (the node keeps them in `node.autonomous` / `node.retiring`)."""
+    """Runs a node's autonomous replicas: the only caller of the transitions of `node.autonomous`
+    (aivailable/autonomy_state.py)."""
 
     def __init__(self, cluster: Cluster, config: autonomy.AutonomyConfig):
         self.cluster, self.node, self.config = cluster, cluster.node, config
@@ -85,7 +86,7 @@ class AutonomyLoop:
         return autonomy.Situation(
             now=now, coordinator=leader, changed_at=self.changed_at, rank=alive.index(node.node_id),
             demanded=frozenset(demanded & set(node.models())), served=frozenset(served), free_mib=free,
-            needs_mib=dict(node.estimates), held={m: g for m, (g, _why) in node.autonomous.items()},
+            needs_mib=dict(node.estimates), held=node.autonomous.held(),
             placed_here={m: tuple(g) for m, g, _s in coord.share(node.placement, node.node_id)},
             placed_ready_elsewhere=frozenset(ready_elsewhere))
 
@@ -96,12 +97,11 @@ class AutonomyLoop:
         d = autonomy.decide(self.situation(now), self.config)
         changed = False
         for model in d.adopted:
-            gpu, _why = node.autonomous.pop(model)
+            gpu = node.autonomous.adopt(model)
             node.record_event(f"{model}: the coordinator's placement adopts the autonomous replica on {gpu}")
             changed = True
         for model, why in d.retired.items():
-            gpu, _ = node.autonomous.pop(model)
-            node.retiring[model] = gpu
+            gpu = node.autonomous.retire(model)
             node.metrics.autonomous_retired.inc()
             log.info("model %s: retiring the autonomous replica on %s (%s); draining its requests", model, gpu, why)
             node.record_event(f"{model}: retiring autonomous replica on {gpu}: {why}", logged=True)
@@ -109,13 +109,13 @@ class AutonomyLoop:
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         for model, why in d.evicted.items():
-            gpu, _ = node.autonomous.pop(model)
+            gpu = node.autonomous.evict(model)
             node.metrics.autonomous_retired.inc()
             log.warning("model %s: unloading the autonomous replica on %s now: %s", model, gpu, why)
             node.record_event(f"{model}: autonomous replica on {gpu} unloaded: {why}", logged=True)
             changed = True
         for model, why in d.added.items():
-            node.autonomous[model] = (d.hold[model], why)
+            node.autonomous.add(model, d.hold[model], why)
             log.warning("model %s: autonomous replica: %s", model, why)
             node.record_event(f"{model}: autonomous replica on {d.hold[model]}: {why}", logged=True)
             changed = True
@@ -132,8 +132,7 @@ class AutonomyLoop:
             if not busy:
                 break
             await asyncio.sleep(0.2)
-        if node.retiring.get(model) == gpu:
-            del node.retiring[model]
+        node.autonomous.unloaded(model, gpu)
         await node.reconcile()
         log.info("model %s: autonomous replica on %s unloaded", model, gpu)
 

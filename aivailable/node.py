@@ -18,6 +18,7 @@ from aivailable.api.connections import GuardedSite, raise_open_file_limit
 from aivailable.api.image_input import accepts_images
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
+from aivailable.autonomy_state import AutonomousReplicas
 from aivailable.cluster import Cluster
 from aivailable.config import ModelConfig, Settings, token_budget
 from aivailable.coordinator import Assignments, NodeFacts
@@ -26,6 +27,7 @@ from aivailable.engine import devices as devmod
 from aivailable.engine import replica_estimate
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.engine.mmproj_info import projector_mib
+from aivailable.engine.spawn import Spawn
 from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip import tls
@@ -43,7 +45,8 @@ _NO_CATALOG: dict[str, dict] = {}
 class Node:
     """One machine's node: engine (workers on local GPUs), API, and its part of the cluster."""
 
-    def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None):
+    def __init__(self, settings: Settings, *, manager_config: ManagerConfig | None = None,
+                 spawn: Spawn | None = None):
         self.settings = settings
         self.state_dir = settings.node.state_path
         statedir.check_writable(self.state_dir)
@@ -53,7 +56,7 @@ class Node:
         self.started_at_unix = int(time.time())
         self.inventory = devmod.discover(list(settings.node.simulate_gpus))
         self.backend = self.inventory.backend
-        self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir())
+        self.manager = WorkerManager(manager_config, socket_dir=self._socket_dir(), spawn=spawn)
         self.node_id = statedir.load_node_id(self.state_dir, settings.node.node_id)
         StateStore(self.state_dir / "cluster").close()  # unreadable term/vote: refuse before serving anything
         self.unplaced: dict[str, str] = {}
@@ -61,10 +64,8 @@ class Node:
         self.kv_estimates: dict[str, dict[str, float]] = {}  # kv_cache_type "auto": MiB per type, best first
         self.placement: Assignments = {}
         self.planned = False
-        self.autonomous: dict[str, tuple[str, str]] = {}
-        """Replicas this node runs without a coordinator (aivailable/autonomy.py): model -> (own GPU id, why)."""
-        self.retiring: dict[str, str] = {}
-        """Autonomous replicas being drained before they are unloaded: model -> GPU id."""
+        self.autonomous = AutonomousReplicas()
+        """Replicas this node runs without a coordinator, and those retiring (changed by AutonomyLoop only)."""
         self.drainer = Drainer(self)
         """The operator's maintenance drain (STATE_DIR/drain.json; aivailable/drain.py)."""
         self.leaving = False
@@ -159,7 +160,7 @@ class Node:
 
     def serving(self) -> Assignments:
         """The placement plus this node's autonomous and retiring replicas (each on one own GPU)."""
-        extra = {**{m: g for m, (g, _why) in self.autonomous.items()}, **self.retiring}
+        extra = self.autonomous.serving()
         kept = self.drainer.kept()  # drained replicas serving until their model is ready elsewhere
         if not extra and not kept:
             return self.placement
@@ -174,12 +175,10 @@ class Node:
 
     def _autonomy_of(self, h: WorkerHandle) -> dict:
         """How an autonomous or retiring replica shows in facts and /api/cluster ({} for a placed one)."""
-        if h.model in self.retiring and self.retiring[h.model] in h.assignment.device_ids:
+        if self.autonomous.is_retiring(h.model, h.assignment.device_ids):
             return {"autonomous": "retiring: the coordinator's placement replaces it", "state": "retiring"}
-        auto = self.autonomous.get(h.model)
-        if auto is not None and auto[0] in h.assignment.device_ids:
-            return {"autonomous": auto[1]}
-        return {}
+        why = self.autonomous.reason(h.model, h.assignment.device_ids)
+        return {} if why is None else {"autonomous": why}
 
     def facts(self) -> NodeFacts:
         """This node's facts for the coordinator (and, in a cluster, for gossip)."""
@@ -279,7 +278,7 @@ class Node:
         ready = self.manager.ready(model)
         ups = [self._upstream(h) for h in ready]
         for h, u in zip(ready, ups, strict=True):
-            u.draining = self.leaving or (model in self.retiring and self.retiring[model] in h.assignment.device_ids) \
+            u.draining = self.leaving or self.autonomous.is_retiring(model, h.assignment.device_ids) \
                 or self.drainer.draining(h)
         if not local_only:
             ups += self.cluster.remote_upstreams(model)

@@ -144,13 +144,14 @@ def test_status_transitions():
 def test_cores_do_no_io():
     """The sans-IO cores read no clock, open no socket or file and use no global random: the gossip cores,
     the node core, the placement solver and its baselines (placement/command.py is the CLI edge that reads
-    the scenario file and times the solver) and the model-file transfer plan."""
+    the scenario file and times the solver), the model-file transfer plan, and autonomous serving's decision
+    and state."""
     pkg = Path(__file__).resolve().parents[1] / "aivailable"
     gossip = ("membership.py", "election.py", "suspicion.py", "broadcast.py", "fencing.py", "envelope.py",
               "node_core.py", "node_types.py")
     paths = [pkg / "gossip" / name for name in gossip]
     paths += [p for p in sorted((pkg / "placement").glob("*.py")) if p.name != "command.py"]
-    paths.append(pkg / "files" / "plan.py")
+    paths += [pkg / "files" / "plan.py", pkg / "autonomy.py", pkg / "autonomy_state.py"]
     assert len(paths) > 10
     for path in paths:
         text = path.read_text()

@@ -4,6 +4,7 @@
 and leaves the rest alone. One owner task (the node's event loop) drives it; no locks beyond the
 one that keeps model loads one at a time (two loads racing for one GPU is how others double-book).
 A worker that dies is restarted with exponential backoff; its state and last reason stay visible.
+How a worker process is started is injected (`spawn`, engine/spawn.py), so tests can run another worker.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +24,7 @@ from typing import Literal
 
 import aiohttp
 
+from aivailable.engine.spawn import ModuleSpawn, Spawn
 from aivailable.engine.spec import SamplingDefaults, WorkerSpec
 
 log = logging.getLogger("aivailable.manager")
@@ -44,10 +45,6 @@ class ManagerConfig:
     health_interval_s: float = 2.0
     stop_grace_s: float = 10.0
     """SIGTERM, then SIGKILL after this long."""
-    worker_module: str = field(default_factory=lambda: os.environ.get("AIVAILABLE_WORKER_MODULE",
-                                                                      "aivailable.engine.worker"))
-    """Module run as `python -m MODULE SPEC_JSON` per replica. Benchmarks swap in a stub that speaks the
-    same protocol (bench/stub_worker.py) to measure the node without model time."""
 
     @classmethod
     def local(cls) -> ManagerConfig:
@@ -166,8 +163,10 @@ class WorkerManager:
     """Supervises worker processes; `reconcile` is the only way to change what runs."""
 
     def __init__(self, config: ManagerConfig | None = None, *, socket_dir: str | None = None,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, spawn: Spawn | None = None):
         self.config = config or ManagerConfig()
+        self._spawn: Spawn = spawn or ModuleSpawn()
+        """Starts each worker process (engine/spawn.py; default `python -m aivailable.engine.worker`)."""
         self.workers: dict[str, WorkerHandle] = {}
         self._socket_dir = socket_dir or tempfile.mkdtemp(prefix="aivailable-")
         self._load_lock = asyncio.Lock()
@@ -275,10 +274,12 @@ class WorkerManager:
         h.state, h.started_at, h.reason = "loading", time.monotonic(), ""
         log.info("model %s: starting worker (ctx %d, KV %s, %s)", a.key, a.n_ctx, a.kv_cache_type,
                  "simulated GPU, runs on CPU" if a.simulated else f"GPU {','.join(a.device_ids)}")
-        h.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.config.worker_module, spec.model_dump_json(),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=env, start_new_session=True)
+        try:
+            h.proc = await self._spawn(spec, env)
+        except Exception as exc:  # an injected spawn may fail any way; the replica is retried with backoff
+            h.reason = f"cannot start the worker process: {exc!r}"
+            log.error("model %s: %s", a.key, h.reason)
+            return False
         h.pid = h.proc.pid
         pump = asyncio.create_task(self._pump_stderr(h, h.proc))
         try:
