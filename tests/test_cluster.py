@@ -11,7 +11,6 @@ import openai
 import pytest
 
 from tests import peertls
-
 from tests.nodeproc import NodeProc, free_port, get_json, start_node
 
 MODELS = ("alpha", "beta", "gamma")
