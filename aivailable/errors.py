@@ -17,6 +17,14 @@ class NodeError(Exception):
         self.retry_after = retry_after
 
 
+class MisdirectedRequest(NodeError):
+    """Cluster traffic sent in plaintext to the API port of a node that takes it only over TLS."""
+
+    http_status = 421
+    error_type = "invalid_request_error"
+    code = "cluster_traffic_needs_tls"
+
+
 class ConfigError(NodeError):
     """Bad configuration or command-line value; the message names the field. CLI exit code 2."""
 

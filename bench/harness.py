@@ -128,7 +128,7 @@ def ours(pid: int, marker: str) -> bool:
 
 # -- clusters -----------------------------------------------------------------------------------------------
 def start_joined(tmp: Path, config: Path, secret: str, gpus: dict[int, str], env: dict[str, str] | None = None,
-                 healthy_s: float = 60.0) -> dict[str, NodeProc]:
+                 healthy_s: float = 60.0, extra: tuple[str, ...] = ()) -> dict[str, NodeProc]:
     """Nodes n<i> on 127.0.0.<i>, one per entry of `gpus` (i: its --simulate-gpu), each but the first joining
     the first; healthy when returned. The caller stops them (on error they are killed)."""
     ports = {i: free_port(f"127.0.0.{i}") for i in gpus}
@@ -137,7 +137,7 @@ def start_joined(tmp: Path, config: Path, secret: str, gpus: dict[int, str], env
     try:
         for i in gpus:
             args = ["--config", str(config), "--simulate-gpu", gpus[i], "--cluster-secret", secret,
-                    "--node-id", f"n{i}"]
+                    "--node-id", f"n{i}", *extra]
             if i != first:
                 args += ["--join", f"127.0.0.{first}:{ports[first]}"]
             nodes[f"n{i}"] = start_node(tmp, *args, host=f"127.0.0.{i}", port=ports[i], env=env, name=f"n{i}")
@@ -157,8 +157,8 @@ class TwoNodes:
     SECRET = "bench-proxy-secret-0123456789abcdef"
 
     def __init__(self, tmp: Path, model_path: Path, env: dict[str, str], ctx: int = 512, parallel: int | None = None,
-                 max_queue: int = 64, model: str = "bench"):
-        self.tmp, self.env, self.model = tmp, env, model
+                 max_queue: int = 64, model: str = "bench", extra: tuple[str, ...] = ()):
+        self.tmp, self.env, self.model, self.extra = tmp, env, model, extra
         self.cfg = tmp / "models.toml"
         self.cfg.write_text(f'[[models]]\nname = "{model}"\npath = "{model_path}"\nctx = {ctx}\n'
                             f"max_replicas = 1\nmax_queue = {max_queue}\n"
@@ -166,7 +166,8 @@ class TwoNodes:
         self.nodes: dict[str, NodeProc] = {}
 
     def start(self, timeout: float = 180.0) -> None:
-        self.nodes = start_joined(self.tmp, self.cfg, self.SECRET, {i: f"card{i}:2000" for i in (1, 2)}, self.env)
+        self.nodes = start_joined(self.tmp, self.cfg, self.SECRET, {i: f"card{i}:2000" for i in (1, 2)}, self.env,
+                                  extra=self.extra)
 
         def settled():
             views = [n.cluster() for n in self.nodes.values()]

@@ -35,6 +35,7 @@ from aivailable.api import hop
 from aivailable.api.ratelimit import fingerprint
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
+from tests import peertls
 from tests.nodeproc import get_json, serving
 
 MODEL = "gemma-3-270m"
@@ -57,9 +58,14 @@ def node(tmp_path_factory, gemma_path):
 
 
 def call(node, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         key: str | None = KEY) -> tuple[int, dict, dict]:
-    """(status, headers, JSON body or {}) of one request sent with exactly these headers."""
-    conn = http.client.HTTPConnection(node.host, node.port, timeout=60)
+         key: str | None = KEY, as_peer: str | None = None) -> tuple[int, dict, dict]:
+    """(status, headers, JSON body or {}) of one request sent with exactly these headers; `as_peer`: over
+    the TLS cluster port with a certificate for that node id (as a peer of the cluster sends)."""
+    if as_peer is None:
+        conn = http.client.HTTPConnection(node.host, node.port, timeout=60)
+    else:
+        conn = http.client.HTTPSConnection(node.host, node.port + 1, timeout=60,
+                                           context=peertls.peer_context(SECRET, as_peer))
     hdrs = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     try:
         conn.request(method, path, body=body, headers=hdrs)
@@ -102,7 +108,7 @@ def test_an_unsigned_hop_counter_from_a_client_counts_for_nothing(node):
         assert status == 200 and body["usage"]["completion_tokens"] >= 1, (value, body)
     signed = hop.sign(SECRET.encode(), "n9", "/v1/chat/completions", time.time())
     status, _, body = call(node, "POST", "/v1/chat/completions", CHAT,
-                           {**JSON, "X-AIvailable-Hops": "2", hop.HEADER: signed})
+                           {**JSON, "X-AIvailable-Hops": "2", hop.HEADER: signed}, as_peer="n9")
     assert status == 502 and body["error"]["code"] == "upstream_failed", body  # a real loop is still caught
 
 
@@ -212,7 +218,7 @@ def test_key_fingerprints_on_open_pages_are_keyed_with_the_secret(node):
 def test_a_signed_file_request_for_a_non_sha256_is_refused(node, sha):
     sealed = envelope.seal(FileRequest(sha256=sha, chunk_size=1 << 20, chunk=-1), SECRET.encode(), "n9", time.time(),
                            os.urandom(12))
-    status, _, body = call(node, "POST", "/_cluster/files", sealed, key=None)
+    status, _, body = call(node, "POST", "/_cluster/files", sealed, key=None, as_peer="n9")
     assert (status, body.get("raw")) == (400, "malformed")
     assert "is not 64 lowercase hex digits" in node.log()
 

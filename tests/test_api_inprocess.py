@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from aivailable import maintenance
+from aivailable.api import hop
 from aivailable.api.app import build_app
 from aivailable.api.port import NodePort
 from aivailable.api.ratelimit import fingerprint
@@ -258,4 +259,22 @@ def test_cluster_routes_reach_the_port():
         assert (await c.post("/_cluster/gossip", data=b"x")).status == 204
         assert (await c.post("/_cluster/files", data=b"x")).status == 404
 
-    run(FakeNode(), body)
+    run(FakeNode(insecure_cluster=True), body)
+
+
+def test_with_cluster_tls_plaintext_cluster_traffic_is_refused_and_counted():
+    """The default: peers reach a node over TLS on its cluster port; on the API port, /_cluster/* and
+    forwarded (hop-signed) requests get 421 and are counted, whatever they carry."""
+    node = FakeNode()
+
+    async def body(c: TestClient) -> None:
+        for path in ("/_cluster/gossip", "/_cluster/files", "/_cluster/anything"):
+            r = await c.post(path, data=b"x")
+            assert r.status == 421, path
+            assert "cluster port" in (await error_of(r))["message"]
+        r = await c.get("/v1/models", headers={hop.HEADER: "n1.123.abc.def"})
+        assert r.status == 421
+        assert (await c.get("/v1/models")).status == 200  # clients are not affected
+
+    run(node, body)
+    assert [reason for _, reason in node.cluster_refusals] == ["plaintext"] * 4

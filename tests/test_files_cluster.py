@@ -16,6 +16,7 @@ import pytest
 
 from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest
+from tests import peertls
 from tests.nodeproc import NodeProc, free_port, start_node
 from tests.test_cluster import wait_for
 
@@ -94,14 +95,8 @@ def page_text(node: NodeProc, selector: str) -> str:
 
 
 def post(node: NodeProc, body: bytes) -> tuple[int, bytes]:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(node.url + "/_cluster/files", data=body), timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    """POST /_cluster/files over the TLS cluster port, as a peer past TLS (holding the secret) would."""
+    return peertls.post(node.url, "/_cluster/files", body, SECRET, "n9")
 
 
 def stop_all(nodes: list[NodeProc]) -> None:

@@ -52,9 +52,10 @@ def test_status_page_shows_gpu_vram_bar_and_model(node, tmp_path):
             assert row.locator("td.unload").inner_text() == "never"  # keep_alive forever (the default)
             assert "KV f16" in row.locator(".kv").inner_text()  # each replica's KV cache type
             assert page.locator("#node-id").inner_text() == node.cluster()["node_id"]
-            rejected = page.locator('#security tr.rejected[data-reason="malformed"]')
+            rejected = page.locator('#security tr.rejected[data-reason="plaintext"]')
             rejected.wait_for(timeout=10_000)  # the operator sees inter-node rejections by reason
             assert rejected.inner_text().split()[-1] == "1"
+            assert "mutual TLS on port" in page.locator("#cluster-tls").inner_text()  # how nodes talk, at a glance
             page.screenshot(path=str(tmp_path / "status.png"), full_page=True)
             assert not errors, errors
         finally:

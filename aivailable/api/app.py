@@ -38,6 +38,7 @@ from aivailable.engine.spec import generation_limit
 from aivailable.errors import (
     AuthenticationError,
     InvalidRequest,
+    MisdirectedRequest,
     ModelNotFound,
     ModelUnavailable,
     NodeStarting,
@@ -86,9 +87,9 @@ async def hops(request: web.Request, handler):
         if node.config.cluster_tls and peer_certificate_id(request) is None:
             node.record_cluster_refusal(request.remote or "?", "plaintext",
                                         f"{request.method} {request.path} over plain HTTP on the API port")
-            raise web.HTTPMisdirectedRequest(
-                text="this node takes cluster traffic only over TLS on its cluster port (API port + 1); "
-                     "is the sending node started with --insecure-cluster while this one is not?")
+            raise MisdirectedRequest(
+                "This node takes cluster traffic only over TLS on its cluster port (API port + 1); is the "
+                "sending node started with --insecure-cluster while this one is not?")
     if request.path.startswith("/v1/"):
         checked_hop(request)
     return await handler(request)
