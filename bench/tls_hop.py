@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="tls-hop-"))
     result: dict = {"settings": vars(args) | {"model_path": str(model)},
                     "machine": harness.machine(loadavg_start=loadavg()), "levels": []}
+    for sub in ("tls", "plain"):
+        (tmp_root / sub).mkdir()
     clusters = {"tls": TwoNodes(tmp_root / "tls", model, env),
                 "plain": TwoNodes(tmp_root / "plain", model, env, extra=("--insecure-cluster",))}
     t0 = time.monotonic()
     try:
         for c in clusters.values():
-            c.tmp.mkdir(parents=True)
             c.start()
         urls = {"direct": clusters["tls"].holder.url, "via_tls": clusters["tls"].peer.url,
                 "direct_plain": clusters["plain"].holder.url, "via_plain": clusters["plain"].peer.url}

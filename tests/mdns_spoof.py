@@ -1,5 +1,7 @@
 """A spoofer for the mDNS test: announce a record of a cluster (its id hash is public) pointing at an
-address it owns, and count the cluster messages that arrive there (answered 204, as a real node would).
+address it owns, and count the cluster messages that arrive there: plain HTTP posts to PORT (answered 204,
+as a real node would, for nodes with --insecure-cluster), and TLS connections to the cluster port PORT + 1
+(a spoofer without the secret has no certificate, so it only counts them and hangs up).
 
     python -m tests.mdns_spoof --host 10.77.0.1 --port 9000 --cluster HASH --duration 30
 
@@ -33,6 +35,14 @@ async def run(args: argparse.Namespace) -> int:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
+
+    async def knock(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(1)
+        if first == b"\x16":  # a TLS handshake record: a node pushing to what it thinks is a peer
+            posts.append(round(time.monotonic() - t0, 3))
+        writer.close()
+
+    tls_port = await asyncio.start_server(knock, args.host, args.port + 1)
     fake = Discovery("aaa-fake", args.host, args.port, args.cluster, None, lambda addr: None)
     await fake.start()
     print("announced", flush=True)
@@ -40,6 +50,7 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.sleep(args.duration)
     finally:
         await fake.stop()
+        tls_port.close()
         await runner.cleanup()
     print(json.dumps({"posts": posts}), flush=True)
     return 0
