@@ -17,6 +17,7 @@ from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 
 if TYPE_CHECKING:
+    from aivailable.apikeys.ring import KeyRing
     from aivailable.config import NodeConfig
 
 
@@ -38,6 +39,7 @@ class ApiSettings:
     max_tokens_default: int
     routing: str
     load_wait_s: float
+    protect_status: bool = False
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> ApiSettings:
@@ -46,7 +48,8 @@ class ApiSettings:
                    max_body_bytes=cfg.max_body_bytes, body_timeout_s=cfg.body_timeout_s,
                    allow_image_urls=cfg.allow_image_urls, max_image_bytes=cfg.max_image_bytes,
                    cors_origins=tuple(cfg.cors_origins), allowed_hosts=tuple(cfg.allowed_hosts),
-                   max_tokens_default=cfg.max_tokens_default, routing=cfg.routing, load_wait_s=cfg.load_wait_s)
+                   max_tokens_default=cfg.max_tokens_default, routing=cfg.routing, load_wait_s=cfg.load_wait_s,
+                   protect_status=cfg.protect_status)
 
 
 class NodePort(Protocol):
@@ -110,5 +113,14 @@ class NodePort(Protocol):
         """A client's request for `model` entered the cluster here: demand, and the model is in use."""
     def end_request(self, model: str) -> None:
         """That request is finished (answered, failed or abandoned)."""
+    # -- API keys (aivailable/apikeys/, aivailable/keysync.py) ------------------------------------------
+    @property
+    def keyring(self) -> KeyRing:
+        """This node's replica of the cluster's key set: verify keys, admit requests, admin changes."""
+    async def keys_changed(self) -> None:
+        """After an admin change of `keyring`: persist it and push it to every alive peer."""
+    async def handle_keys(self, request: web.Request) -> web.StreamResponse:
+        """POST /_cluster/keys: a signed key-set exchange with a peer."""
+
     def record_rate_limited(self, fingerprint: str) -> None:
         """A request of the API key with this fingerprint got 429 (the status page's security table)."""
