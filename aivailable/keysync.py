@@ -41,6 +41,9 @@ log = logging.getLogger("aivailable.keys")
 KEYS_PATH = "/_cluster/keys"
 SYNC_INTERVAL_S = 0.25
 RETRY_S = 2.0
+"""Least time between two pulls from one peer (its gossiped digest may lag behind a finished exchange)."""
+PUSH_TIMEOUT_S = 2.0
+"""How long an admin change waits for each peer's answer before it leaves the rest to gossip."""
 MAX_BYTES = envelope.MAX_BYTES
 READ_TIMEOUT_S = 10.0
 
@@ -69,7 +72,9 @@ class KeySync:
         self._replay = envelope.ReplayCache()
         self._answers = envelope.ReplayCache()
         self._inflight: set[str] = set()
+        """Peers with a gossip-driven pull in flight (at most one each; pushes always go)."""
         self._tried: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
 
     # -- local changes ---------------------------------------------------------------------------------
     def save(self) -> None:
@@ -79,7 +84,8 @@ class KeySync:
         """After an admin change: save, then exchange sets with every alive peer at once."""
         self.save()
         peers = self._peers()
-        results = await asyncio.gather(*(self._exchange(p) for p in peers), return_exceptions=True)
+        results = await asyncio.gather(*(self._exchange(p, timeout_s=PUSH_TIMEOUT_S) for p in peers),
+                                       return_exceptions=True)
         failed = [p.node_id for p, r in zip(peers, results, strict=True) if r is not True]
         if failed:
             log.info("key set change not pushed to %s yet; they get it by gossip", ", ".join(failed))
@@ -97,19 +103,28 @@ class KeySync:
             for p in self.refresh():
                 if p.node_id not in self._inflight and now - self._tried.get(p.node_id, -RETRY_S) >= RETRY_S:
                     self._tried[p.node_id] = now
-                    asyncio.create_task(self._exchange(p), name=f"key sync {p.node_id}")
+                    task = asyncio.create_task(self._pull(p), name=f"key sync {p.node_id}")
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             await asyncio.sleep(SYNC_INTERVAL_S)
 
-    async def _exchange(self, peer: Peer) -> bool:
+    async def _pull(self, peer: Peer) -> None:
+        self._inflight.add(peer.node_id)
+        try:
+            await self._exchange(peer)
+        finally:
+            self._inflight.discard(peer.node_id)
+
+    async def _exchange(self, peer: Peer, timeout_s: float = 5.0) -> bool:
         """Send our set to `peer` and merge its answer; True when the exchange worked."""
         session = self._session()
-        if session is None or session.closed or peer.node_id in self._inflight:
+        if session is None or session.closed:
             return False
-        self._inflight.add(peer.node_id)
         try:
             data = envelope.seal(KeySetSync(records=self.ring.keyset.to_list()), self.secret, self.node_id,
                                  time.time(), os.urandom(12))
-            status, body = await peer_post(session, peer.address, KEYS_PATH, data, max_bytes=MAX_BYTES)
+            status, body = await peer_post(session, peer.address, KEYS_PATH, data, timeout_s=timeout_s,
+                                           max_bytes=MAX_BYTES)
             if status != 200:
                 log.warning("key set exchange with %s: HTTP %d %s", peer.node_id, status, body[:200])
                 return False
@@ -126,8 +141,6 @@ class KeySync:
         except (envelope.EnvelopeError, RecordError) as exc:
             log.warning("key set exchange with %s: bad answer: %s", peer.node_id, exc)
             return False
-        finally:
-            self._inflight.discard(peer.node_id)
 
     def _merge(self, incoming: KeySet, src: str) -> None:
         before = self.ring.digest

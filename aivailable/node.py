@@ -362,6 +362,7 @@ class Node:
         view = self.cluster.view()
         view["security"] = self.security_view()
         view["keys"] = self.keys.ring.view(time.time())
+        view["keys_converged"] = view["keys"]["converged"]
         disc = self.cluster.discovery
         view["cluster_id"] = self.cluster.cluster_hash  # public (mDNS announces it): no secret in it
         view["foreign_nodes"] = sorted(disc.foreign.values(), key=lambda f: f["node"]) if disc is not None else []

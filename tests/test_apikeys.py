@@ -204,3 +204,12 @@ def test_ring_admits_against_peers_counts_and_reports_its_own():
     ring.set_peers({"n2": (ring.digest, {})})  # n3 gone, n2's window emptied
     assert ring.admit(r, 4.0, T0) == 0.0 and ring.view(T0)["converged"]
     assert ring.listing(T0)[0]["last_used"] == {"n1": T0}
+
+
+def test_facts_of_a_node_without_keys_still_parse():
+    """Facts gossiped by a node that predates cluster keys have no `keys`/`key_load`: defaults, no pull."""
+    from aivailable.coordinator import NodeFacts
+
+    old = NodeFacts.from_dict({"node_id": "n9", "address": "127.0.0.1:1"})
+    assert old.keys is None and old.key_load == {}
+    assert NodeFacts.from_dict(old.to_dict()) == old
