@@ -15,7 +15,7 @@ import pytest
 
 from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
-from aivailable.gossip.messages import FileRequest, Gossip
+from aivailable.gossip.messages import FileRequest, Gossip, KeySetSync
 from tests.badenvelopes import bad_envelopes, seal
 from tests.fakenode import FakeNode
 from tests.nodeproc import get_json, serving
@@ -69,7 +69,7 @@ def chat(node, key: str = FREE) -> str:
     return r.choices[0].finish_reason
 
 
-@pytest.mark.parametrize("endpoint", ["gossip", "files"])
+@pytest.mark.parametrize("endpoint", ["gossip", "files", "keys"])
 def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, endpoint):
     url = node.url + "/_cluster/" + endpoint
     secret = SECRET.encode()
@@ -81,8 +81,10 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
         assert body.decode() == reason  # the reason and nothing else: no echo of what was sent
         expect[reason] = expect.get(reason, 0) + 1
     # A valid message: an empty gossip, or a request for a file this node does not hold (404 after the checks).
-    valid = Gossip(updates=()) if endpoint == "gossip" else FileRequest(sha256="0" * 64, chunk_size=1 << 20)
-    accepted = 204 if endpoint == "gossip" else 404
+    # A valid key-set exchange is answered with this node's set (salted hashes only) in a signed envelope.
+    valid = {"gossip": Gossip(updates=()), "files": FileRequest(sha256="0" * 64, chunk_size=1 << 20),
+             "keys": KeySetSync(records=[])}[endpoint]
+    accepted = {"gossip": 204, "files": 404, "keys": 200}[endpoint]
     good = seal(valid, secret, sender="peer-x")
     assert post(url, good)[0] == accepted
     assert post(url, good) == (400, b"replayed")
@@ -104,9 +106,9 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
 def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node):
     routes = {(r.method, r.resource.canonical) for r in build_app(FakeNode()).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
-    assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
+    assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files"), ("POST", "/_cluster/keys")}, \
         "a new /_cluster/ route needs a check here"
-    probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
+    probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/keys", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
               "/_cluster/placement", "/_cluster/../api/cluster"]
     for path in probes:
         status, body = fetch(node.url + path)
