@@ -39,12 +39,20 @@ async def _gpu(request: web.Request) -> object:
     return str(gpu) if isinstance(gpu, int) and not isinstance(gpu, bool) else gpu
 
 
+def check_admin(request: web.Request, node: NodePort, key: str) -> None:
+    """The admin key or nothing: 401 when missing or wrong, 403 for an API key (config or cluster key)."""
+    auth = request.headers.get("Authorization")
+    token = (auth or "").partition(" ")[2].strip()
+    verdict, _rec = node.keyring.verify(token, time.time())
+    maintenance.check_admin(auth, key, [*node.config.api_keys, *([token] if verdict is Verdict.OK else [])])
+
+
 def add_admin_routes(app: web.Application, node: NodePort) -> None:
     """Register the admin endpoints on the node's application."""
     key = maintenance.admin_key(node.secret)
 
     async def handle(request: web.Request, drained: bool) -> web.Response:
-        maintenance.check_admin(request.headers.get("Authorization"), key, node.config.api_keys)
+        check_admin(request, node, key)
         return web.json_response(await node.set_drain(await _gpu(request), drained))
 
     async def drain(request: web.Request) -> web.Response:
@@ -96,11 +104,7 @@ def add_key_routes(app: web.Application, node: NodePort) -> None:
     key = maintenance.admin_key(node.secret)
 
     def check(request: web.Request) -> None:
-        auth = request.headers.get("Authorization")
-        token = (auth or "").partition(" ")[2].strip()
-        verdict, _rec = node.keyring.verify(token, time.time())
-        known = [*node.config.api_keys, *([token] if verdict is Verdict.OK else [])]
-        maintenance.check_admin(auth, key, known)
+        check_admin(request, node, key)
 
     def apply(change) -> None:
         try:
