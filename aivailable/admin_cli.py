@@ -31,16 +31,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("--url", default="http://127.0.0.1:8000", help="the node to (un)drain (default %(default)s)")
         p.add_argument("--gpu", metavar="ID", help="only this GPU of the node (its id as `aivailable status` shows)")
-        _key_args(p)
+        key_args(p)
         if name == "drain":
             p.add_argument("--no-wait", action="store_true", help="return once the node accepted the drain")
             p.add_argument("--timeout", type=float, default=WAIT_S, metavar="SECONDS",
                            help="longest wait for the models to move (default %(default)s)")
     k = sub.add_parser("admin-key", help="print the cluster's admin key (for drain/undrain from another machine)")
-    _key_args(k, with_key=False)
+    key_args(k, with_key=False)
 
 
-def _key_args(p: argparse.ArgumentParser, *, with_key: bool = True) -> None:
+def key_args(p: argparse.ArgumentParser, *, with_key: bool = True) -> None:
+    """The admin-key flags (`--admin-key`, `--admin-key-file`, or derived: `--state-dir`, `--cluster-secret-file`)."""
     if with_key:
         p.add_argument("--admin-key", dest="admin_key", metavar="KEY", help="the cluster's admin key")
         p.add_argument("--admin-key-file", dest="admin_key_file", metavar="FILE", help="a file holding it")
@@ -71,9 +72,10 @@ def resolve_key(args: argparse.Namespace) -> str:
     return maintenance.admin_key(read_secret(args.state_dir, args.cluster_secret_file).encode())
 
 
-def _request(url: str, *, body: dict | None = None, key: str | None = None) -> dict:
+def request_json(url: str, *, body: dict | None = None, key: str | None = None, method: str | None = None) -> dict:
+    """Send an admin request (POST with `body`, else GET, unless `method`); NodeError with the node's message."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET")
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if body is not None else "GET"))
     req.add_header("Content-Type", "application/json")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
@@ -107,7 +109,7 @@ def drain_command(args: argparse.Namespace) -> int:
     key = resolve_key(args)
     base = args.url.rstrip("/")
     drained = args.command == "drain"
-    state = _request(f"{base}/admin/{args.command}", body={"gpu": args.gpu} if args.gpu else {}, key=key)
+    state = request_json(f"{base}/admin/{args.command}", body={"gpu": args.gpu} if args.gpu else {}, key=key)
     node = state["node"]
     what = f"GPU {args.gpu} of node {node}" if args.gpu else f"node {node}"
     if not drained:
@@ -119,7 +121,7 @@ def drain_command(args: argparse.Namespace) -> int:
     deadline, last = time.monotonic() + args.timeout, None
     while True:
         try:
-            left = remaining(_request(f"{base}/api/cluster"), node, args.gpu)
+            left = remaining(request_json(f"{base}/api/cluster", key=key), node, args.gpu)
         except NodeError as exc:  # a slow answer under load: try again until the deadline
             left = [f"(cannot read the cluster view: {exc.message})"]
         if not left:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -105,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the cluster as a node sees it")
     st.add_argument("--url", default="http://127.0.0.1:8000", help="a node's address (default %(default)s)")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--api-key", dest="api_key", metavar="KEY", default=os.environ.get("AIVAILABLE_API_KEY"),
+                    help="a key for a node with protect_status (viewer, user or admin key; default "
+                         "$AIVAILABLE_API_KEY)")
     st.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                     help="redraw every SECONDS (default 2) until Ctrl-C")
 
@@ -120,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("--token-only", action="store_true", help="print only the token, not the command")
 
     add_admin_parsers(sub)  # drain, undrain, admin-key
+    from aivailable.keys_cli import add_parsers as add_keys_parsers
+
+    add_keys_parsers(sub)
     cp = sub.add_parser("completion", help="print a shell completion script")
     cp.add_argument("shell", choices=("bash", "zsh", "fish"))
 
@@ -221,10 +228,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None:
         from aivailable.status_watch import watch
 
-        return watch(args.url, args.watch, as_json=args.json)
+        return watch(args.url, args.watch, as_json=args.json, api_key=args.api_key)
     url = args.url.rstrip("/") + "/api/cluster"
     try:
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(authorized(url, args.api_key), timeout=10) as r:
             view = json.load(r)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"aivailable status: cannot read {url}: {exc}", file=sys.stderr)
@@ -236,6 +243,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     render_status(view)
     return 0
+
+
+def authorized(url: str, api_key: str | None) -> urllib.request.Request:
+    """A GET of `url`, with `Authorization: Bearer` when a key is given (nodes with protect_status)."""
+    req = urllib.request.Request(url)
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    return req
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             from aivailable.admin_cli import drain_command
 
             return drain_command(args)
+        if args.command == "keys":
+            from aivailable.keys_cli import keys_command
+
+            return keys_command(args)
         if args.command == "completion":
             from aivailable.completion import script
 

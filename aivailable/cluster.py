@@ -32,6 +32,7 @@ from aivailable.gossip.secret import load_or_create_secret
 from aivailable.gossip.state_store import ClusterStateError
 from aivailable.gossip.transport import ClusterTransport
 from aivailable.gossip.transport_types import TransportConfig
+from aivailable.keysync import Peer as KeyPeer
 
 if TYPE_CHECKING:
     from aivailable.node import Node
@@ -79,7 +80,7 @@ _VOLATILE = {"outstanding", "queued", "requests", "cancelled", "completion_token
 def _shape(facts: dict) -> dict:
     """Facts without the counters that change with every request or transferred chunk (those go out at
     most once a second)."""
-    out = {k: v for k, v in facts.items() if k not in ("rates", "transfers", "usage")}
+    out = {k: v for k, v in facts.items() if k not in ("rates", "transfers", "usage", "key_load")}
     out["transfers"] = [(t["model"], t["state"]) for t in facts.get("transfers", [])]
     out["replicas"] = [{k: v for k, v in r.items() if k not in _VOLATILE} for r in facts.get("replicas", [])]
     return out
@@ -358,6 +359,18 @@ class Cluster:
                 up.alive_fn = lambda nid=m.node_id: self._alive(nid)
                 out.append(up)
         return out
+
+    @property
+    def peer_session(self) -> aiohttp.ClientSession | None:
+        """The pooled session for requests to peers (proxied API requests, key-set sync)."""
+        return self._session
+
+    def key_peers(self) -> list[KeyPeer]:
+        """Every other alive node with its gossiped key-set digest and rate-limited key counts."""
+        if self.transport is None:
+            return []
+        return [KeyPeer(m.node_id, m.address, m.facts.get("keys"), dict(m.facts.get("key_load") or {}))
+                for m in self.transport.members() if m.node_id != self.node.node_id and m.status == "alive"]
 
     def holders_of(self, sha256: str) -> dict[str, str]:
         """{node id: address} of the other live nodes that hold the file `sha256`."""

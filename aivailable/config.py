@@ -192,6 +192,9 @@ class NodeConfig(BaseSettings):
     """Requests a key may send at once after being idle (0 = a minute's worth, i.e. the key's rpm)."""
     api_key_rpm: dict[str, Annotated[int, Field(ge=0)]] = {}
     """Per-key overrides of rate_limit_rpm (TOML table `[node.api_key_rpm]`, key = the API key)."""
+    protect_status: bool = False
+    """The status page, /api/cluster, /api/history and /metrics need a key too (a viewer, user, config or admin
+    key: `Authorization: Bearer`); /health stays open. Viewer keys (`aivailable keys add --viewer`) only read."""
     node_id: str | None = None
     advertise_host: str | None = None
     """The address peers and clients should use for this node (default: this machine's primary address)."""

@@ -74,13 +74,18 @@ class NodeFacts:
     its replicas until they are ready elsewhere (`aivailable.maintenance`)."""
     drained_gpus: list[str] = field(default_factory=list)
     """Local device ids drained one by one: placement gives them nothing."""
+    keys: str | None = None
+    """Digest of the node's API key set (aivailable/keysync.py pulls a peer's set when it differs); None
+    from a node that predates cluster-wide keys."""
+    key_load: dict[str, int] = field(default_factory=dict)
+    """Requests this node admitted in the last 60 s per rate-limited API key name (apikeys/quota.py)."""
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "address": self.address, "devices": self.devices, "catalog": self.catalog,
                 "needs_mib": self.needs_mib, "kv_needs_mib": self.kv_needs_mib, "replicas": self.replicas, "rates": self.rates,
                 "claims_mib": self.claims_mib, "backend": self.backend, "files": self.files,
                 "transfers": self.transfers, "bad_peers": self.bad_peers, "leaving": self.leaving,
-                "usage": self.usage,
+                "usage": self.usage, "keys": self.keys, "key_load": self.key_load,
                 **({"drained": self.drained, "drained_gpus": self.drained_gpus}
                    if self.drained or self.drained_gpus else {})}
 

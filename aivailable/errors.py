@@ -49,6 +49,20 @@ class ModelNotFound(NodeError):
     code = "model_not_found"
 
 
+class NotFound(NodeError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(NodeError):
+    """The change conflicts with the current state (e.g. a key name that is in use)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class RequestTimeout(NodeError):
     """The client did not send its whole request body in time."""
 
@@ -69,6 +83,18 @@ class Forbidden(NodeError):
     http_status = 403
     error_type = "invalid_request_error"
     code = "forbidden"
+
+
+class ModelNotAllowed(Forbidden):
+    """The API key's allow-list does not include the requested model."""
+
+    code = "model_not_allowed"
+
+
+class KeyKindForbidden(Forbidden):
+    """A viewer key (read-only: status page, /api/cluster, /metrics) used on the OpenAI API."""
+
+    code = "viewer_key"
 
 
 class UnsupportedMediaType(NodeError):

@@ -153,5 +153,5 @@ def check_admin(authorization: str | None, key: str, api_keys: Iterable[str]) ->
     if hmac.compare_digest(token.encode(), key.encode()):
         return
     if any(hmac.compare_digest(token.encode(), k.encode()) for k in api_keys):
-        raise Forbidden("An API key cannot drain or undrain nodes; use the cluster's admin key.")
+        raise Forbidden("An API key cannot use the admin API (drains, keys); use the cluster's admin key.")
     raise AuthenticationError("Incorrect admin key provided.")

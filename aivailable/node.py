@@ -32,6 +32,7 @@ from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip import tls
 from aivailable.gossip.state_store import StateStore
+from aivailable.keysync import KeySync
 from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
 from aivailable.shutdown import run_steps
@@ -87,6 +88,10 @@ class Node:
                                  peers=self.cluster.holders_of, in_use=self._files_in_use,
                                  pinned=self._pinned_files)
         self.files.use_dialer(self.cluster.dialer)
+        self.keys = KeySync(node_id=self.node_id, secret=self.cluster.secret, state_dir=self.state_dir,
+                            session=lambda: self.cluster.peer_session, peers=self.cluster.key_peers,
+                            on_rejected=self._count_rejection, dialer=self.cluster.dialer)
+        """The cluster's API keys: this node's replica of the set (aivailable/keysync.py)."""
         self.files.on_change = self._files_changed
         self.files.server.on_rejected = self._count_rejection
         self.files.on_event = lambda text: self.record_event(f"{self.node_id}: {text}", logged=True)
@@ -198,7 +203,8 @@ class Node:
                          replicas=replicas, rates={}, claims_mib={k: round(v, 1) for k, v in claims.items()},
                          backend=self.backend.summary(), files=self.files.held(), transfers=self.files.views(),
                          bad_peers=self.files.bad_peers(), leaving=self.leaving, usage=self.usage.view(),
-                         drained=self.drainer.state.node, drained_gpus=sorted(self.drainer.state.gpus))
+                         drained=self.drainer.state.node, drained_gpus=sorted(self.drainer.state.gpus),
+                         **self.keys.ring.facts(time.monotonic()))
 
     def assignments_for(self, assignments: Assignments) -> list[Assignment]:
         """This node's share of a placement as worker assignments."""
@@ -356,6 +362,8 @@ class Node:
                                "yet; retry in a second", retry_after=1)
         view = self.cluster.view()
         view["security"] = self.security_view()
+        view["keys"] = self.keys.ring.view(time.time())
+        view["keys_converged"] = view["keys"]["converged"]
         disc = self.cluster.discovery
         view["cluster_id"] = self.cluster.cluster_hash  # public (mDNS announces it): no secret in it
         view["foreign_nodes"] = sorted(disc.foreign.values(), key=lambda f: f["node"]) if disc is not None else []
@@ -370,7 +378,8 @@ class Node:
         cfg = self.settings.node
         t = self.cluster.transport
         ctls = self.cluster.tls
-        return {"api_keys_required": bool(cfg.api_keys), "rate_limit_rpm": cfg.rate_limit_rpm,
+        return {"api_keys_required": bool(cfg.api_keys) or self.keys.ring.protecting(),
+                "protect_status": cfg.protect_status, "rate_limit_rpm": cfg.rate_limit_rpm,
                 "cluster_tls": {"enabled": ctls is not None, "port": tls.cluster_port(self.port) if ctls and self.port else None,
                                 "ca_fingerprint": ctls.ca.fingerprint if ctls else None},
                 "cluster_rejected": dict(sorted((t.rejections if t is not None else {}).items())),
@@ -408,6 +417,7 @@ class Node:
         await self.files.start()
         await self.estimate_models()
         await self.cluster.start(self.address)
+        self._tasks.append(asyncio.create_task(self.keys.run(), name="key sync"))
         self._tasks.append(asyncio.create_task(self._refresh_devices(), name="device refresh"))
         self._tasks.append(asyncio.create_task(self.observe.run(), name="history"))
         self.drainer.announce()

@@ -18,6 +18,7 @@ from aivailable.api.port import ApiSettings
 from aivailable.api.router import Upstream
 
 if TYPE_CHECKING:
+    from aivailable.apikeys.ring import KeyRing
     from aivailable.node import Node
 
 
@@ -116,6 +117,17 @@ class NodeApi:
 
     def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
         self._node.record_cluster_refusal(peer, reason, detail)
+
+    # -- API keys ------------------------------------------------------------------------------------
+    @property
+    def keyring(self) -> KeyRing:
+        return self._node.keys.ring
+
+    async def keys_changed(self) -> None:
+        await self._node.keys.changed()
+
+    async def handle_keys(self, request: web.Request) -> web.StreamResponse:
+        return await self._node.keys.handle(request)
 
     def record_rate_limited(self, fingerprint: str) -> None:
         self._node.rate_limited[fingerprint] = self._node.rate_limited.get(fingerprint, 0) + 1

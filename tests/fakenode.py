@@ -11,6 +11,7 @@ from aiohttp import web
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.port import ApiSettings
 from aivailable.api.router import Upstream
+from aivailable.apikeys.ring import KeyRing
 from aivailable.config import NodeConfig
 from aivailable.errors import ModelUnavailable, NodeStarting
 
@@ -44,6 +45,8 @@ class FakeNode:
         self.rate_limited: dict[str, int] = {}
         self.drains: list[tuple[object, bool]] = []
         self.cluster_refusals: list[tuple[str, str]] = []
+        self.keyring = KeyRing(node_id)
+        self.key_changes = 0
 
     def uptime_s(self) -> float:
         return 12.34
@@ -89,6 +92,12 @@ class FakeNode:
     async def set_drain(self, gpu: object, drained: bool) -> dict:
         self.drains.append((gpu, drained))
         return {"node": self.node_id, "drained": drained and gpu is None, "drained_gpus": [], "holding": []}
+
+    async def keys_changed(self) -> None:
+        self.key_changes += 1
+
+    async def handle_keys(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=404)
 
     def begin_request(self, model: str, keep_alive: float | None) -> None:
         self.began.append((model, keep_alive))

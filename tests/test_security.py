@@ -16,7 +16,7 @@ import pytest
 
 from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
-from aivailable.gossip.messages import FileRequest, Gossip
+from aivailable.gossip.messages import FileRequest, Gossip, KeySetSync
 from tests import peertls
 from tests.badenvelopes import bad_envelopes, seal
 from tests.fakenode import FakeNode
@@ -76,7 +76,7 @@ def peer_post(node, path: str, data: bytes, sender: str = "peer-x") -> tuple[int
     return peertls.post(node.url, path, data, SECRET, sender, timeout=30)
 
 
-@pytest.mark.parametrize("endpoint", ["gossip", "files"])
+@pytest.mark.parametrize("endpoint", ["gossip", "files", "keys"])
 def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, endpoint):
     """Past TLS (an insider with the secret), the envelope checks still refuse each bad message."""
     url = "/_cluster/" + endpoint
@@ -89,8 +89,10 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
         assert body.decode() == reason  # the reason and nothing else: no echo of what was sent
         expect[reason] = expect.get(reason, 0) + 1
     # A valid message: an empty gossip, or a request for a file this node does not hold (404 after the checks).
-    valid = Gossip(updates=()) if endpoint == "gossip" else FileRequest(sha256="0" * 64, chunk_size=1 << 20)
-    accepted = 204 if endpoint == "gossip" else 404
+    # A valid key-set exchange is answered with this node's set (salted hashes only) in a signed envelope.
+    valid = {"gossip": Gossip(updates=()), "files": FileRequest(sha256="0" * 64, chunk_size=1 << 20),
+             "keys": KeySetSync(records=[])}[endpoint]
+    accepted = {"gossip": 204, "files": 404, "keys": 200}[endpoint]
     good = seal(valid, secret, sender="peer-x")
     assert peer_post(node, url, good)[0] == accepted
     assert peer_post(node, url, good) == (400, b"replayed")
@@ -118,9 +120,9 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
 def test_nothing_private_is_readable_under_cluster_paths_without_the_secret(node):
     routes = {(r.method, r.resource.canonical) for r in build_app(FakeNode()).router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/_cluster/")}
-    assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files")}, \
+    assert routes == {("POST", "/_cluster/gossip"), ("POST", "/_cluster/files"), ("POST", "/_cluster/keys")}, \
         "a new /_cluster/ route needs a check here"
-    probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
+    probes = ["/_cluster/gossip", "/_cluster/files", "/_cluster/keys", "/_cluster/", "/_cluster/state", "/_cluster/members", "/_cluster/secret",
               "/_cluster/placement", "/_cluster/../api/cluster"]
     for path in probes:
         for status, body in (fetch(node.url + path),  # plain API port: refused

@@ -1,4 +1,5 @@
-"""POST /admin/drain and /admin/undrain: the operator's maintenance drain (aivailable/maintenance.py).
+"""The admin API: POST /admin/drain and /admin/undrain (the operator's maintenance drain,
+aivailable/maintenance.py), and /admin/keys (the cluster's API keys, aivailable/apikeys/).
 
 Both need ``Authorization: Bearer <admin key>`` (`maintenance.admin_key`; an API key gets 403) and take an
 optional JSON body ``{"gpu": "<local device id>"}`` (absent or null: the whole node). They answer at once
@@ -9,12 +10,14 @@ the background (``aivailable drain`` waits for it).
 from __future__ import annotations
 
 import json
+import time
 
 from aiohttp import web
 
 from aivailable import maintenance
 from aivailable.api.port import NodePort
-from aivailable.errors import InvalidRequest
+from aivailable.apikeys.keyset import ChangeError, Verdict
+from aivailable.errors import Conflict, InvalidRequest, NotFound
 
 
 async def _gpu(request: web.Request) -> object:
@@ -36,12 +39,20 @@ async def _gpu(request: web.Request) -> object:
     return str(gpu) if isinstance(gpu, int) and not isinstance(gpu, bool) else gpu
 
 
+def check_admin(request: web.Request, node: NodePort, key: str) -> None:
+    """The admin key or nothing: 401 when missing or wrong, 403 for an API key (config or cluster key)."""
+    auth = request.headers.get("Authorization")
+    token = (auth or "").partition(" ")[2].strip()
+    verdict, _rec = node.keyring.verify(token, time.time())
+    maintenance.check_admin(auth, key, [*node.config.api_keys, *([token] if verdict is Verdict.OK else [])])
+
+
 def add_admin_routes(app: web.Application, node: NodePort) -> None:
     """Register the admin endpoints on the node's application."""
     key = maintenance.admin_key(node.secret)
 
     async def handle(request: web.Request, drained: bool) -> web.Response:
-        maintenance.check_admin(request.headers.get("Authorization"), key, node.config.api_keys)
+        check_admin(request, node, key)
         return web.json_response(await node.set_drain(await _gpu(request), drained))
 
     async def drain(request: web.Request) -> web.Response:
@@ -52,3 +63,78 @@ def add_admin_routes(app: web.Application, node: NodePort) -> None:
 
     app.router.add_post("/admin/drain", drain)
     app.router.add_post("/admin/undrain", undrain)
+    add_key_routes(app, node)
+
+
+# -- cluster-wide API keys (aivailable/apikeys/, aivailable/keysync.py) ---------------------------------
+
+_KEY_FIELDS = ("name", "kind", "models", "rpm", "expires")
+
+
+def _key_body(raw: bytes) -> dict:
+    """The fields of POST /admin/keys, type-checked; InvalidRequest naming the bad field."""
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError:
+        raise InvalidRequest("the body is not valid JSON", param="body") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest('the body must be a JSON object such as {"name": "alice"}', param="body")
+    unknown = sorted(set(body) - set(_KEY_FIELDS))
+    if unknown:
+        raise InvalidRequest(f"unknown field {unknown[0]!r}; the fields are {', '.join(_KEY_FIELDS)}",
+                             param=unknown[0])
+    if not isinstance(body.get("name"), str) or not body["name"]:
+        raise InvalidRequest("name is required: a string such as \"alice\"", param="name")
+    models = body.get("models") or []
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise InvalidRequest("models must be a list of model names (empty: every model)", param="models")
+    rpm = body.get("rpm") or 0
+    if isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 0:
+        raise InvalidRequest("rpm must be a whole number >= 0 (0: no limit)", param="rpm")
+    expires = body.get("expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
+        raise InvalidRequest("expires must be UTC epoch seconds or null", param="expires")
+    kind = body.get("kind") or "user"
+    return {"name": body["name"], "kind": kind, "models": models, "rpm": rpm,
+            "expires": None if expires is None else float(expires)}
+
+
+def add_key_routes(app: web.Application, node: NodePort) -> None:
+    """POST/GET /admin/keys and DELETE /admin/keys/{name}: the cluster's API keys, admin key only."""
+    key = maintenance.admin_key(node.secret)
+
+    def check(request: web.Request) -> None:
+        check_admin(request, node, key)
+
+    def apply(change) -> None:
+        try:
+            change()
+        except ChangeError as exc:
+            cls = {404: NotFound, 409: Conflict}.get(exc.status, InvalidRequest)
+            raise cls(exc.message, param=exc.param) from None
+
+    async def create(request: web.Request) -> web.Response:
+        check(request)
+        fields = _key_body(await request.read())
+        out: list[str] = []
+        apply(lambda: out.append(node.keyring.add(now=time.time(), **fields)))
+        await node.keys_changed()
+        rec = node.keyring.keyset.get(fields["name"])
+        return web.json_response({**rec.view(), "key": out[0],
+                                  "note": "the key is shown only now: it is stored as a salted hash"})
+
+    async def listing(request: web.Request) -> web.Response:
+        check(request)
+        ring = node.keyring
+        return web.json_response({"keys": ring.listing(time.time()), "digest": ring.digest})
+
+    async def delete(request: web.Request) -> web.Response:
+        check(request)
+        name = request.match_info["name"]
+        apply(lambda: node.keyring.revoke(name, now=time.time()))
+        await node.keys_changed()
+        return web.json_response({"name": name, "revoked": True, "digest": node.keyring.digest})
+
+    app.router.add_post("/admin/keys", create)
+    app.router.add_get("/admin/keys", listing)
+    app.router.add_delete("/admin/keys/{name}", delete)

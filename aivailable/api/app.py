@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from importlib import resources
 
 from aiohttp import web
 
-from aivailable.api import hop, loadwait
+from aivailable.api import hop, keyauth, loadwait
 from aivailable.api.admin import add_admin_routes
 from aivailable.api.affinity import request_key
 from aivailable.api.browser import BrowserGuard, page_csp
@@ -36,7 +35,6 @@ from aivailable.api.router import Proxy, Upstream, body_bytes, check_hops
 from aivailable.config import token_budget
 from aivailable.engine.spec import generation_limit
 from aivailable.errors import (
-    AuthenticationError,
     InvalidRequest,
     MisdirectedRequest,
     ModelNotFound,
@@ -97,29 +95,53 @@ async def hops(request: web.Request, handler):
 
 @web.middleware
 async def api_keys(request: web.Request, handler):
-    """With API keys configured, /v1/* needs `Authorization: Bearer <key>` (compared in constant time),
-    within the key's rate limit. Keys appear in logs and metrics only as fingerprints."""
+    """/v1/* needs `Authorization: Bearer <key>` when the node has config keys or the cluster's key set has
+    a key (api/keyauth.py), within the key's rate limit; with protect_status, so does the status surface.
+    Keys appear in logs and metrics only as fingerprints."""
     node = _node(request)
-    keys = node.config.api_keys
-    if keys and request.path.startswith("/v1/"):
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationError("Missing API key: send 'Authorization: Bearer <key>'.")
-        token = token.strip()
-        key = next((k for k in keys if hmac.compare_digest(token.encode(), k.encode())), None)
-        if key is None:
-            raise AuthenticationError("Incorrect API key provided.")
-        if checked_hop(request).signed:
-            return await handler(request)  # charged where it entered the cluster (api/hop.py)
+    if request.path.startswith("/v1/"):
+        await _check_v1(request, node)
+    elif node.config.protect_status and request.path in keyauth.STATUS_PATHS:
+        refused = keyauth.check_status_access(request, node, request.app[METRICS])
+        if refused is not None:
+            return refused
+    return await handler(request)
+
+
+async def _check_v1(request: web.Request, node: NodePort) -> None:
+    keys, ring, metrics = node.config.api_keys, node.keyring, request.app[METRICS]
+    if not keys and not ring.protecting():
+        return
+    token = keyauth.bearer(request, metrics)
+    key = keyauth.config_key(token, keys)
+    hop_in = checked_hop(request)
+    if key is not None:
+        if hop_in.signed:
+            return  # charged where it entered the cluster (api/hop.py)
         wait = request.app[LIMITER].check(key, time.monotonic())
         if wait > 0:
             rpm, fp = request.app[LIMITER].limit(key), fingerprint(key, node.secret)
-            request.app[METRICS].rate_limited.labels(fp).inc()
-            node.record_rate_limited(fp)
-            raise RateLimited(f"Rate limit reached for API key {fp}: {rpm} requests per minute on this node. "
-                              f"Retry after {wait:.1f} s.", retry_after=wait)
-    return await handler(request)
+            _refuse_rate(request, node, fp, f"Rate limit reached for API key {fp}: {rpm} requests per minute on "
+                         f"this node. Retry after {wait:.1f} s.", wait)
+        return
+    if hop_in.signed and hop_in.count > 0:
+        return  # forwarded by a peer: the entry node checked the key (its set may be newer than ours)
+    rec = keyauth.user_key(node, token, metrics, time.time())
+    request[keyauth.RECORD] = rec
+    if hop_in.signed:
+        return  # this node's /v1/responses adapter: charged when the client's request entered
+    wait = ring.admit(rec, time.monotonic(), time.time())
+    if wait > 0:
+        fp = keyauth.key_label(rec)
+        _refuse_rate(request, node, fp, f"Rate limit reached for API key '{rec.name}': {rec.rpm} requests per "
+                     f"minute across the cluster. Retry after {wait:.1f} s.", wait)
+
+
+def _refuse_rate(request: web.Request, node: NodePort, fp: str, message: str, wait: float) -> None:
+    request.app[METRICS].rate_limited.labels(fp).inc()
+    request.app[METRICS].key_rejections.labels("rate_limited").inc()
+    node.record_rate_limited(fp)
+    raise RateLimited(message, retry_after=wait)
 
 
 def context_fields(m: dict) -> dict:
@@ -134,10 +156,11 @@ def context_fields(m: dict) -> dict:
 async def list_models(request: web.Request) -> web.Response:
     node = _node(request)
     states = {m["name"]: m["state"] for m in node.cluster_view()["models"]}
+    allowed = keyauth.allowed_models(request)
     data = [{"id": name, "object": "model", "created": node.started_at_unix, "owned_by": "aivailable",
              "state": states.get(name, "unplaced"), "embedding": m.get("embedding", False), "vision": accepts_images(m),
              **context_fields(m)}
-            for name, m in sorted(node.models().items())]
+            for name, m in sorted(node.models().items()) if allowed is None or name in allowed]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -160,6 +183,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     forwarded = checked_hop(request).count > 0
     req = parse_request(kind, await read_json(request, node.config.body_timeout_s))
     name = req.model  # type: ignore[attr-defined]
+    keyauth.check_model(request, name, request.app[METRICS])  # a forwarded request carries no key record
     spec = node.models().get(name)
     if spec is None:
         known = ", ".join(sorted(node.models())) or "none"
@@ -306,6 +330,11 @@ async def cluster_files(request: web.Request) -> web.StreamResponse:
     return await _node(request).handle_files(request)
 
 
+async def cluster_keys(request: web.Request) -> web.StreamResponse:
+    """POST /_cluster/keys: signed key-set exchanges with peers (aivailable/keysync.py)."""
+    return await _node(request).handle_keys(request)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
@@ -349,4 +378,5 @@ def build_app(node: NodePort) -> web.Application:
     r.add_get("/", status_page)
     r.add_post("/_cluster/gossip", cluster_gossip)
     r.add_post("/_cluster/files", cluster_files)
+    r.add_post("/_cluster/keys", cluster_keys)
     return app

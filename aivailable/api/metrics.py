@@ -91,6 +91,9 @@ class NodeMetrics:
                                   "load (api/loadwait.py)", ["model"], registry=self.registry)
         self.load_wait = Histogram("aivailable_load_wait_seconds", "Time requests waited for a model to load, "
                                    "served or not", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.key_rejections = Counter("aivailable_api_key_rejections", "Requests refused for their API key, by "
+                                      "reason (missing, unknown, revoked, expired, viewer, model_not_allowed, "
+                                      "rate_limited)", ["reason"], registry=self.registry)
         self.registry.register(_Live(snapshot))
 
     def watch_routing(self, choices: dict[str, int]) -> None:

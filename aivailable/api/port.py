@@ -17,6 +17,7 @@ from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
 
 if TYPE_CHECKING:
+    from aivailable.apikeys.ring import KeyRing
     from aivailable.config import NodeConfig
 
 
@@ -40,6 +41,7 @@ class ApiSettings:
     load_wait_s: float
     cluster_tls: bool = False
     """Peers reach this node only over TLS on the cluster port: cluster traffic on the API port is refused."""
+    protect_status: bool = False
 
     @classmethod
     def from_config(cls, cfg: NodeConfig) -> ApiSettings:
@@ -49,7 +51,8 @@ class ApiSettings:
                    allow_image_urls=cfg.allow_image_urls, max_image_bytes=cfg.max_image_bytes,
                    cors_origins=tuple(cfg.cors_origins), allowed_hosts=tuple(cfg.allowed_hosts),
                    max_tokens_default=cfg.max_tokens_default, routing=cfg.routing, load_wait_s=cfg.load_wait_s,
-                   cluster_tls=not cfg.insecure_cluster)
+                   cluster_tls=not cfg.insecure_cluster,
+                   protect_status=cfg.protect_status)
 
 
 class NodePort(Protocol):
@@ -115,5 +118,14 @@ class NodePort(Protocol):
         """That request is finished (answered, failed or abandoned)."""
     def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
         """Cluster traffic from `peer` was refused (counted and shown like the transport's rejections)."""
+    # -- API keys (aivailable/apikeys/, aivailable/keysync.py) ------------------------------------------
+    @property
+    def keyring(self) -> KeyRing:
+        """This node's replica of the cluster's key set: verify keys, admit requests, admin changes."""
+    async def keys_changed(self) -> None:
+        """After an admin change of `keyring`: persist it and push it to every alive peer."""
+    async def handle_keys(self, request: web.Request) -> web.StreamResponse:
+        """POST /_cluster/keys: a signed key-set exchange with a peer."""
+
     def record_rate_limited(self, fingerprint: str) -> None:
         """A request of the API key with this fingerprint got 429 (the status page's security table)."""

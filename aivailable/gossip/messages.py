@@ -268,6 +268,20 @@ class FileRequest:
     type: Literal["file_request"] = "file_request"
 
 
+# ---- API keys ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeySetSync:
+    """The sender's whole API key set (aivailable/apikeys/keyset.py records: salted hashes, never a key).
+
+    Sent to ``POST /_cluster/keys`` in a signed envelope; the receiver merges it and answers with its own
+    merged set in a signed envelope of the same type, so one round trip brings both sides level."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    type: Literal["key_set"] = "key_set"
+
+
 Message = Annotated[
     Ping
     | PingReq
@@ -280,7 +294,8 @@ Message = Annotated[
     | Heartbeat
     | HeartbeatAck
     | PlacementPublish
-    | FileRequest,
+    | FileRequest
+    | KeySetSync,
     pydantic.Field(discriminator="type"),
 ]
 MEMBERSHIP_TYPES = (Ping, PingReq, Ack, Nack, Gossip, Sync)
@@ -288,7 +303,8 @@ ELECTION_TYPES = (VoteRequest, VoteResponse, Heartbeat, HeartbeatAck)
 
 _ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Message)
 _TYPE_NAMES = frozenset(
-    cls.__dataclass_fields__["type"].default for cls in (*MEMBERSHIP_TYPES, *ELECTION_TYPES, PlacementPublish, FileRequest)
+    cls.__dataclass_fields__["type"].default for cls in (*MEMBERSHIP_TYPES, *ELECTION_TYPES, PlacementPublish, FileRequest,
+                                                           KeySetSync)
 )
 
 

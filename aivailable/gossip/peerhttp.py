@@ -13,6 +13,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+
 from aivailable.gossip import tls
 
 
@@ -49,3 +51,15 @@ class PeerDialer:
         if node_id:
             return {"ssl": self._pinned, "server_hostname": tls.node_dns_name(node_id)}
         return {"ssl": self._any}
+
+    async def post(self, session: aiohttp.ClientSession, address: str, node_id: str | None, path: str, data: bytes,
+                   *, timeout_s: float = 5.0, max_bytes: int = 1 << 20) -> tuple[int, bytes]:
+        """POST `data` (a signed envelope) to `path` on the peer `node_id` at `address`: (HTTP status, body).
+        Raises aiohttp.ClientError or TimeoutError when the peer cannot be reached or answers too much."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.post(self.url(address, path), data=data, timeout=timeout,
+                                headers={"Content-Type": "application/octet-stream"}, **self.options(node_id)) as r:
+            body = await r.content.read(max_bytes + 1)
+            if len(body) > max_bytes:
+                raise aiohttp.ClientPayloadError(f"answer over {max_bytes} bytes")
+            return r.status, body
