@@ -8,6 +8,7 @@ stderr: compare it with the status page's, or with a copy fetched from a node's 
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 from pathlib import Path
 
@@ -29,3 +30,12 @@ def ca_command(args: argparse.Namespace) -> int:
         sys.stdout.write(ca.pem.decode())
     print(f"cluster CA sha256 fingerprint: {ca.fingerprint}", file=sys.stderr)
     return 0
+
+
+def untrusted_hint(exc: BaseException) -> str:
+    """A hint for CLI commands that could not reach an HTTPS node because its certificate is not trusted."""
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return ("; an HTTPS node whose CA this machine does not trust: run with SSL_CERT_FILE=ca.pem, the CA "
+                "that `aivailable ca` prints (nodes with --tls auto)")
+    return ""

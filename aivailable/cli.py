@@ -243,7 +243,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(url, timeout=10) as r:
             view = json.load(r)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"aivailable status: cannot read {url}: {exc}", file=sys.stderr)
+        from aivailable.ca_command import untrusted_hint
+
+        print(f"aivailable status: cannot read {url}: {exc}{untrusted_hint(exc)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(view, indent=2))

@@ -6,6 +6,8 @@ two `--tls auto` nodes (and /v1/responses, which calls its own node's API)."""
 from __future__ import annotations
 
 import http.client
+import json
+import os
 import ssl
 import subprocess
 import sys
@@ -108,6 +110,15 @@ def test_redirect_port_answers_308_to_the_https_url(auto_node):
     with urllib.request.urlopen(f"http://localhost:{auto_node.redirect_port}/health", timeout=10,
                                 context=ssl.create_default_context(cafile=str(auto_node.ca))) as r:
         assert r.url == f"https://localhost:{auto_node.port}/health" and r.status == 200  # followed, verified
+
+
+def test_cli_status_verifies_the_node_and_trusts_ssl_cert_file(auto_node):
+    cmd = [sys.executable, "-m", "aivailable", "status", "--json", "--url", auto_node.url]
+    untrusted = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=60)
+    assert untrusted.returncode == 1 and b"SSL_CERT_FILE=ca.pem" in untrusted.stderr
+    env = {**os.environ, "SSL_CERT_FILE": str(auto_node.ca)}
+    trusted = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=60, env=env)
+    assert trusted.returncode == 0 and json.loads(trusted.stdout)["node_id"] == "n0"
 
 
 def test_responses_api_calls_its_own_node_over_https(auto_node):
