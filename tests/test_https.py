@@ -112,6 +112,30 @@ def test_redirect_port_answers_308_to_the_https_url(auto_node):
         assert r.url == f"https://localhost:{auto_node.port}/health" and r.status == 200  # followed, verified
 
 
+def test_browser_redirected_to_the_https_status_page_sees_its_https_url(auto_node):
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_status_page import CHROMIUM
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()  # the test's CA is not Chromium's
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{auto_node.redirect_port}/")
+            assert page.url == f"https://127.0.0.1:{auto_node.port}/"
+            row = page.locator("#client-api")
+            row.wait_for(timeout=10_000)
+            assert f"HTTPS at https://127.0.0.1:{auto_node.port}/" in row.inner_text()
+            assert f"port {auto_node.redirect_port} redirects to it" in row.inner_text()
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
 def test_cli_status_verifies_the_node_and_trusts_ssl_cert_file(auto_node):
     cmd = [sys.executable, "-m", "aivailable", "status", "--json", "--url", auto_node.url]
     untrusted = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=60)
