@@ -34,6 +34,7 @@ examples:
   aivailable up --config ~/.config/aivailable/config.toml
   aivailable up --join-token aiv1:...           join the cluster that printed this token
   aivailable up --log-format json               one JSON object per log line
+  aivailable up --tls auto                      HTTPS for clients (`aivailable ca` prints the CA to trust)
 
 Each flag also reads AIVAILABLE_<NAME> from the environment and [node] <name> from the config file
 (default $XDG_CONFIG_HOME/aivailable/config.toml where it exists); flags win.
