@@ -1,10 +1,11 @@
 """`POST /v1/responses`: the Responses API, served at the entry node over its own chat endpoint.
 
 The handler validates the request, converts it (api/responses_api.py) and sends it over loopback to this
-node's `/v1/chat/completions` (on its cluster port, over mutual TLS, as a peer would: `NodePort.loopback`), so routing, load balancing, retries and mid-stream resume apply
-unchanged. It passes the client's `Authorization` on with a signed hop header (api/hop.py): the API key
-is checked again but its rate limit is charged once, here. Chat errors come back with their status and
-OpenAI error body, `param` renamed to the client's field where it differs.
+node's `/v1/chat/completions` (on its cluster port over mutual TLS, as a peer would: `NodePort.loopback`),
+so routing, load balancing, retries and mid-stream resume apply unchanged. It passes the client's
+`Authorization` on with a signed hop header (api/hop.py): the API key is checked again but its rate limit
+is charged once, here. Chat errors come back with their status and OpenAI error body, `param` renamed to
+the client's field where it differs.
 """
 
 from __future__ import annotations
