@@ -258,4 +258,11 @@ def test_cluster_routes_reach_the_port():
         assert (await c.post("/_cluster/gossip", data=b"x")).status == 204
         assert (await c.post("/_cluster/files", data=b"x")).status == 404
 
-    run(FakeNode(), body)
+    run(FakeNode(insecure_cluster=True), body)  # plaintext cluster traffic: taken only with --insecure-cluster
+
+    async def refused(c: TestClient) -> None:
+        assert (await c.post("/_cluster/gossip", data=b"x")).status == 421
+
+    node = FakeNode()
+    run(node, refused)  # with cluster TLS (the default), only over TLS on the cluster port
+    assert node.cluster_refusals == [("127.0.0.1", "plaintext")]
