@@ -89,7 +89,9 @@ def request_json(url: str, *, body: dict | None = None, key: str | None = None, 
             msg = exc.reason
         raise NodeError(f"{url}: HTTP {exc.code}: {msg}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise NodeError(f"--url: cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+        from aivailable.ca_command import untrusted_hint
+
+        raise NodeError(f"--url: cannot reach {url}: {getattr(exc, 'reason', exc)}{untrusted_hint(exc)}") from None
 
 
 def remaining(view: dict, node_id: str, gpu: str | None) -> list[str]:

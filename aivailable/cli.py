@@ -25,6 +25,7 @@ examples:
   aivailable up --join-token aiv1:...           add this machine to a cluster (`aivailable token` there)
   aivailable status --watch                     the cluster, redrawn every 2 s
   aivailable doctor                             which GPUs and llama.cpp backend this machine has
+  aivailable ca > ca.pem                        the CA that clients of `up --tls auto` nodes trust
   source <(aivailable completion bash)          tab completion (also zsh, fish)
 """
 UP_EXAMPLES = """\
@@ -34,6 +35,7 @@ examples:
   aivailable up --config ~/.config/aivailable/config.toml
   aivailable up --join-token aiv1:...           join the cluster that printed this token
   aivailable up --log-format json               one JSON object per log line
+  aivailable up --tls auto                      HTTPS for clients (`aivailable ca` prints the CA to trust)
 
 Each flag also reads AIVAILABLE_<NAME> from the environment and [node] <name> from the config file
 (default $XDG_CONFIG_HOME/aivailable/config.toml where it exists); flags win.
@@ -98,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="fetch http(s) image URLs in chat requests (default: only data: URLs)")
     up.add_argument("--max-image-bytes", dest="max_image_bytes", type=int, metavar="BYTES",
                     help="largest image a request may carry (default 10 MiB)")
+    up.add_argument("--tls", choices=("off", "auto"))  # help: NodeConfig's docstrings (cli_flags)
+    up.add_argument("--tls-cert", dest="tls_cert", metavar="FILE")
+    up.add_argument("--tls-key", dest="tls_key", metavar="FILE")
+    up.add_argument("--tls-name", dest="tls_names", action="append", metavar="NAME")
+    up.add_argument("--tls-redirect-port", dest="tls_redirect_port", type=int, metavar="PORT")
 
     doc = sub.add_parser("doctor", help="which GPUs exist, which llama.cpp backend is built in, what is usable")
     doc.add_argument("--simulate-gpu", dest="simulate_gpus", action="append", default=[], metavar="NAME:VRAM_MIB")
@@ -122,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="FILE",
                     help="read the secret from this file instead")
     tk.add_argument("--token-only", action="store_true", help="print only the token, not the command")
+
+    ca = sub.add_parser("ca", help="print the cluster CA certificate (PEM) for HTTPS clients of --tls auto nodes",
+                        description="The CA is derived from the cluster secret: the same on every node. Its "
+                                    "sha256 fingerprint goes to stderr.")
+    ca.add_argument("--state-dir", dest="state_dir", metavar="DIR",
+                    help=f"the node's state directory, which holds the secret (default {default_state_dir()})")
+    ca.add_argument("--cluster-secret-file", dest="cluster_secret_file", metavar="FILE",
+                    help="read the secret from this file instead")
+    ca.add_argument("--out", metavar="FILE", help="write the PEM to FILE instead of stdout")
 
     add_admin_parsers(sub)  # drain, undrain, admin-key
     from aivailable.keys_cli import add_parsers as add_keys_parsers
@@ -177,7 +193,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                             "node_id", "log_level", "models_dir", "disk_budget_mib",
                                             "bandwidth_mib_s", "chunk_mib", "max_tokens_default",
                                             "allow_image_urls", "max_image_bytes", "load_wait_s", "keep_alive",
-                                            "kv_cache_type")}
+                                            "kv_cache_type", "tls", "tls_cert", "tls_key", "tls_names",
+                                            "tls_redirect_port")}
     flags.update(join_token=args.join_token, log_format=args.log_format)
     from aivailable import jointoken
     from aivailable.cli_flags import generated_values
@@ -234,7 +251,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         with urllib.request.urlopen(authorized(url, args.api_key), timeout=10) as r:
             view = json.load(r)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"aivailable status: cannot read {url}: {exc}", file=sys.stderr)
+        from aivailable.ca_command import untrusted_hint
+
+        print(f"aivailable status: cannot read {url}: {exc}{untrusted_hint(exc)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(view, indent=2))
@@ -272,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             from aivailable.token_command import token_command
 
             return token_command(args)
+        if args.command == "ca":
+            from aivailable.ca_command import ca_command
+
+            return ca_command(args)
         if args.command in ("drain", "undrain", "admin-key"):
             from aivailable.admin_cli import drain_command
 

@@ -12,7 +12,13 @@ node list instead of one URL::
     client.chat.completions.create(model="llama-8b", messages=[...], stream=True)
 
 (``async_openai_client`` for ``openai.AsyncOpenAI``; or pass ``FailoverTransport`` /
-``AsyncFailoverTransport`` to an HTTP client of your own.) Then:
+``AsyncFailoverTransport`` to an HTTP client of your own.) Nodes serving HTTPS (``up --tls auto``) are
+given as ``https://host:port`` with ``verify=`` the CA that ``aivailable ca`` printed (a PEM file's path,
+or an ``ssl.SSLContext``); it is used for every node::
+
+    client = openai_client(["https://10.0.0.5:8000", "https://10.0.0.6:8000"], verify="ca.pem", api_key=KEY)
+
+Then:
 
 * A request goes to the node of its URL, or to the next node of the list when that one failed within the
   last ``avoid_s``. A connection that cannot be made, or that drops before the answer's headers, is tried
@@ -34,6 +40,8 @@ The HTTP library is the one the installed openai client uses (``httpx2``, else `
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +72,18 @@ to retry (it does, and the retry goes to the next node)."""
 _LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)  # the openai client's own
 
 
+Verify = str | os.PathLike[str] | ssl.SSLContext | bool
+"""A CA certificate file (PEM), an SSL context, True (the system's CAs) or False (no verification)."""
+
+
+def tls_context(verify: Verify) -> ssl.SSLContext | bool:
+    """What the HTTP transport verifies node certificates with: an SSL context trusting the CA in the PEM
+    file `verify`, a context as given, True (the system's CAs) or False (no verification: tests only)."""
+    if isinstance(verify, (ssl.SSLContext, bool)):
+        return verify
+    return ssl.create_default_context(cafile=os.fspath(verify))
+
+
 def _addr(url: httpx.URL) -> tuple[str, str, int]:
     return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
@@ -88,7 +108,7 @@ class Nodes:
         for raw in nodes:
             url = httpx.URL(raw if "://" in raw else f"http://{raw}")
             if url.scheme not in ("http", "https") or not url.host:
-                raise ValueError(f"bad node address {raw!r}: expected HOST:PORT or http://HOST:PORT")
+                raise ValueError(f"bad node address {raw!r}: expected HOST:PORT or http(s)://HOST:PORT")
             addr = _addr(url)
             if addr not in addrs:
                 addrs.append(addr)
@@ -294,9 +314,10 @@ class _StreamState:
 class FailoverTransport(_Failover, httpx.BaseTransport):
     """An httpx transport that fails over between cluster nodes (see the module docstring)."""
 
-    def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S,
+    def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True,
                  transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
-        super().__init__(nodes, avoid_s, transport or httpx.HTTPTransport(limits=_LIMITS), clock)
+        inner = transport or httpx.HTTPTransport(limits=_LIMITS, verify=tls_context(verify))
+        super().__init__(nodes, avoid_s, inner, clock)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
@@ -361,9 +382,10 @@ class _Stream(_StreamState, httpx.SyncByteStream):
 class AsyncFailoverTransport(_Failover, httpx.AsyncBaseTransport):
     """The asyncio twin of :class:`FailoverTransport`."""
 
-    def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S,
+    def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True,
                  transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
-        super().__init__(nodes, avoid_s, transport or httpx.AsyncHTTPTransport(limits=_LIMITS), clock)
+        inner = transport or httpx.AsyncHTTPTransport(limits=_LIMITS, verify=tls_context(verify))
+        super().__init__(nodes, avoid_s, inner, clock)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()
@@ -425,20 +447,21 @@ class _AsyncStream(_StreamState, httpx.AsyncByteStream):
         await self.response.aclose()
 
 
-def openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, **kwargs: Any) -> Any:
+def openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True, **kwargs: Any) -> Any:
     """``openai.OpenAI`` on the first of ``nodes`` (``host:port`` or URLs) that fails over to the others;
-    ``kwargs`` go to ``openai.OpenAI`` (``api_key``, ``timeout``, ``max_retries``...)."""
+    ``verify``: see :func:`tls_context`; ``kwargs`` go to ``openai.OpenAI`` (``api_key``, ``timeout``...)."""
     import openai
 
-    transport = FailoverTransport(nodes, avoid_s=avoid_s)
+    transport = FailoverTransport(nodes, avoid_s=avoid_s, verify=verify)
     kwargs.setdefault("base_url", transport.nodes.base_url())
     return openai.OpenAI(http_client=openai.DefaultHttpxClient(transport=transport), **kwargs)
 
 
-def async_openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, **kwargs: Any) -> Any:
+def async_openai_client(nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True,
+                        **kwargs: Any) -> Any:
     """``openai.AsyncOpenAI`` twin of :func:`openai_client`."""
     import openai
 
-    transport = AsyncFailoverTransport(nodes, avoid_s=avoid_s)
+    transport = AsyncFailoverTransport(nodes, avoid_s=avoid_s, verify=verify)
     kwargs.setdefault("base_url", transport.nodes.base_url())
     return openai.AsyncOpenAI(http_client=openai.DefaultAsyncHttpxClient(transport=transport), **kwargs)

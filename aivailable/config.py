@@ -185,6 +185,19 @@ class NodeConfig(BaseSettings):
     """Plain HTTP between nodes on the API port, for debugging only. Default: TLS with mutual authentication
     on the cluster port (API port + 1), certificates derived from the cluster secret. Every node of a
     cluster must use the same choice."""
+    tls: Literal["off", "auto"] = "off"
+    """HTTPS for clients on the API port. "auto": this node issues itself a certificate from the cluster CA
+    (`aivailable ca` prints the CA for clients to trust) naming its addresses, host name, localhost and
+    tls_names, renewed at each start (STATE_DIR/tls/api.pem). "off": plain HTTP, unless tls_cert is set."""
+    tls_cert: str | None = None
+    """A PEM certificate (chain) for HTTPS on the API port, from the lab's own CA or a public one; with tls_key."""
+    tls_key: str | None = None
+    """The unencrypted PEM private key of tls_cert."""
+    tls_names: CsvList = []
+    """More host names or addresses the tls = "auto" certificate names (a DNS alias of the node, say)."""
+    tls_redirect_port: int | None = Field(default=None, ge=1, le=65535)
+    """A plain-HTTP port whose every request is answered with a 308 redirect to the same path over HTTPS on
+    the API port (for browsers typing the status page's address). Needs HTTPS; never the cluster port."""
     api_keys: CsvList = []
     rate_limit_rpm: int = Field(default=0, ge=0)
     """Requests per minute each API key may send to this node (token bucket; 0 = unlimited)."""
@@ -265,7 +278,8 @@ class NodeConfig(BaseSettings):
     def _keep_alive(cls, v: Any) -> Any:
         return parse_duration(v)
 
-    @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", mode="before")
+    @field_validator("join", "simulate_gpus", "api_keys", "cors_origins", "allowed_hosts", "tls_names",
+                     mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_list(v)
@@ -293,6 +307,32 @@ class NodeConfig(BaseSettings):
             if key not in self.api_keys:  # never echo the key itself: name it by position
                 raise ValueError(f"api_key_rpm entry #{i} is for a key that is not in api_keys (keys are not shown)")
         return self
+
+    @model_validator(mode="after")
+    def _tls(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            have, lack = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            raise ValueError(f"{have} is set without {lack}: HTTPS needs both the certificate and its key")
+        if self.tls == "auto" and self.tls_cert is not None:
+            raise ValueError('tls = "auto" issues its own certificate: set tls_cert + tls_key or tls = "auto", '
+                             "not both")
+        if self.tls_names and self.tls != "auto":
+            raise ValueError('tls_names are names for the tls = "auto" certificate; set tls = "auto" too')
+        if self.https and self.insecure_cluster:
+            raise ValueError("tls (HTTPS for clients) needs TLS between nodes: with insecure_cluster peers send "
+                             "plain HTTP to the API port")
+        redirect = self.tls_redirect_port
+        if redirect is not None and not self.https:
+            raise ValueError('tls_redirect_port redirects to HTTPS: set tls = "auto" or tls_cert + tls_key')
+        if redirect is not None and self.port and redirect in (self.port, self.port + 1):
+            raise ValueError(f"tls_redirect_port {redirect} is the API port or the cluster port (API port + 1); "
+                             "pick another port")
+        return self
+
+    @property
+    def https(self) -> bool:
+        """The client API serves HTTPS (tls = "auto", or tls_cert + tls_key)."""
+        return self.tls == "auto" or self.tls_cert is not None
 
     @field_validator("log_level")
     @classmethod

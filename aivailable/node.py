@@ -11,8 +11,8 @@ from typing import NoReturn
 
 from aiohttp import web
 
+from aivailable import api_tls, keepalive, leave, statedir
 from aivailable import coordinator as coord
-from aivailable import keepalive, leave, statedir
 from aivailable.api.app import build_app
 from aivailable.api.connections import GuardedSite, raise_open_file_limit
 from aivailable.api.image_input import accepts_images
@@ -98,6 +98,7 @@ class Node:
         self._reconcile_lock = asyncio.Lock()
         self._waiting: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
+        self._redirect: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self.port: int | None = None
 
@@ -382,6 +383,7 @@ class Node:
                 "protect_status": cfg.protect_status, "rate_limit_rpm": cfg.rate_limit_rpm,
                 "cluster_tls": {"enabled": ctls is not None, "port": tls.cluster_port(self.port) if ctls and self.port else None,
                                 "ca_fingerprint": ctls.ca.fingerprint if ctls else None},
+                "client_api": api_tls.view(cfg, self.address),
                 "cluster_rejected": dict(sorted((t.rejections if t is not None else {}).items())),
                 "rate_limited": dict(sorted(self.rate_limited.items()))}
 
@@ -404,16 +406,22 @@ class Node:
         self._runner = web.AppRunner(build_app(NodeApi(self)), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=leave.DRAIN_GRACE_S, keepalive_timeout=cfg.keepalive_timeout_s)
         await self._runner.setup()
+        host = self.address.rpartition(":")[0].strip("[]")
+        ctls = self.cluster.tls
+        https = api_tls.server_context(cfg, ca=ctls.ca if ctls else None, names=api_tls.auto_names(cfg, host),
+                                       directory=self.state_dir / "tls", node_id=self.node_id)
         site = GuardedSite(self._runner, cfg.host, cfg.port, max_per_client=cfg.max_connections_per_client,
-                           header_timeout_s=cfg.header_timeout_s)
+                           header_timeout_s=cfg.header_timeout_s, tls=https)
         try:
             await site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", param="--port") from None
         self.port = site.port
-        log.info("node %s serving the OpenAI API and status page on http://%s:%d/ (backend %s)",
-                 self.node_id, cfg.host, self.port, self.backend.summary())
+        log.info("node %s serving the OpenAI API and status page on %s/ (backend %s)",
+                 self.node_id, site.name, self.backend.summary())
         await self._listen_for_peers(cfg)
+        if cfg.tls_redirect_port:
+            self._redirect = await api_tls.start_redirect(cfg, self.port, host)
         await self.files.start()
         await self.estimate_models()
         await self.cluster.start(self.address)
@@ -495,6 +503,8 @@ class Node:
             t.cancel()
 
     async def _close_http(self) -> None:
+        if self._redirect is not None:
+            await self._redirect.cleanup()
         if self._runner is not None:
             t0 = time.monotonic()
             await self._runner.cleanup()  # stops listening; requests in flight finish (DRAIN_GRACE_S)

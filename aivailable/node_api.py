@@ -15,6 +15,7 @@ from aiohttp import web
 
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.port import ApiSettings
+from aivailable.api.responses_endpoint import loopback_address
 from aivailable.api.router import Upstream
 
 if TYPE_CHECKING:
@@ -60,6 +61,20 @@ class NodeApi:
 
     def uptime_s(self) -> float:
         return self._node.uptime_s()
+
+    @property
+    def ca_pem(self) -> bytes | None:
+        ctls = self._node.cluster.tls
+        return ctls.ca.pem if ctls is not None else None
+
+    def loopback(self) -> tuple[str, dict]:
+        """Its own cluster port over mutual TLS with its own certificate, as a peer would call it: whatever
+        the client API's TLS, and forwarded (hop-signed) requests are taken there only (plain HTTP on the
+        API port with insecure_cluster)."""
+        node = self._node
+        address = loopback_address(node.settings.node.host, node.port or 0)
+        dialer = node.cluster.dialer
+        return dialer.base_url(address), dialer.options(node.node_id)
 
     # -- models and replicas -------------------------------------------------------------------
     def models(self) -> Mapping[str, dict]:

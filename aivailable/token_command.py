@@ -62,8 +62,10 @@ def token_command(args: argparse.Namespace) -> int:
                 view = json.load(r)
             addresses = seed_addresses(view)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            print(f"aivailable token: cannot ask the node at {args.url} for its address ({exc}); is it running? "
-                  "Give --url of a running node or --address HOST:PORT", file=sys.stderr)
+            from aivailable.ca_command import untrusted_hint
+
+            print(f"aivailable token: cannot ask the node at {args.url} for its address ({exc}{untrusted_hint(exc)}); "
+                  "is it running? Give --url of a running node or --address HOST:PORT", file=sys.stderr)
             return 1
         if view.get("cluster_id") not in (None, cluster_id_hash(secret)):
             print(f"aivailable token: the node at {args.url} belongs to another cluster than the secret read here "

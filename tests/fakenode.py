@@ -10,6 +10,7 @@ from aiohttp import web
 
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.port import ApiSettings
+from aivailable.api.responses_endpoint import loopback_url
 from aivailable.api.router import Upstream
 from aivailable.apikeys.ring import KeyRing
 from aivailable.config import NodeConfig
@@ -34,6 +35,7 @@ class FakeNode:
         self.port: int | None = None
         self.started_at_unix = 1_700_000_000
         self.secret = secret
+        self.ca_pem: bytes | None = None
         self.metrics = NodeMetrics(lambda: {"gpus": [], "workers": []})
         self.catalog = dict(models or {})
         self.states = dict(states or {})
@@ -50,6 +52,9 @@ class FakeNode:
 
     def uptime_s(self) -> float:
         return 12.34
+
+    def loopback(self) -> tuple[str, dict]:
+        return loopback_url(self.config.host, self.port or 0), {}
 
     def models(self) -> Mapping[str, dict]:
         return self.catalog

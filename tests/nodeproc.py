@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -36,8 +37,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free pair of adjacent ports on {host}")
 
 
-def get_json(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def get_json(url: str, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
         return json.load(r)
 
 
@@ -51,17 +52,33 @@ class NodeProc:
     state_dir: Path
     log_path: Path
     args: list[str] = field(default_factory=list)
+    scheme: str = "http"
+    """"https" for a node started with --tls auto or --tls-cert/--tls-key."""
+    ca: Path | None = None
+    """The CA its HTTPS certificate chains to, once the test knows it; until then the helpers' own polling
+    (health, cluster view) does not verify it. Tests check verification with clients of their own."""
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        """For urllib requests to this node: None over HTTP; with HTTPS, trusting `ca` (unverified if unset)."""
+        if self.scheme != "https":
+            return None
+        if self.ca is not None:
+            return ssl.create_default_context(cafile=str(self.ca))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        return ctx
 
     @property
     def api(self) -> str:
         return self.url + "/v1"
 
     def cluster(self) -> dict:
-        return get_json(self.url + "/api/cluster")
+        return get_json(self.url + "/api/cluster", context=self.context)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -72,7 +89,7 @@ class NodeProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             with contextlib.suppress(urllib.error.URLError, OSError, ValueError):
-                if get_json(self.url + "/health", timeout=2)["status"] == "ok":
+                if get_json(self.url + "/health", timeout=2, context=self.context)["status"] == "ok":
                     return
             time.sleep(0.1)
         raise TimeoutError(f"node not healthy after {timeout}s:\n{self.log()[-3000:]}")
@@ -112,10 +129,11 @@ class NodeProc:
 
 def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None = None,
                env: dict[str, str] | None = None, name: str = "node",
-               preexec_fn: Callable[[], None] | None = None, prefix: tuple[str, ...] = ()) -> NodeProc:
+               preexec_fn: Callable[[], None] | None = None, prefix: tuple[str, ...] = (),
+               scheme: str = "http") -> NodeProc:
     """Start `python -m aivailable up` with `args` on a free port; the caller stops it. `preexec_fn` runs in
     the child before it starts (e.g. to lower its resource limits); `prefix` goes before the command (e.g.
-    `ip netns exec NS`, with an explicit `port`)."""
+    `ip netns exec NS`, with an explicit `port`); `scheme` "https" for a node whose `args` turn TLS on."""
     port = port or free_port(host)
     state = tmp / f"{name}-state"
     state.mkdir(parents=True, exist_ok=True)
@@ -126,7 +144,7 @@ def start_node(tmp: Path, *args: str, host: str = "127.0.0.1", port: int | None 
     with log_path.open("wb") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                 start_new_session=True, preexec_fn=preexec_fn)
-    return NodeProc(proc, host, port, state, log_path, list(args))
+    return NodeProc(proc, host, port, state, log_path, list(args), scheme)
 
 
 @contextlib.contextmanager

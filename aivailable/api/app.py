@@ -335,6 +335,15 @@ async def cluster_keys(request: web.Request) -> web.StreamResponse:
     return await _node(request).handle_keys(request)
 
 
+async def ca_certificate(request: web.Request) -> web.Response:
+    """GET /api/ca.pem: the cluster CA certificate (public) that tls = "auto" certificates chain to. Fetched
+    without verification (`curl -k`), compare its fingerprint with `aivailable ca` on a node."""
+    pem = _node(request).ca_pem
+    if pem is None:
+        raise web.HTTPNotFound(text="no cluster CA: this node runs with insecure_cluster\n")
+    return web.Response(body=pem, content_type="application/x-pem-file")
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
@@ -374,6 +383,7 @@ def build_app(node: NodePort) -> web.Application:
     r.add_get("/metrics", metrics)
     r.add_get("/api/cluster", cluster)
     r.add_get("/api/history", history)
+    r.add_get("/api/ca.pem", ca_certificate)
     r.add_get(OPENAPI_PATH, openapi)
     r.add_get("/", status_page)
     r.add_post("/_cluster/gossip", cluster_gossip)

@@ -79,6 +79,12 @@ class NodePort(Protocol):
     def metrics(self) -> NodeMetrics:
         """The node's Prometheus metrics (api/metrics.py), which the API counts into and renders."""
     def uptime_s(self) -> float: ...
+    @property
+    def ca_pem(self) -> bytes | None:
+        """The cluster CA certificate (PEM, public), which `tls = "auto"` certificates chain to (GET
+        /api/ca.pem); None with insecure_cluster."""
+    def loopback(self) -> tuple[str, dict]:
+        """(base URL, aiohttp request options) by which the node calls its own API (/v1/responses)."""
 
     # -- models and replicas -------------------------------------------------------------------
     def models(self) -> Mapping[str, dict]:

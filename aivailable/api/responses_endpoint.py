@@ -1,10 +1,11 @@
 """`POST /v1/responses`: the Responses API, served at the entry node over its own chat endpoint.
 
-The handler validates the request, converts it (api/responses_api.py) and sends it over loopback HTTP to
-this node's `/v1/chat/completions`, so routing, load balancing, retries and mid-stream resume apply
-unchanged. It passes the client's `Authorization` on with a signed hop header (api/hop.py): the API key
-is checked again but its rate limit is charged once, here. Chat errors come back with their status and
-OpenAI error body, `param` renamed to the client's field where it differs.
+The handler validates the request, converts it (api/responses_api.py) and sends it over loopback to this
+node's `/v1/chat/completions` (on its cluster port over mutual TLS, as a peer would: `NodePort.loopback`),
+so routing, load balancing, retries and mid-stream resume apply unchanged. It passes the client's
+`Authorization` on with a signed hop header (api/hop.py): the API key is checked again but its rate limit
+is charged once, here. Chat errors come back with their status and OpenAI error body, `param` renamed to
+the client's field where it differs.
 """
 
 from __future__ import annotations
@@ -51,10 +52,15 @@ class LoopbackFailed(NodeError):
     code = "node_unavailable"
 
 
-def loopback_url(host: str, port: int) -> str:
-    """The base URL of the node's own API: a wildcard listening address becomes loopback."""
+def loopback_address(host: str, port: int) -> str:
+    """host:port of a listener bound to `host`, as this machine reaches it: a wildcard becomes loopback."""
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def loopback_url(host: str, port: int) -> str:
+    """The plain-HTTP base URL of a listener bound to `host` (see `loopback_address`)."""
+    return "http://" + loopback_address(host, port)
 
 
 def add_responses_route(app: web.Application, node: NodePort, hop_auth: Callable[[str], str] | None) -> None:
@@ -63,8 +69,8 @@ def add_responses_route(app: web.Application, node: NodePort, hop_auth: Callable
     async def handler(request: web.Request) -> web.StreamResponse:
         cfg = node.config
         req = parse_responses_request(await read_json(request, cfg.body_timeout_s))
-        base = loopback_url(cfg.host, node.port or 0)
-        return await _respond(request, req, base, hop_auth)
+        base, options = node.loopback()
+        return await _respond(request, req, base, options, hop_auth)
 
     app.cleanup_ctx.append(_session)
     app.router.add_post(PATH, handler)
@@ -77,7 +83,7 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
-async def _respond(request: web.Request, req: ResponsesRequest, base: str,
+async def _respond(request: web.Request, req: ResponsesRequest, base: str, options: dict,
                    hop_auth: Callable[[str], str] | None) -> web.StreamResponse:
     body, origins = chat_body(req)
     headers = {"Content-Type": "application/json"}
@@ -87,7 +93,7 @@ async def _respond(request: web.Request, req: ResponsesRequest, base: str,
         headers["Authorization"] = auth
     try:
         r = await request.app[SESSION].post(base + CHAT_PATH, data=json.dumps(body, separators=(",", ":")),
-                                            headers=headers)
+                                            headers=headers, **options)
     except aiohttp.ClientError as exc:
         log.warning("/v1/responses: this node's own chat endpoint at %s is unreachable (%s)", base, exc)
         raise LoopbackFailed(f"this node could not serve the request ({type(exc).__name__}); retry, or use "
