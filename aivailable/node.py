@@ -14,7 +14,7 @@ from aiohttp import web
 from aivailable import api_tls, keepalive, leave, statedir
 from aivailable import coordinator as coord
 from aivailable.api.app import build_app
-from aivailable.api.connections import GuardedSite, raise_open_file_limit
+from aivailable.api.connections import raise_open_file_limit
 from aivailable.api.image_input import accepts_images
 from aivailable.api.metrics import NodeMetrics
 from aivailable.api.router import Upstream
@@ -28,11 +28,12 @@ from aivailable.engine import replica_estimate
 from aivailable.engine.manager import Assignment, ManagerConfig, WorkerHandle, WorkerManager
 from aivailable.engine.mmproj_info import projector_mib
 from aivailable.engine.spawn import Spawn
-from aivailable.errors import ConfigError, ModelUnavailable, NodeStarting
+from aivailable.errors import ModelUnavailable, NodeStarting
 from aivailable.files.service import FileService
 from aivailable.gossip import tls
 from aivailable.gossip.state_store import StateStore
 from aivailable.keysync import KeySync
+from aivailable.listeners import open_listeners
 from aivailable.node_api import NodeApi
 from aivailable.observe import Observer
 from aivailable.shutdown import run_steps
@@ -406,22 +407,13 @@ class Node:
         self._runner = web.AppRunner(build_app(NodeApi(self)), access_log=None, handler_cancellation=True,
                                      shutdown_timeout=leave.DRAIN_GRACE_S, keepalive_timeout=cfg.keepalive_timeout_s)
         await self._runner.setup()
-        host = self.address.rpartition(":")[0].strip("[]")
-        ctls = self.cluster.tls
-        https = api_tls.server_context(cfg, ca=ctls.ca if ctls else None, names=api_tls.auto_names(cfg, host),
-                                       directory=self.state_dir / "tls", node_id=self.node_id)
-        site = GuardedSite(self._runner, cfg.host, cfg.port, max_per_client=cfg.max_connections_per_client,
-                           header_timeout_s=cfg.header_timeout_s, tls=https)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", param="--port") from None
-        self.port = site.port
+        listening = await open_listeners(
+            self._runner, cfg, host=self.address.rpartition(":")[0].strip("[]"), node_id=self.node_id,
+            state_dir=self.state_dir, cluster_tls=self.cluster.tls,
+            on_tls_refused=lambda peer, why: self.record_cluster_refusal(peer, "tls_handshake", why))
+        self.port, self._redirect = listening.port, listening.redirect
         log.info("node %s serving the OpenAI API and status page on %s/ (backend %s)",
-                 self.node_id, site.name, self.backend.summary())
-        await self._listen_for_peers(cfg)
-        if cfg.tls_redirect_port:
-            self._redirect = await api_tls.start_redirect(cfg, self.port, host)
+                 self.node_id, listening.api_url, self.backend.summary())
         await self.files.start()
         await self.estimate_models()
         await self.cluster.start(self.address)
@@ -434,25 +426,6 @@ class Node:
 
         if progress.enabled():
             self._tasks.append(asyncio.create_task(self._load_bars(progress.LoadBars()), name="load progress"))
-
-    async def _listen_for_peers(self, cfg) -> None:
-        """The TLS cluster listener (API port + 1), unless --insecure-cluster: peers' gossip, model files and
-        forwarded requests, each connection authenticated by a certificate of the cluster's CA."""
-        ctls = self.cluster.tls
-        if ctls is None:
-            log.warning("--insecure-cluster: traffic between nodes is plain HTTP on port %d (prompts, answers "
-                        "and API keys readable on the network); use it only for debugging", self.port)
-            return
-        port = tls.cluster_port(self.port)
-        site = GuardedSite(self._runner, cfg.host, port, max_per_client=cfg.max_connections_per_client,
-                           header_timeout_s=cfg.header_timeout_s, tls=ctls.server_context(),
-                           on_tls_refused=lambda peer, why: self.record_cluster_refusal(peer, "tls_handshake", why))
-        try:
-            await site.start()
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {cfg.host}:{port}, the cluster port (API port + 1), for TLS "
-                              f"between nodes: {exc.strerror}; pick another --port", param="--port") from None
-        log.info("cluster traffic over mutual TLS on %s:%d (cluster CA %s…)", cfg.host, port, ctls.ca.fingerprint[:16])
 
     def record_cluster_refusal(self, peer: str, reason: str, detail: str) -> None:
         """Cluster traffic from/to `peer` was refused: counted with the transport's rejections, logged."""
