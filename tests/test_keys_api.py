@@ -63,7 +63,8 @@ def test_admin_api_adds_lists_and_revokes_keys_and_checks_its_input():
 
 
 def test_v1_enforcement_allow_list_viewer_expiry_and_config_keys():
-    node = FakeNode(catalog(other={"name": "other"}), api_keys=["sk-cfg-1"], load_wait_s=0)
+    # insecure_cluster: in-process there is no TLS cluster port, and the forwarded request below comes as a peer's
+    node = FakeNode(catalog(other={"name": "other"}), api_keys=["sk-cfg-1"], load_wait_s=0, insecure_cluster=True)
     now = time.time()
     user = node.keyring.add(name="team-a", models=["tiny"], now=now)
     viewer = node.keyring.add(name="grafana", kind="viewer", now=now)
