@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aivailable.errors import AuthenticationError, Forbidden, InvalidRequest
-from aivailable.statedir import StateDirError, explain
+from aivailable.statedir import StateDirError, explain, read_state_file
 
 if TYPE_CHECKING:
     from aivailable.coordinator import NodeFacts
@@ -68,12 +68,9 @@ def parse(data: object) -> Drain:
 
 def load(path: Path) -> Drain:
     """The drain state kept at `path`; nothing drained when the file does not exist."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    text = read_state_file(path, "the drain state")
+    if text is None:
         return Drain()
-    except OSError as exc:
-        raise StateDirError(f"cannot read the drain state {explain(path, exc)}") from None
     try:
         data = json.loads(text)
     except ValueError as exc:

@@ -101,6 +101,17 @@ def open_disposable_cache(path: Path) -> diskcache.Cache:
         return diskcache.Cache(str(path))
 
 
+def read_state_file(path: Path, what: str) -> str | None:
+    """The text of the state file `path`, None when there is none; StateDirError naming `what` when it
+    cannot be read."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateDirError(f"cannot read {what} {explain(path, exc)}") from None
+
+
 def read_node_id(path: Path) -> str | None:
     """The persisted node id, None if there is none yet; StateDirError if it exists but is unusable."""
     try:

@@ -7,19 +7,16 @@ import os
 from pathlib import Path
 
 from aivailable.apikeys.keyset import KeySet, RecordError
-from aivailable.statedir import StateDirError, explain
+from aivailable.statedir import StateDirError, explain, read_state_file
 
 KEYS_FILE = "api_keys.json"
 
 
 def load(path: Path) -> KeySet:
     """The key set kept at `path`; empty when there is no file. StateDirError for an unreadable one."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    text = read_state_file(path, "the API key set")
+    if text is None:
         return KeySet()
-    except OSError as exc:
-        raise StateDirError(f"cannot read the API key set {explain(path, exc)}") from None
     try:
         return KeySet.from_list(json.loads(text).get("records"))
     except (ValueError, AttributeError, RecordError) as exc:
