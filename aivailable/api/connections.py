@@ -104,7 +104,7 @@ class _Guarded(asyncio.Protocol):
             self._start(transport)
             return
         transport.pause_reading()  # type: ignore[attr-defined]
-        self.handshake = asyncio.ensure_future(self._handshake(transport))
+        self.handshake = asyncio.ensure_future(self._handshake(transport))  # held: a task needs a reference
 
     def _start(self, transport: asyncio.BaseTransport) -> None:
         self.started = True
@@ -187,7 +187,7 @@ class _Guarded(asyncio.Protocol):
 
 def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
     """Deliver `data` to a protocol as its transport would (TLS protocols are buffered protocols)."""
-    if isinstance(protocol, asyncio.BufferedProtocol) or hasattr(protocol, "buffer_updated"):
+    if hasattr(protocol, "buffer_updated"):  # uvloop's SSLProtocol is buffered without subclassing BufferedProtocol
         view = memoryview(data)
         while view:
             buf = protocol.get_buffer(len(view))  # type: ignore[attr-defined]
