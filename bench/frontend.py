@@ -248,6 +248,7 @@ def measure_level(urls: dict[str, str], cpu_pids: dict[str, list[int]], body: di
     errors: dict[str, int] = dict.fromkeys(names, 0)
     samples: dict[str, list[str]] = {n: [] for n in names}
     gen_cpu: dict[str, list[float]] = {n: [] for n in names}
+    round_p50: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
@@ -257,6 +258,8 @@ def measure_level(urls: dict[str, str], cpu_pids: dict[str, list[int]], body: di
             res = loadgen(urls[n], body, concurrency, requests[n], warmup, timeout, auth)
             used = proc_cpu(pids) - c0 - (idle or {}).get(n, 0.0) * (time.monotonic() - t0)
             raw[n] += res["raw_ms"]
+            if res["raw_ms"]:
+                round_p50[n].append(round(pct(res["raw_ms"], 50), 4))
             rps[n].append(res["rps"])
             errors[n] += res["errors"]
             samples[n] += res["error_samples"]
@@ -274,6 +277,7 @@ def measure_level(urls: dict[str, str], cpu_pids: dict[str, list[int]], body: di
             "error_samples": samples[n][:3],
             "frontend_cpu_ms_per_request": round(statistics.median(cpu[n]), 4) if cpu[n] else None,
             "generator_cpu_ms_per_request": round(statistics.median(gen_cpu[n]), 4),
+            "p50_rounds_ms": round_p50[n],
             "raw_ms": [round(x, 3) for x in xs] if concurrency == 1 else None}  # the file stays small
     d = out["targets"]["direct"]
     for n in names:
