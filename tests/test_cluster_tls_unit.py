@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import socket
 import ssl
 from pathlib import Path
@@ -150,3 +151,56 @@ def test_a_silent_connection_to_the_cluster_port_is_closed_after_the_header_time
         await runner.cleanup()
         assert site.guard.timed_out + site.guard.tls_refused >= 1
     asyncio.run(main())
+
+
+def _skewed_node(tmp: Path, node_id: str, ahead: dt.timedelta) -> tls.ClusterTLS:
+    """A node of this cluster whose clock runs `ahead` of this machine's when it issues its certificate."""
+    ca = tls.derive_ca(SECRET)
+    key_pem, cert_pem = tls.issue(ca, node_id, node_id=node_id, now=dt.datetime.now(dt.UTC) + ahead)
+    path = tmp / node_id / "node.pem"
+    tls.write_private(path, key_pem + cert_pem)
+    return tls.ClusterTLS(ca, node_id, path)
+
+
+def test_a_peer_clock_hours_behind_still_accepts_the_certificate_and_days_ahead_is_named_a_clock_problem(tmp_path):
+    async def main():
+        refused: list = []
+        runner, site = await _listener(tmp_path, refused)
+        url = f"https://127.0.0.1:{site.port}/who"
+
+        async def post(node: tls.ClusterTLS) -> str:
+            async with (aiohttp.ClientSession() as s,
+                        s.post(url, ssl=node.client_context(), server_hostname=tls.node_dns_name("server")) as r):
+                return await r.text()
+
+        hours = await post(_skewed_node(tmp_path, "six-hours-ahead", dt.timedelta(hours=6)))
+        with pytest.raises(aiohttp.ClientError):
+            await post(_skewed_node(tmp_path, "five-days-ahead", dt.timedelta(days=5)))
+        await asyncio.sleep(0.2)
+        await runner.cleanup()
+        assert hours == "six-hours-ahead:0"
+        assert len(refused) == 1, refused
+        assert "not yet valid" in refused[0][1] and "check the clocks" in refused[0][1], refused
+    asyncio.run(main())
+
+
+def test_a_server_certificate_from_the_future_is_refused_by_the_caller_with_the_clock_hint(tmp_path):
+    async def main():
+        app = web.Application()
+        runner = web.AppRunner(app)
+        await runner.setup()
+        future = _skewed_node(tmp_path, "server", dt.timedelta(days=5))
+        site = GuardedSite(runner, "127.0.0.1", 0, max_per_client=10, header_timeout_s=5, tls=future.server_context())
+        await site.start()
+        me = tls.node_tls(SECRET, "client", tmp_path / "client")
+        try:
+            async with aiohttp.ClientSession() as s:
+                with pytest.raises(aiohttp.ClientConnectorCertificateError) as err:
+                    await s.get(f"https://127.0.0.1:{site.port}/", ssl=me.client_context(),
+                                server_hostname=tls.node_dns_name("server"))
+        finally:
+            await runner.cleanup()
+        return str(err.value.certificate_error)
+    why = asyncio.run(main())
+    assert "not yet valid" in why and "check the clocks" in (tls.clock_hint(why) or "")
+    assert tls.clock_hint("certificate verify failed: unable to get local issuer certificate") is None

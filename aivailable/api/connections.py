@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from aivailable.gossip import tls
+
 log = logging.getLogger("aivailable.api")
 
 _HEAD_ENDS = (b"\r\n\r\n", b"\n\n")
@@ -200,6 +202,8 @@ def _feed(protocol: asyncio.BaseProtocol, data: bytes) -> None:
 
 
 def _handshake_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and (hint := tls.clock_hint(exc.verify_message or "")):
+        return f"{exc.verify_message}: {hint}"
     if isinstance(exc, ssl.SSLError):
         why = exc.reason or str(exc)
         if "UNKNOWN_CA" in why or "CERTIFICATE_VERIFY_FAILED" in why:

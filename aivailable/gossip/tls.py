@@ -42,6 +42,9 @@ NODE_DNS_SUFFIX = ".node.aivailable"
 _CA_INFO = b"aivailable cluster CA v1"
 _CA_EPOCH = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 _CA_END = dt.datetime(2125, 1, 1, tzinfo=dt.UTC)
+_BACKDATE = dt.timedelta(days=2)
+"""A node certificate is valid from this long before its node's clock: peers whose clocks lag by hours
+(NTP-less lab machines) still accept it, and the envelope's 30 s window names a skew as "stale"."""
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
@@ -116,12 +119,13 @@ def _ip_or_dns(names: list[str]) -> list[x509.GeneralName]:
 
 
 def issue(ca: ClusterCA, common_name: str, *, node_id: str | None = None, names: list[str] = (),
-          days: int = 3650, server: bool = True, client: bool = True) -> tuple[bytes, bytes]:
+          days: int = 3650, server: bool = True, client: bool = True,
+          now: dt.datetime | None = None) -> tuple[bytes, bytes]:
     """A new key and a certificate signed by `ca`, as (key PEM, certificate PEM). With `node_id` the
     certificate names the node (URI and DNS SANs, see the module docstring); `names` are host names or IP
-    addresses it is also valid for."""
+    addresses it is also valid for, for `days` in all from two days before `now` (default: this machine's clock)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     sans = _ip_or_dns(list(names))
     if node_id is not None:
         sans = [x509.UniformResourceIdentifier(NODE_URI_PREFIX + quote(node_id, safe="")),
@@ -132,7 +136,7 @@ def issue(ca: ClusterCA, common_name: str, *, node_id: str | None = None, names:
                                         x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
                .issuer_name(ca.cert.subject).public_key(key.public_key())
                .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=days))
+               .not_valid_before(now - _BACKDATE).not_valid_after(now - _BACKDATE + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False))
@@ -191,6 +195,14 @@ def node_tls(secret: bytes, node_id: str, directory: Path, names: list[str] = ()
     path = Path(directory) / "node.pem"
     write_private(path, key_pem + cert_pem)
     return ClusterTLS(ca, node_id, path)
+
+
+def clock_hint(why: str) -> str | None:
+    """What an operator should check when a certificate was refused for its validity dates, else None."""
+    if "not yet valid" in why or "has expired" in why:
+        return ("its validity dates do not cover the checking machine's clock: check the clocks (NTP, "
+                "`timedatectl`) of both machines")
+    return None
 
 
 def peer_node_id(peercert: dict | None) -> str | None:

@@ -43,7 +43,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from aivailable.errors import ConfigError
-from aivailable.gossip import envelope
+from aivailable.gossip import envelope, tls
 from aivailable.gossip.election import ElectionConfig, ElectionCore
 from aivailable.gossip.membership import MembershipCore
 from aivailable.gossip.membership_types import MembershipConfig
@@ -443,7 +443,7 @@ class ClusterTransport:
     def _peer_refused(self, addr: str, to: str | None, exc: BaseException) -> None:
         why = str(getattr(exc, "certificate_error", exc))
         hint = (f"it is not the node {to!r} (a new node at an old address?)" if "Hostname mismatch" in why
-                else "its certificate is not from this cluster's CA: a different cluster secret?")
+                else tls.clock_hint(why) or "its certificate is not from this cluster's CA: a different cluster secret?")
         self.note_rejection(addr, "tls_peer_refused", f"{why}; {hint}")
 
     def _reject(self, peer: str, reason: str, detail: str) -> web.Response:
