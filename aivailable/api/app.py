@@ -84,7 +84,8 @@ async def hops(request: web.Request, handler):
         node = _node(request)
         if node.config.cluster_tls and peer_certificate_id(request) is None:
             node.record_cluster_refusal(request.remote or "?", "plaintext",
-                                        f"{request.method} {request.path} over plain HTTP on the API port")
+                                        f"{request.method} {request.path} over plain HTTP on the API port: a node "
+                                        "started with --insecure-cluster, or a version without cluster TLS")
             raise MisdirectedRequest(
                 "This node takes cluster traffic only over TLS on its cluster port (API port + 1); is the "
                 "sending node started with --insecure-cluster while this one is not?")
