@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import sys
 import time
 import urllib.parse
 
@@ -59,6 +60,8 @@ def parse_expires(text: str, now: float) -> float:
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         at = when.timestamp()
+    if at > 253402300799:  # what the node accepts (before the year 10000)
+        raise ConfigError(f"--expires: {text} is too far in the future", param="--expires")
     if at <= now:
         raise ConfigError(f"--expires: {text} is in the past (now {_utc(now)})", param="--expires")
     return at
@@ -67,7 +70,20 @@ def parse_expires(text: str, now: float) -> float:
 def _utc(t: float | None) -> str:
     if t is None:
         return "never"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a record from a node that accepted any float
+        return "never (far future)"
+
+
+def _warn_not_yet_on(out: dict, done: str) -> bool:
+    """Say on stderr which alive nodes the change did not reach yet; True if any."""
+    missing = out.get("not_yet_on") or []
+    if missing:
+        print(f"key {out['name']!r} {done}, but NOT yet on {', '.join(missing)} (not reachable now): they get it "
+              "by gossip when they are; the status page's API keys row says \"same on every node\" once they have",
+              file=sys.stderr)
+    return bool(missing)
 
 
 def keys_command(args: argparse.Namespace) -> int:
@@ -85,10 +101,12 @@ def keys_command(args: argparse.Namespace) -> int:
         print(f"# {what} {out['name']!r} ({out['fingerprint']}): models {', '.join(out['models']) or 'all'}, "
               f"rpm {out['rpm'] or 'no limit'}, expires {_utc(out['expires'])}.\n"
               "# Copy it now: it cannot be shown again (the cluster keeps only a salted hash).")
+        _warn_not_yet_on(out, "added")
         return 0
     if args.keys_command == "revoke":
         out = request_json(f"{base}/{urllib.parse.quote(args.name, safe='')}", key=key, method="DELETE")
-        print(f"key {out['name']!r} revoked on every node (they refuse it within gossip convergence)")
+        if not _warn_not_yet_on(out, "revoked"):
+            print(f"key {out['name']!r} revoked on every node")
         return 0
     out = request_json(base, key=key)
     if args.json:

@@ -44,7 +44,9 @@ RETRY_S = 2.0
 """Least time between two pulls from one peer (its gossiped digest may lag behind a finished exchange)."""
 PUSH_TIMEOUT_S = 2.0
 """How long an admin change waits for each peer's answer before it leaves the rest to gossip."""
-MAX_BYTES = envelope.MAX_BYTES
+MAX_BYTES = 16 * 1024 * 1024
+"""One key-set exchange (the whole set, tombstones included: ~300 bytes a record). Not envelope.MAX_BYTES
+(256 KiB, ~870 records): past that every push and pull would fail and revokes stop replicating."""
 READ_TIMEOUT_S = 10.0
 
 
@@ -81,7 +83,7 @@ class KeySync:
     def save(self) -> None:
         store.save(self.path, self.ring.keyset)
 
-    async def changed(self) -> None:
+    async def changed(self) -> list[str]:
         """After an admin change: save, then exchange sets with every alive peer at once."""
         self.save()
         peers = self._peers()
@@ -89,7 +91,8 @@ class KeySync:
                                        return_exceptions=True)
         failed = [p.node_id for p, r in zip(peers, results, strict=True) if r is not True]
         if failed:
-            log.info("key set change not pushed to %s yet; they get it by gossip", ", ".join(failed))
+            log.warning("key set change not pushed to %s yet; they get it by gossip", ", ".join(failed))
+        return failed
 
     # -- gossip-driven pull ----------------------------------------------------------------------------
     def refresh(self) -> list[Peer]:

@@ -138,8 +138,8 @@ class NodeApi:
     def keyring(self) -> KeyRing:
         return self._node.keys.ring
 
-    async def keys_changed(self) -> None:
-        await self._node.keys.changed()
+    async def keys_changed(self) -> list[str]:
+        return await self._node.keys.changed()
 
     async def handle_keys(self, request: web.Request) -> web.StreamResponse:
         return await self._node.keys.handle(request)

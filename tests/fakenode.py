@@ -98,8 +98,9 @@ class FakeNode:
         self.drains.append((gpu, drained))
         return {"node": self.node_id, "drained": drained and gpu is None, "drained_gpus": [], "holding": []}
 
-    async def keys_changed(self) -> None:
+    async def keys_changed(self) -> list[str]:
         self.key_changes += 1
+        return []
 
     async def handle_keys(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=404)

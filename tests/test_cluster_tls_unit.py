@@ -204,3 +204,35 @@ def test_a_server_certificate_from_the_future_is_refused_by_the_caller_with_the_
     why = asyncio.run(main())
     assert "not yet valid" in why and "check the clocks" in (tls.clock_hint(why) or "")
     assert tls.clock_hint("certificate verify failed: unable to get local issuer certificate") is None
+
+
+def test_dialer_post_reads_a_large_answer_whole_over_tls_and_refuses_one_over_its_limit(tmp_path):
+    """A key-set answer arrives in many TLS records: `post` returns all of it, or raises past `max_bytes`."""
+    answer = bytes(range(256)) * 4096  # 1 MiB
+
+    async def main():
+        app = web.Application()
+
+        async def big(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=answer)
+
+        app.router.add_post("/big", big)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        server = tls.node_tls(SECRET, "server", tmp_path / "server")
+        site = GuardedSite(runner, "127.0.0.1", 0, max_per_client=10, header_timeout_s=5,
+                           tls=server.server_context())
+        await site.start()
+        dialer = PeerDialer(tls.node_tls(SECRET, "client", tmp_path / "client"))
+        address = f"127.0.0.1:{site.port - 1}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                whole = await dialer.post(s, address, "server", "/big", b"x", max_bytes=len(answer))
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await dialer.post(s, address, "server", "/big", b"x", max_bytes=len(answer) - 1)
+        finally:
+            await runner.cleanup()
+        return whole
+    status, body = asyncio.run(main())
+    assert status == 200 and body == answer

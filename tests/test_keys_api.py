@@ -10,8 +10,9 @@ from aiohttp.test_utils import TestClient
 
 from aivailable import maintenance
 from aivailable.api import hop
+from aivailable.apikeys import keyset as ks
 from tests.fakenode import FakeNode
-from tests.test_api_inprocess import CHAT, catalog, error_of, run
+from tests.test_api_inprocess import CHAT, MODEL, catalog, error_of, run
 
 SECRET = b"fake-secret"
 ADMIN = {"Authorization": "Bearer " + maintenance.admin_key(SECRET)}
@@ -139,3 +140,63 @@ def test_protect_status_needs_any_key_and_health_stays_open():
         assert (await c.get("/v1/models", headers=bearer(viewer))).status == 403
 
     run(node, body)
+
+
+def test_a_node_that_has_not_pulled_its_peers_key_set_yet_fails_closed():
+    """Just joined, or restarted without api_keys.json: its own set is empty, gossip says the peers hold
+    another (non-empty) one, so /v1 needs a key until the pull lands (it would also forward unchecked)."""
+    peers_set, _ = ks.add(ks.KeySet(), name="alice", now=time.time(), node_id="n1")
+    node = FakeNode(catalog())
+    node.keyring.set_peers({"n1": (ks.digest(peers_set), {}), "n2": (ks.digest(ks.KeySet()), {})})
+
+    async def body(c: TestClient) -> None:
+        assert (await c.get("/v1/models")).status == 401
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status == 401
+        node.keyring.set_peers({"n2": (ks.digest(ks.KeySet()), {})})  # only open peers: open, as before
+        assert (await c.get("/v1/models")).status == 200
+
+    run(node, body)
+
+
+def test_expires_out_of_range_is_a_400_naming_it():
+    async def body(c: TestClient) -> None:
+        for i, literal in enumerate([b"1" + b"0" * 400, b"NaN", b"1e999", b"Infinity", b"-1", b"253402300800"]):
+            raw = b'{"name": "k%d", "expires": %s}' % (i, literal)
+            r = await c.post("/admin/keys", data=raw, headers={**ADMIN, "Content-Type": "application/json"})
+            assert r.status == 400, (literal, await r.text())
+            assert (await error_of(r))["param"] == "expires"
+
+    node = FakeNode(catalog())
+    run(node, body)
+    assert not node.keyring.keyset.records
+
+
+def test_the_model_card_respects_the_allow_list():
+    node = FakeNode(catalog(other={"name": "other"}))
+    key = node.keyring.add(name="team-a", models=[MODEL], now=time.time())
+
+    async def body(c: TestClient) -> None:
+        assert (await c.get(f"/v1/models/{MODEL}", headers=bearer(key))).status == 200
+        r = await c.get("/v1/models/other", headers=bearer(key))
+        assert r.status == 403 and "other" in (await error_of(r))["message"]
+
+    run(node, body)
+
+
+class RacingAdd(FakeNode):
+    """While this node pushes its new key "ci", another node's admin adds "ci" too, with a later stamp."""
+
+    async def keys_changed(self) -> list[str]:
+        other, _ = ks.add(ks.KeySet(), name="ci", now=time.time() + 0.05, node_id="n9")
+        self.keyring.merge(other)
+        return []
+
+
+def test_an_add_that_loses_a_concurrent_add_of_its_name_answers_409_not_a_dead_key():
+    async def body(c: TestClient) -> None:
+        r = await c.post("/admin/keys", json={"name": "ci"}, headers=ADMIN)
+        assert r.status == 409
+        err = await error_of(r)
+        assert err["param"] == "name" and "another node" in err["message"]
+
+    run(RacingAdd(catalog()), body)

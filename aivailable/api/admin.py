@@ -16,8 +16,9 @@ from aiohttp import web
 
 from aivailable import maintenance
 from aivailable.api.port import NodePort
-from aivailable.apikeys.keyset import ChangeError, Verdict
+from aivailable.apikeys.keyset import ChangeError, Verdict, fingerprint
 from aivailable.errors import Conflict, InvalidRequest, NotFound
+from aivailable.statedir import StateDirError
 
 
 async def _gpu(request: web.Request) -> object:
@@ -69,6 +70,7 @@ def add_admin_routes(app: web.Application, node: NodePort) -> None:
 # -- cluster-wide API keys (aivailable/apikeys/, aivailable/keysync.py) ---------------------------------
 
 _KEY_FIELDS = ("name", "kind", "models", "rpm", "expires")
+MAX_EXPIRES = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def _key_body(raw: bytes) -> dict:
@@ -92,8 +94,9 @@ def _key_body(raw: bytes) -> dict:
     if isinstance(rpm, bool) or not isinstance(rpm, int) or rpm < 0:
         raise InvalidRequest("rpm must be a whole number >= 0 (0: no limit)", param="rpm")
     expires = body.get("expires")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))):
-        raise InvalidRequest("expires must be UTC epoch seconds or null", param="expires")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
+                                or not 0 < expires <= MAX_EXPIRES):
+        raise InvalidRequest("expires must be UTC epoch seconds (before the year 10000) or null", param="expires")
     kind = body.get("kind") or "user"
     return {"name": body["name"], "kind": kind, "models": models, "rpm": rpm,
             "expires": None if expires is None else float(expires)}
@@ -106,21 +109,30 @@ def add_key_routes(app: web.Application, node: NodePort) -> None:
     def check(request: web.Request) -> None:
         check_admin(request, node, key)
 
-    def apply(change) -> None:
+    async def apply(change) -> list[str]:
+        """Make the change, save and push it (rolled back when the save fails); the peers not reached."""
+        before = node.keyring.keyset
         try:
             change()
         except ChangeError as exc:
             cls = {404: NotFound, 409: Conflict}.get(exc.status, InvalidRequest)
             raise cls(exc.message, param=exc.param) from None
+        try:
+            return list(await node.keys_changed() or [])
+        except StateDirError:
+            node.keyring.restore(before)  # the save runs before any await: nobody has seen the change
+            raise
 
     async def create(request: web.Request) -> web.Response:
         check(request)
         fields = _key_body(await request.read())
         out: list[str] = []
-        apply(lambda: out.append(node.keyring.add(now=time.time(), **fields)))
-        await node.keys_changed()
+        pending = await apply(lambda: out.append(node.keyring.add(now=time.time(), **fields)))
         rec = node.keyring.keyset.get(fields["name"])
-        return web.json_response({**rec.view(), "key": out[0],
+        if rec is None or not out[0].startswith(fingerprint(rec.key_id) + "-"):
+            raise Conflict(f"a key named {fields['name']!r} was added on another node at the same time and won; "
+                           "this one does not work: choose another name", param="name")
+        return web.json_response({**rec.view(), "key": out[0], "not_yet_on": pending,
                                   "note": "the key is shown only now: it is stored as a salted hash"})
 
     async def listing(request: web.Request) -> web.Response:
@@ -131,9 +143,9 @@ def add_key_routes(app: web.Application, node: NodePort) -> None:
     async def delete(request: web.Request) -> web.Response:
         check(request)
         name = request.match_info["name"]
-        apply(lambda: node.keyring.revoke(name, now=time.time()))
-        await node.keys_changed()
-        return web.json_response({"name": name, "revoked": True, "digest": node.keyring.digest})
+        pending = await apply(lambda: node.keyring.revoke(name, now=time.time()))
+        return web.json_response({"name": name, "revoked": True, "digest": node.keyring.digest,
+                                  "not_yet_on": pending})
 
     app.router.add_post("/admin/keys", create)
     app.router.add_get("/admin/keys", listing)

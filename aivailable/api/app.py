@@ -168,6 +168,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     node = _node(request)
     name = request.match_info["model"]
+    keyauth.check_model(request, name, request.app[METRICS])
     if name not in node.models():
         raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
     return web.json_response({"id": name, "object": "model", "created": node.started_at_unix,

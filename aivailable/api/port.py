@@ -128,7 +128,7 @@ class NodePort(Protocol):
     @property
     def keyring(self) -> KeyRing:
         """This node's replica of the cluster's key set: verify keys, admit requests, admin changes."""
-    async def keys_changed(self) -> None:
+    async def keys_changed(self) -> list[str]:
         """After an admin change of `keyring`: persist it and push it to every alive peer."""
     async def handle_keys(self, request: web.Request) -> web.StreamResponse:
         """POST /_cluster/keys: a signed key-set exchange with a peer."""

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from aivailable.apikeys import keyset as ks
 from aivailable.apikeys import quota
 
+_EMPTY = ks.digest(ks.KeySet())
+
 
 class KeyRing:
     def __init__(self, node_id: str, initial: ks.KeySet | None = None):
@@ -59,7 +61,14 @@ class KeyRing:
 
     # -- requests --------------------------------------------------------------------------------------
     def protecting(self) -> bool:
-        return self._set.protecting()
+        """Our set protects, or an alive peer holds a (non-empty) set we have not merged yet: a node that
+        joined or lost api_keys.json must not serve /v1 openly (and forward it unchecked) until it has."""
+        return self._set.protecting() or any(d not in (None, _EMPTY, self._digest)
+                                             for d in self.peer_digests.values())
+
+    def restore(self, previous: ks.KeySet) -> None:
+        """Undo an admin change whose save failed (nothing was pushed: the save comes first)."""
+        self._install(previous)
 
     def verify(self, text: str, now: float) -> tuple[ks.Verdict, ks.Record | None]:
         return ks.verify(self._set, text, now, self._index)

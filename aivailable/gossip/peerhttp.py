@@ -59,7 +59,9 @@ class PeerDialer:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with session.post(self.url(address, path), data=data, timeout=timeout,
                                 headers={"Content-Type": "application/octet-stream"}, **self.options(node_id)) as r:
-            body = await r.content.read(max_bytes + 1)
-            if len(body) > max_bytes:
-                raise aiohttp.ClientPayloadError(f"answer over {max_bytes} bytes")
-            return r.status, body
+            body = bytearray()
+            while chunk := await r.content.read(max_bytes + 1 - len(body)):  # read(n) may return less than n
+                body += chunk
+                if len(body) > max_bytes:
+                    raise aiohttp.ClientPayloadError(f"answer over {max_bytes} bytes")
+            return r.status, bytes(body)
