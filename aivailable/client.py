@@ -14,7 +14,9 @@ node list instead of one URL::
 (``async_openai_client`` for ``openai.AsyncOpenAI``; or pass ``FailoverTransport`` /
 ``AsyncFailoverTransport`` to an HTTP client of your own.) Nodes serving HTTPS (``up --tls auto``) are
 given as ``https://host:port`` with ``verify=`` the CA that ``aivailable ca`` printed (a PEM file's path,
-or an ``ssl.SSLContext``); it is used for every node::
+or an ``ssl.SSLContext``); it is used for every node, and with it a bare ``host:port`` means HTTPS too (the
+API key never goes out in plaintext by omission). When no node can be reached, the error raised is a
+certificate one if any node's certificate was not trusted, not whichever node failed last::
 
     client = openai_client(["https://10.0.0.5:8000", "https://10.0.0.6:8000"], verify="ca.pem", api_key=KEY)
 
@@ -84,6 +86,11 @@ def tls_context(verify: Verify) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=os.fspath(verify))
 
 
+def _scheme_for(verify: Verify) -> str:
+    """A bare HOST:PORT is https when the caller gave a CA (file or context) to verify nodes with."""
+    return "http" if isinstance(verify, bool) else "https"
+
+
 def _addr(url: httpx.URL) -> tuple[str, str, int]:
     return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
@@ -102,11 +109,11 @@ class Nodes:
     that ended with `upstream_failed` because no node continued them."""
 
     @classmethod
-    def parse(cls, nodes: Sequence[str], avoid_s: float = AVOID_S) -> Nodes:
-        """``host:port`` or ``http(s)://host:port`` each; raises ValueError naming a bad one."""
+    def parse(cls, nodes: Sequence[str], avoid_s: float = AVOID_S, default_scheme: str = "http") -> Nodes:
+        """``host:port`` (``default_scheme``) or ``http(s)://host:port`` each; raises ValueError naming a bad one."""
         addrs = []
         for raw in nodes:
-            url = httpx.URL(raw if "://" in raw else f"http://{raw}")
+            url = httpx.URL(raw if "://" in raw else f"{default_scheme}://{raw}")
             if url.scheme not in ("http", "https") or not url.host:
                 raise ValueError(f"bad node address {raw!r}: expected HOST:PORT or http(s)://HOST:PORT")
             addr = _addr(url)
@@ -249,10 +256,19 @@ class _Tries:
     def failed(self, exc: Exception) -> None:
         self.nodes.failed(self.i, self.clock())
         self.nodes.stats["failovers"] += 1
-        self.last = exc
+        if self.last is None or not _untrusted(self.last):  # a certificate problem is the one worth telling
+            self.last = exc
 
     def exhausted(self) -> Exception:
         return self.last or httpx.ConnectError("no node to send the request to", request=self.request)
+
+
+def _untrusted(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _retry_count(request: httpx.Request) -> int:
@@ -269,8 +285,9 @@ def _ended(exc: BaseException | None) -> str:
 class _Failover:
     """What the sync and async transports share: the node list, the inner transport, the clock."""
 
-    def __init__(self, nodes: Sequence[str], avoid_s: float, inner: Any, clock: Callable[[], float]):
-        self.nodes = Nodes.parse(nodes, avoid_s)
+    def __init__(self, nodes: Sequence[str], avoid_s: float, inner: Any, clock: Callable[[], float],
+                 default_scheme: str = "http"):
+        self.nodes = Nodes.parse(nodes, avoid_s, default_scheme)
         self._inner = inner
         self._clock = clock
 
@@ -317,7 +334,7 @@ class FailoverTransport(_Failover, httpx.BaseTransport):
     def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True,
                  transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
         inner = transport or httpx.HTTPTransport(limits=_LIMITS, verify=tls_context(verify))
-        super().__init__(nodes, avoid_s, inner, clock)
+        super().__init__(nodes, avoid_s, inner, clock, _scheme_for(verify))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         request.read()
@@ -385,7 +402,7 @@ class AsyncFailoverTransport(_Failover, httpx.AsyncBaseTransport):
     def __init__(self, nodes: Sequence[str], *, avoid_s: float = AVOID_S, verify: Verify = True,
                  transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
         inner = transport or httpx.AsyncHTTPTransport(limits=_LIMITS, verify=tls_context(verify))
-        super().__init__(nodes, avoid_s, inner, clock)
+        super().__init__(nodes, avoid_s, inner, clock, _scheme_for(verify))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()

@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import aiohttp
@@ -57,7 +58,7 @@ def _run(loop_kind: str, coro_fn):
     return asyncio.run(coro_fn())
 
 
-async def _listener(tmp: Path, refused: list):
+async def _listener(tmp: Path, refused: list, *, max_per_client: int = 1000, header_timeout_s: float = 5):
     app = web.Application()
 
     async def who(request: web.Request) -> web.Response:
@@ -68,7 +69,7 @@ async def _listener(tmp: Path, refused: list):
     runner = web.AppRunner(app)
     await runner.setup()
     server = tls.node_tls(SECRET, "server", tmp / "server")
-    site = GuardedSite(runner, "127.0.0.1", 0, max_per_client=1000, header_timeout_s=5,
+    site = GuardedSite(runner, "127.0.0.1", 0, max_per_client=max_per_client, header_timeout_s=header_timeout_s,
                        tls=server.server_context(), on_tls_refused=lambda addr, why: refused.append((addr, why)))
     await site.start()
     return runner, site
@@ -236,3 +237,63 @@ def test_dialer_post_reads_a_large_answer_whole_over_tls_and_refuses_one_over_it
         return whole
     status, body = asyncio.run(main())
     assert status == 200 and body == answer
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_connections_that_die_in_the_handshake_give_their_place_back(tmp_path, loop_kind):
+    """Resets (health checks, scans), silent and half-hello clients: none keeps counting against its
+    address's max_per_client, so a real peer from that address still gets in, and no handshake is left
+    pending."""
+    async def main():
+        runner, site = await _listener(tmp_path, [], max_per_client=4, header_timeout_s=0.5)
+        loop = asyncio.get_running_loop()
+
+        async def reset(payload: bytes) -> None:
+            s = socket.socket()
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", site.port))
+            if payload:
+                await loop.sock_sendall(s, payload)
+            await asyncio.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+
+        async def silent(payload: bytes) -> None:
+            _, w = await asyncio.open_connection("127.0.0.1", site.port)
+            w.write(payload)
+            await asyncio.sleep(0.8)  # past header_timeout_s
+            w.close()
+
+        hello = b"\x16\x03\x01\x02\x00\x01"  # the start of a ClientHello, then nothing
+        for _ in range(2):
+            await asyncio.gather(*(reset(b"") for _ in range(4)), *(reset(hello) for _ in range(4)))
+            await asyncio.gather(silent(b""), silent(hello))
+        await asyncio.sleep(0.3)
+        assert dict(site.guard.open) == {}
+        me = tls.node_tls(SECRET, "good-peer", tmp_path / "good")
+        r, w = await asyncio.open_connection("127.0.0.1", site.port, ssl=me.client_context(),
+                                             server_hostname=tls.node_dns_name("server"))
+        w.write(b"POST /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        answer = await asyncio.wait_for(r.read(), 5)
+        w.close()
+        await runner.cleanup()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return answer, pending
+    answer, pending = _run(loop_kind, main)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"good-peer:0")
+    assert pending == []
+
+
+def test_a_private_key_is_written_0600_whatever_is_left_at_its_temporary_name(tmp_path):
+    leftover = tmp_path / "node" / "node.pem.tmp"
+    leftover.parent.mkdir()
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)  # e.g. from a copied state directory
+    decoy = tmp_path / "elsewhere.txt"
+    decoy.write_bytes(b"untouched")
+    node = tls.node_tls(SECRET, "n1", tmp_path / "node")
+    assert oct(node.chain_path.stat().st_mode & 0o777) == "0o600"
+    (tmp_path / "node" / "node.pem.tmp").symlink_to(decoy)  # a link at the temporary name is not followed
+    node = tls.node_tls(SECRET, "n1", tmp_path / "node")
+    assert oct(node.chain_path.stat().st_mode & 0o777) == "0o600" and not node.chain_path.is_symlink()
+    assert decoy.read_bytes() == b"untouched"

@@ -93,6 +93,26 @@ def test_failover_client_over_https_with_the_ca(auto_node):
     assert chunks and chunks[-1].choices[0].finish_reason is not None
 
 
+def test_failover_client_given_a_ca_reaches_bare_host_port_nodes_over_https(auto_node):
+    """A CA to verify with means HTTPS: a bare HOST:PORT is never sent the API key in plaintext."""
+    client = openai_client([f"127.0.0.1:{auto_node.port}"], verify=str(auto_node.ca), api_key="x",
+                           max_retries=0, timeout=120)
+    assert str(client.base_url).startswith("https://")
+    r = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2, temperature=0)
+    assert r.choices[0].message.content is not None
+
+
+def test_failover_client_reports_the_untrusted_certificate_not_the_last_node_down(auto_node):
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = openai_client([auto_node.url, dead], api_key="x", max_retries=0, timeout=30)  # system CAs only
+    with pytest.raises(openai.APIConnectionError) as info:
+        client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)
+    cause = info.value.__cause__
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    assert isinstance(cause, ssl.SSLCertVerificationError), info.value.__cause__
+
+
 def test_ca_pem_endpoint_serves_what_aivailable_ca_prints(auto_node):
     insecure = ssl.create_default_context()
     insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE  # `curl -k`, then compare

@@ -86,6 +86,7 @@ class _Guarded(asyncio.Protocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.handshake: asyncio.Future | None = None
+        self.upgrade: asyncio.Future | None = None
         self.upgraded = False
         """With TLS: start_tls owns the raw transport (bytes reaching this protocol are decrypted)."""
         self.early_tls = bytearray()
@@ -120,7 +121,7 @@ class _Guarded(asyncio.Protocol):
         starts reading right after `connection_made`, undoing its pause): they are kept in `early_tls` and
         handed to the TLS protocol once it owns the transport, ahead of anything read later."""
         loop = asyncio.get_running_loop()
-        upgrade = asyncio.ensure_future(loop.start_tls(
+        upgrade = self.upgrade = asyncio.ensure_future(loop.start_tls(
             raw, self, self.guard.tls, server_side=True,  # type: ignore[arg-type]
             ssl_handshake_timeout=self.guard.header_timeout_s))
         await asyncio.sleep(0)  # start_tls's synchronous part has run: the TLS protocol now owns `raw`
@@ -136,8 +137,10 @@ class _Guarded(asyncio.Protocol):
             if self.guard.on_tls_refused is not None and not isinstance(exc, asyncio.CancelledError):
                 self.guard.on_tls_refused(self.addr, _handshake_error(exc))
             raw.abort()
+            self.connection_lost(None)  # the TLS protocol reports no loss during its handshake: release here
             return
         if secured is None or secured.is_closing():
+            self.connection_lost(None)
             return
         self.transport = secured
         self._start(secured)
@@ -179,6 +182,10 @@ class _Guarded(asyncio.Protocol):
         self.guard.release(self.addr)
         if self.started:
             self.inner.connection_lost(exc)
+        elif not self.upgraded:  # lost before start_tls took the transport: its handshake would never end
+            for task in (self.handshake, self.upgrade):
+                if task is not None:
+                    task.cancel()
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()

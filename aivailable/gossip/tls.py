@@ -152,7 +152,9 @@ def write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` with mode 0600 from the start (never readable by others, even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a leftover keeps its own mode (and may be a symlink): start afresh
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     tmp.replace(path)
