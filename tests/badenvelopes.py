@@ -23,8 +23,9 @@ def _with_mac(good: bytes, mac: str) -> bytes:
     return good[:4] + len(raw).to_bytes(2, "big") + raw + good[6 + header_len :]
 
 
-def bad_envelopes(secret: bytes, receiver: str) -> list[tuple[str, bytes, int, str]]:
-    """(what, frame, HTTP status, rejection reason) for every way a message must be refused."""
+def bad_envelopes(secret: bytes, receiver: str, max_bytes: int = envelope.MAX_BYTES) -> list[tuple[str, bytes, int, str]]:
+    """(what, frame, HTTP status, rejection reason) for every way a message must be refused, at an
+    endpoint that takes envelopes of up to `max_bytes`."""
     good = seal(Gossip(updates=()), secret)
     header_len = int.from_bytes(good[4:6], "big")
     odd = b'{"sender":"\\ud800","ts":1,"nonce":"abcdefgh","mac":"00"}'  # a lone surrogate as sender
@@ -45,5 +46,5 @@ def bad_envelopes(secret: bytes, receiver: str) -> list[tuple[str, bytes, int, s
         ("unknown envelope version", bytes(v2), 400, "unknown_version"),
         ("unknown message type", seal(b'{"v":1,"type":"frobnicate"}', secret), 400, "unknown_type"),
         ("signed as the receiver", seal(Gossip(updates=()), secret, sender=receiver), 409, "own_id"),
-        ("oversized", b"\0" * (envelope.MAX_BYTES + 1), 413, "oversized"),
+        ("oversized", b"\0" * (max_bytes + 1), 413, "oversized"),
     ]

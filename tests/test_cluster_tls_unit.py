@@ -297,3 +297,33 @@ def test_a_private_key_is_written_0600_whatever_is_left_at_its_temporary_name(tm
     node = tls.node_tls(SECRET, "n1", tmp_path / "node")
     assert oct(node.chain_path.stat().st_mode & 0o777) == "0o600" and not node.chain_path.is_symlink()
     assert decoy.read_bytes() == b"untouched"
+
+
+def test_authenticated_peers_are_not_held_to_the_per_address_cap_anonymous_connections_are(tmp_path):
+    """An entry node may hold hundreds of forwarded streams to one holder: connections whose client
+    certificate was verified leave the per-address count; anonymous ones (pre-handshake) stay capped."""
+    async def main():
+        runner, site = await _listener(tmp_path, [], max_per_client=2, header_timeout_s=5)
+        me = tls.node_tls(SECRET, "entry", tmp_path / "entry")
+        held = []
+        for _ in range(6):  # kept open: six concurrent peer connections from one address
+            r, w = await asyncio.open_connection("127.0.0.1", site.port, ssl=me.client_context(),
+                                                 server_hostname=tls.node_dns_name("server"))
+            w.write(b"POST /who HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"entry:0"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            held.append(w)
+        counts = dict(site.guard.open), dict(site.guard.peers)
+        silent = [await asyncio.open_connection("127.0.0.1", site.port) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        refused = site.guard.refused
+        for w in held + [w for _, w in silent]:
+            w.close()
+        await asyncio.sleep(0.3)
+        after = dict(site.guard.open), dict(site.guard.peers)
+        await runner.cleanup()
+        return counts, refused, after
+    counts, refused, after = asyncio.run(main())
+    assert counts == ({}, {"127.0.0.1": 6})
+    assert refused == 1  # the third anonymous connection from the address
+    assert after == ({}, {})

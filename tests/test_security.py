@@ -14,8 +14,10 @@ import urllib.request
 import openai
 import pytest
 
+from aivailable import keysync
 from aivailable.api.app import build_app
 from aivailable.api.ratelimit import fingerprint
+from aivailable.gossip import envelope
 from aivailable.gossip.messages import FileRequest, Gossip, KeySetSync
 from tests import peertls
 from tests.badenvelopes import bad_envelopes, seal
@@ -83,7 +85,8 @@ def test_hostile_cluster_messages_are_refused_counted_shown_and_harmless(node, e
     secret = SECRET.encode()
     before = rejected(node)
     expect: dict[str, int] = {}
-    for what, data, status, reason in bad_envelopes(secret, "n0"):
+    limit = keysync.MAX_BYTES if endpoint == "keys" else envelope.MAX_BYTES
+    for what, data, status, reason in bad_envelopes(secret, "n0", limit):
         got, body = peer_post(node, url, data)
         assert got == status, (what, got, body)
         assert body.decode() == reason  # the reason and nothing else: no echo of what was sent

@@ -47,6 +47,10 @@ class ConnectionGuard:
         self.tls_refused = 0
         """TLS handshakes that failed (no certificate, one from another CA, a plaintext client, a timeout)."""
         self.open: Counter[str] = Counter()
+        """Connections per address that count against the cap: all of them, less authenticated peers'."""
+        self.peers: Counter[str] = Counter()
+        """Connections per address whose TLS client certificate was verified (the cluster listener): the
+        cluster's own nodes, not capped (an entry node may forward hundreds of streams to one holder)."""
         self.refused = 0
         """Connections closed at once because their address was at the cap."""
         self.timed_out = 0
@@ -68,10 +72,16 @@ class ConnectionGuard:
         self.open[addr] += 1
         return True
 
-    def release(self, addr: str) -> None:
-        self.open[addr] -= 1
-        if self.open[addr] <= 0:
-            del self.open[addr]
+    def release(self, addr: str, *, peer: bool = False) -> None:
+        counts = self.peers if peer else self.open
+        counts[addr] -= 1
+        if counts[addr] <= 0:
+            del counts[addr]
+
+    def authenticated(self, addr: str) -> None:
+        """A connection from `addr` proved a client certificate: it leaves the capped count."""
+        self.release(addr)
+        self.peers[addr] += 1
 
 
 class _Guarded(asyncio.Protocol):
@@ -93,6 +103,8 @@ class _Guarded(asyncio.Protocol):
         self.early_plain = bytearray()
         self.started = False
         """aiohttp's protocol has been given the connection (after the TLS handshake, with TLS)."""
+        self.peer = False
+        """Its TLS client certificate was verified: counted in `guard.peers`, not against the cap."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -143,6 +155,9 @@ class _Guarded(asyncio.Protocol):
             self.connection_lost(None)
             return
         self.transport = secured
+        if self.guard.tls.verify_mode == ssl.CERT_REQUIRED and secured.get_extra_info("peercert"):
+            self.guard.authenticated(self.addr)
+            self.peer = True
         self._start(secured)
 
     def _too_slow(self) -> None:
@@ -179,7 +194,7 @@ class _Guarded(asyncio.Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-        self.guard.release(self.addr)
+        self.guard.release(self.addr, peer=self.peer)
         if self.started:
             self.inner.connection_lost(exc)
         elif not self.upgraded:  # lost before start_tls took the transport: its handshake would never end
