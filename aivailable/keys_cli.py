@@ -15,6 +15,7 @@ import time
 import urllib.parse
 
 from aivailable.admin_cli import key_args, request_json, resolve_key
+from aivailable.apikeys.keyset import MAX_EXPIRES
 from aivailable.errors import ConfigError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -60,7 +61,7 @@ def parse_expires(text: str, now: float) -> float:
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         at = when.timestamp()
-    if at > 253402300799:  # what the node accepts (before the year 10000)
+    if at > MAX_EXPIRES:  # what the node accepts
         raise ConfigError(f"--expires: {text} is too far in the future", param="--expires")
     if at <= now:
         raise ConfigError(f"--expires: {text} is in the past (now {_utc(now)})", param="--expires")

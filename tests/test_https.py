@@ -59,6 +59,14 @@ def auto_node(tmp_path_factory, gemma_path):
         yield n
 
 
+def _cert_error(exc: BaseException) -> BaseException | None:
+    """The certificate verification error behind an openai client error, if any."""
+    cause = exc.__cause__
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
 def test_openai_client_trusting_the_ca_of_aivailable_ca_gets_an_answer(auto_node):
     r = chat(auto_node.api, trusting(auto_node.ca))
     assert r.choices[0].message.content is not None and r.usage.completion_tokens >= 1
@@ -73,10 +81,7 @@ def test_openai_client_trusting_the_ca_of_aivailable_ca_gets_an_answer(auto_node
 def test_without_the_ca_the_certificate_is_refused(auto_node):
     with pytest.raises(openai.APIConnectionError) as info:
         chat(auto_node.api, httpx.Client(timeout=30))  # the system's CAs only
-    cause = info.value.__cause__
-    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
-        cause = cause.__cause__ or cause.__context__
-    assert isinstance(cause, ssl.SSLCertVerificationError)
+    assert isinstance(_cert_error(info.value), ssl.SSLCertVerificationError)
     with pytest.raises(http.client.RemoteDisconnected):  # plain HTTP to the HTTPS port: no answer
         conn = http.client.HTTPConnection("127.0.0.1", auto_node.port, timeout=15)
         conn.request("GET", "/health")
@@ -107,10 +112,7 @@ def test_failover_client_reports_the_untrusted_certificate_not_the_last_node_dow
     client = openai_client([auto_node.url, dead], api_key="x", max_retries=0, timeout=30)  # system CAs only
     with pytest.raises(openai.APIConnectionError) as info:
         client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=2)
-    cause = info.value.__cause__
-    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
-        cause = cause.__cause__ or cause.__context__
-    assert isinstance(cause, ssl.SSLCertVerificationError), info.value.__cause__
+    assert isinstance(_cert_error(info.value), ssl.SSLCertVerificationError), info.value.__cause__
 
 
 def test_ca_pem_endpoint_serves_what_aivailable_ca_prints(auto_node):

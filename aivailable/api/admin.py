@@ -16,7 +16,7 @@ from aiohttp import web
 
 from aivailable import maintenance
 from aivailable.api.port import NodePort
-from aivailable.apikeys.keyset import ChangeError, Verdict, fingerprint
+from aivailable.apikeys.keyset import MAX_EXPIRES, ChangeError, Verdict, fingerprint
 from aivailable.errors import Conflict, InvalidRequest, NotFound
 from aivailable.statedir import StateDirError
 
@@ -70,7 +70,6 @@ def add_admin_routes(app: web.Application, node: NodePort) -> None:
 # -- cluster-wide API keys (aivailable/apikeys/, aivailable/keysync.py) ---------------------------------
 
 _KEY_FIELDS = ("name", "kind", "models", "rpm", "expires")
-MAX_EXPIRES = 253402300799  # 9999-12-31T23:59:59Z
 
 
 def _key_body(raw: bytes) -> dict:
@@ -118,7 +117,7 @@ def add_key_routes(app: web.Application, node: NodePort) -> None:
             cls = {404: NotFound, 409: Conflict}.get(exc.status, InvalidRequest)
             raise cls(exc.message, param=exc.param) from None
         try:
-            return list(await node.keys_changed() or [])
+            return await node.keys_changed()
         except StateDirError:
             node.keyring.restore(before)  # the save runs before any await: nobody has seen the change
             raise

@@ -38,6 +38,8 @@ from enum import Enum
 KEY_PREFIX = "aiv-"
 KEY_ID_HEX = 16
 KINDS = ("user", "viewer")
+MAX_EXPIRES = 253402300799.0
+"""The latest expiry a key may have (9999-12-31T23:59:59Z): every date and time library can print it."""
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 """A key's name: what `keys list` shows and `keys revoke` takes."""
 _KEY_RE = re.compile(rf"{KEY_PREFIX}([0-9a-f]{{{KEY_ID_HEX}}})-([A-Za-z0-9_-]{{32,128}})")

@@ -43,7 +43,7 @@ _CA_INFO = b"aivailable cluster CA v1"
 _CA_EPOCH = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 _CA_END = dt.datetime(2125, 1, 1, tzinfo=dt.UTC)
 _BACKDATE = dt.timedelta(days=2)
-"""A node certificate is valid from this long before its node's clock: peers whose clocks lag by hours
+"""A certificate `issue` makes is valid from this long before the issuing clock: peers whose clocks lag by hours
 (NTP-less lab machines) still accept it, and the envelope's 30 s window names a skew as "stale"."""
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
